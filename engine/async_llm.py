@@ -1,0 +1,117 @@
+"""The engine behind the server: a background thread steps the engine while asyncio serves HTTP.
+
+Requests and aborts reach the worker through a thread-safe inbox and are applied between
+steps; each step's outputs go back to the event loop of the request that awaits them.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+from typing import AsyncIterator
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine worker failed; no request can be served any more."""
+
+
+class AsyncLLM:
+    def __init__(self, config: EngineConfig) -> None:
+        self.engine = LLMEngine(config)
+        self._inbox: queue.Queue = queue.Queue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._ids = itertools.count()
+        self._stopping = threading.Event()
+        self.error: BaseException | None = None
+        self._worker = threading.Thread(target=self._run, name="kvserve-engine", daemon=True)
+        self._worker.start()
+
+    @classmethod
+    def from_options(cls, **options) -> "AsyncLLM":
+        return cls(EngineConfig.from_kwargs(**options))
+
+    @property
+    def is_alive(self) -> bool:
+        return self.error is None and self._worker.is_alive()
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Yield the request's cumulative output after each step that changed it; abort on exit."""
+        if not self.is_alive:
+            raise EngineDeadError("the engine is not running") from self.error
+        request_id = request_id or f"req-{next(self._ids)}"
+        state, _ = self.engine.make_request(request_id, prompt, params)  # raises ValueError early
+        outputs: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (asyncio.get_running_loop(), outputs)
+        self._inbox.put(("add", request_id, state))
+        finished = False
+        try:
+            while not finished:
+                item = await outputs.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Ask the worker to stop a request; idempotent, takes effect before the next step."""
+        self._inbox.put(("abort", request_id, None))
+
+    def shutdown(self) -> None:
+        self._stopping.set()
+        self._inbox.put(("wake", "", None))
+        self._worker.join(timeout=10)
+
+    # --- worker thread ------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                self._drain_inbox(block=not self.engine.has_unfinished_requests())
+                for out in self.engine.step():
+                    self._deliver(out.request_id, out)
+        except BaseException as e:  # noqa: BLE001 - any fault ends the engine; tell every waiter
+            logger.exception("engine worker failed")
+            self.error = e
+            for rid in list(self._streams):
+                self._deliver(rid, EngineDeadError(f"engine failure: {e}"))
+
+    def _drain_inbox(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(block=block)
+            while True:
+                self._apply(*item)
+                item = self._inbox.get_nowait()
+        except queue.Empty:
+            pass
+
+    def _apply(self, kind: str, request_id: str, state) -> None:
+        if kind == "add":
+            if request_id not in self._streams:
+                return  # its caller already left
+            try:
+                self.engine.submit(request_id, state)
+            except ValueError as e:
+                self._deliver(request_id, e)
+        elif kind == "abort":
+            out = self.engine.abort_request(request_id)
+            if out is not None:
+                self._deliver(request_id, out)
+
+    def _deliver(self, request_id: str, item) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            loop, outputs = stream
+            loop.call_soon_threadsafe(outputs.put_nowait, item)

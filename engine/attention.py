@@ -1,0 +1,87 @@
+"""Paged attention, reference backend in plain PyTorch (runs on CPU and GPU).
+
+KV cache of one layer: [2, num_blocks, block_size, num_kv_heads, head_dim]; token slot
+`block_id * block_size + offset` holds the key/value of one position of one sequence.
+The batch's tokens are laid out prefills first, then one token per decoding sequence.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillSpan:
+    start: int  # first token of the span in the flattened batch
+    end: int
+    context_len: int  # tokens of the sequence in the cache once this step has run
+    block_table: torch.Tensor | None  # [num_blocks] int64; None when the span is the whole context
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [num_tokens] int64, pool slot of each new token
+    prefills: list[PrefillSpan]
+    num_prefill_tokens: int
+    decode_block_tables: torch.Tensor | None  # [num_decodes, max_blocks] int64, padded with block 0
+    # [num_decodes, 1, 1, max_blocks * block_size] bool, True where a key position is in context
+    decode_key_mask: torch.Tensor | None
+
+
+def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """k, v: [num_tokens, kv_heads, head_dim] into their slots."""
+    _, num_blocks, block_size, kv_heads, head_dim = kv_cache.shape
+    flat = kv_cache.view(2, num_blocks * block_size, kv_heads, head_dim)
+    flat[0].index_copy_(0, slot_mapping, k)
+    flat[1].index_copy_(0, slot_mapping, v)
+
+
+def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """block_table [..., nb] -> k, v [..., nb * block_size, kv_heads, head_dim]."""
+    k = kv_cache[0][block_table]  # [..., nb, block_size, kv_heads, head_dim]
+    v = kv_cache[1][block_table]
+    shape = (*block_table.shape[:-1], -1, *k.shape[-2:])
+    return k.reshape(shape), v.reshape(shape)
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """q [T, heads, D], k/v [T, kv_heads, D] of the new tokens -> out [T, heads, D]."""
+    write_kv(kv_cache, k, v, meta.slot_mapping)
+    out = torch.empty_like(q)
+    for span in meta.prefills:
+        out[span.start:span.end] = _prefill(q, k, v, kv_cache, span, scale)
+    if meta.decode_block_tables is not None:
+        p = meta.num_prefill_tokens
+        out[p:] = _decode(q[p:], kv_cache, meta.decode_block_tables, meta.decode_key_mask, scale)
+    return out
+
+
+def _prefill(q, k, v, kv_cache, span: PrefillSpan, scale: float) -> torch.Tensor:
+    n = span.end - span.start
+    qs = q[span.start:span.end].transpose(0, 1).unsqueeze(0)  # [1, heads, n, D]
+    if span.block_table is None:  # nothing earlier in the cache: attend to the span itself
+        ks = k[span.start:span.end].transpose(0, 1).unsqueeze(0)  # [1, kv_heads, n, D]
+        vs = v[span.start:span.end].transpose(0, 1).unsqueeze(0)
+        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
+    else:
+        kc, vc = gather_kv(kv_cache, span.block_table)  # [nb * block_size, kv_heads, D]
+        ctx = span.context_len
+        ks = kc[:ctx].transpose(0, 1).unsqueeze(0)  # [1, kv_heads, ctx, D]
+        vs = vc[:ctx].transpose(0, 1).unsqueeze(0)
+        # query i sits at position ctx - n + i and sees keys 0..ctx - n + i
+        qpos = torch.arange(ctx - n, ctx, device=q.device)[:, None]
+        mask = torch.arange(ctx, device=q.device)[None, :] <= qpos  # [n, ctx]
+        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
+    return o.squeeze(0).transpose(0, 1)  # [n, heads, D]
+
+
+def _decode(q, kv_cache, block_tables, key_mask, scale: float) -> torch.Tensor:
+    """One new token per sequence; no causal mask, only each sequence's context length."""
+    kc, vc = gather_kv(kv_cache, block_tables)  # [B, L, kv_heads, D]
+    qs = q.unsqueeze(2)  # [B, heads, 1, D]
+    o = F.scaled_dot_product_attention(qs, kc.transpose(1, 2), vc.transpose(1, 2), attn_mask=key_mask,
+                                       scale=scale, enable_gqa=True)
+    return o.squeeze(2)  # [B, heads, D]

@@ -1,0 +1,70 @@
+"""Engine configuration: plain frozen data, validated, no I/O."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, fields
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")
+LOAD_FORMATS = ("auto", "dummy")
+
+# Default KV pool size when neither a block count nor a memory budget is given (CPU).
+DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str | None = None  # HF directory, .gguf file, hub id; None = bundled SmolLM2
+    tokenizer: str | None = None  # defaults to the model's own
+    served_model_name: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    max_model_len: int | None = None  # None = the model's max_position_embeddings
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    kv_cache_memory: int | None = None  # bytes
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = False
+    load_format: str = "auto"
+    seed: int = 0
+
+    def validate(self) -> "EngineConfig":
+        def need(ok: bool, field: str, why: str) -> None:
+            if not ok:
+                raise ValueError(f"{field}: {why} (got {getattr(self, field)!r})")
+
+        need(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}")
+        need(self.device in DEVICES, "device", f"must be one of {DEVICES}")
+        need(self.load_format in LOAD_FORMATS, "load_format", f"must be one of {LOAD_FORMATS}")
+        need(self.max_model_len is None or self.max_model_len > 0, "max_model_len", "must be positive")
+        need(self.max_num_seqs > 0, "max_num_seqs", "must be positive")
+        need(self.max_num_batched_tokens > 0, "max_num_batched_tokens", "must be positive")
+        need(self.block_size > 0, "block_size", "must be positive")
+        need(self.num_kv_blocks is None or self.num_kv_blocks > 0, "num_kv_blocks", "must be positive")
+        need(self.kv_cache_memory is None or self.kv_cache_memory > 0, "kv_cache_memory", "must be positive")
+        need(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization", "must be in (0, 1]")
+        return self
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> "EngineConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(f"unknown engine option(s): {', '.join(unknown)}")
+        if isinstance(kwargs.get("kv_cache_memory"), str):
+            kwargs["kv_cache_memory"] = parse_bytes(kwargs["kv_cache_memory"])
+        return cls(**kwargs).validate()
+
+
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
+          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40, "t": 1e12, "tb": 1e12}
+
+
+def parse_bytes(text: str) -> int:
+    """'2GiB' -> 2147483648, '512MB' -> 512000000, '1024' -> 1024."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"kv_cache_memory: cannot parse {text!r} as a size such as '2GiB' or '512MB'")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])

@@ -1,0 +1,213 @@
+"""The synchronous engine: add requests, then step = schedule -> run -> postprocess."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from engine.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
+from engine.detokenizer import IncrementalDetokenizer, SequenceText
+from engine.kv_cache_manager import KVCacheManager
+from engine.model_loader import (build_model, eos_token_ids, load_hf_config, load_tokenizer, pick_device,
+                                 pick_dtype, resolve_source)
+from engine.model_runner import ModelRunner, ModelRunnerOutput
+from engine.outputs import CompletionOutput, RequestOutput
+from engine.request import Request, TokenLogprobs
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+
+class ContextLengthError(ValueError):
+    """The prompt plus the tokens asked for cannot fit the model's context."""
+
+
+@dataclass
+class _RequestState:
+    prompt: str | None
+    prompt_token_ids: list[int]
+    seqs: list[Request]
+    texts: list[SequenceText]
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config.validate()
+        src = resolve_source(config.model)
+        self.model_name = config.served_model_name or src.name
+        self.hf_config = load_hf_config(src)
+        self.tokenizer = load_tokenizer(src, config.tokenizer)
+        self.eos_token_ids = eos_token_ids(src, self.hf_config, self.tokenizer)
+        self.device = pick_device(config.device)
+        self.dtype = pick_dtype(config.dtype, self.hf_config, self.device)
+        self.max_model_len = self._max_model_len()
+        torch.manual_seed(config.seed)
+        model = build_model(src, self.hf_config, self.max_model_len, self.dtype, self.device, config.load_format)
+        self.num_kv_blocks = self._num_kv_blocks()
+        self.kv = KVCacheManager(self.num_kv_blocks, config.block_size)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(model, self.hf_config, self.num_kv_blocks, config.block_size,
+                                  self.device, self.dtype, config.seed)
+        self._requests: dict[str, _RequestState] = {}
+
+    # --- configuration ------------------------------------------------------------------
+    def _max_model_len(self) -> int:
+        limit = getattr(self.hf_config, "max_position_embeddings", None) or 2048
+        window = getattr(self.hf_config, "sliding_window", None)
+        if window and getattr(self.hf_config, "use_sliding_window", True):
+            limit = min(limit, window)  # within the window, full attention is exact
+        asked = self.config.max_model_len
+        if asked is not None and asked > limit:
+            raise ValueError(f"max_model_len: {asked} exceeds the model's limit of {limit} tokens")
+        return asked or limit
+
+    def _num_kv_blocks(self) -> int:
+        if self.config.num_kv_blocks is not None:
+            return self.config.num_kv_blocks
+        per_block = ModelRunner.kv_bytes_per_block(self.hf_config, self.config.block_size, self.dtype)
+        budget = self.config.kv_cache_memory
+        if budget is None and self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = int(free - total * (1 - self.config.gpu_memory_utilization))
+        if budget is None:
+            budget = DEFAULT_CPU_KV_CACHE_BYTES
+        blocks = budget // per_block
+        if blocks < 1:
+            raise ValueError(f"the KV-cache budget of {budget} bytes holds no block of {per_block} bytes")
+        return blocks
+
+    # --- requests -----------------------------------------------------------------------
+    def make_request(self, request_id: str, prompt: str | list[int],
+                     params: SamplingParams | None = None) -> tuple[_RequestState, list[Request]]:
+        """Tokenize and validate without touching the scheduler (safe from another thread)."""
+        params = params or SamplingParams()
+        text = prompt if isinstance(prompt, str) else None
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self._check_prompt(ids, params)
+        max_tokens = params.max_tokens or self.max_model_len - len(ids)
+        banned = tuple(sorted(self.eos_token_ids | set(params.stop_token_ids)))
+        seqs = []
+        for i in range(params.n):
+            # only the first choice scores the prompt; the others share its KV blocks
+            p = params if i == 0 or params.prompt_logprobs is None else dataclasses.replace(
+                params, prompt_logprobs=None)
+            seqs.append(Request(request_id, i, ids, p, max_tokens, min_tokens_banned=banned))
+        texts = [SequenceText(IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens),
+                              params.stop_strings) for _ in seqs]
+        return _RequestState(text, ids, seqs, texts), seqs
+
+    def _check_prompt(self, ids: list[int], params: SamplingParams) -> None:
+        if not ids:
+            raise ValueError("prompt: must not be empty")
+        vocab = self.hf_config.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
+            raise ValueError(f"prompt: token ids must be integers in [0, {vocab})")
+        wanted = len(ids) + (params.max_tokens or 1)
+        if wanted > self.max_model_len:
+            raise ContextLengthError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{wanted} tokens ({len(ids)} in the prompt, {wanted - len(ids)} in the completion). "
+                "Please reduce the length of the prompt or the completion.")
+        need = self.kv.num_blocks_for(len(ids) + (params.max_tokens or self.max_model_len - len(ids)))
+        if need > self.num_kv_blocks:
+            raise ContextLengthError(
+                f"This request needs {need} KV-cache blocks but the pool has only {self.num_kv_blocks}; "
+                "reduce the prompt or max_tokens, or start the server with a larger KV cache.")
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> None:
+        state, _ = self.make_request(request_id, prompt, params)
+        self.submit(request_id, state)
+
+    def submit(self, request_id: str, state: _RequestState) -> None:
+        if request_id in self._requests:
+            raise ValueError(f"request_id {request_id!r} is already running")
+        self._requests[request_id] = state
+        self.scheduler.add(state.seqs)
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request and free its blocks; None (and no harm) if it is unknown or done."""
+        state = self._requests.get(request_id)
+        if state is None:
+            return None
+        for req in self.scheduler.abort(request_id):
+            state.texts[req.index].finish()
+        return self._output(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests)
+
+    # --- one step -----------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        result = self.runner.execute(sched)
+        self.scheduler.update_after_step(sched)
+        touched: dict[str, None] = {}
+        for s in sched.seqs:
+            self._postprocess(s.request, result)
+            if s.request.seq_id in result.sampled:
+                touched[s.request.request_id] = None
+        return [self._output(rid) for rid in touched]
+
+    def _postprocess(self, req: Request, result: ModelRunnerOutput) -> None:
+        if req.seq_id in result.prompt_logprobs:
+            if req.prompt_logprobs is None:
+                req.prompt_logprobs = [None]
+            req.prompt_logprobs += result.prompt_logprobs[req.seq_id]
+        token = result.sampled.get(req.seq_id)
+        if token is None:
+            return  # a prefill chunk that did not reach the end of the prompt
+        req.append_token(token)
+        if req.seq_id in result.logprobs:
+            req.logprobs.append(result.logprobs[req.seq_id])
+        text = self._requests[req.request_id].texts[req.index]
+        past_min = req.num_output_tokens >= req.params.min_tokens
+        stop_string = text.append(token, check_stops=past_min)
+        reason = self._stop_reason(req, token, past_min, stop_string)
+        if reason is not None:
+            if stop_string is None:
+                text.finish()
+            self.scheduler.finish(req, *reason)
+
+    def _stop_reason(self, req: Request, token: int, past_min: bool,
+                     stop_string: str | None) -> tuple[str, int | str | None] | None:
+        p = req.params
+        if stop_string is not None:
+            return "stop", stop_string
+        if past_min and token in p.stop_token_ids:
+            return "stop", token
+        if past_min and not p.ignore_eos and token in self.eos_token_ids:
+            return "stop", None
+        if req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.max_model_len:
+            return "length", None
+        return None
+
+    def _output(self, request_id: str) -> RequestOutput:
+        state = self._requests[request_id]
+        finished = all(s.is_finished for s in state.seqs)
+        if finished:
+            del self._requests[request_id]
+        outputs = [self._completion(s, t) for s, t in zip(state.seqs, state.texts)]
+        return RequestOutput(request_id, state.prompt, state.prompt_token_ids, outputs, finished,
+                             state.seqs[0].prompt_logprobs)
+
+    @staticmethod
+    def _completion(req: Request, text: SequenceText) -> CompletionOutput:
+        logprobs: list[TokenLogprobs] | None = list(req.logprobs) if req.params.logprobs is not None else None
+        return CompletionOutput(
+            index=req.index, text=text.visible(req.is_finished), token_ids=req.output_token_ids,
+            finish_reason=req.finish_reason, stop_reason=req.stop_reason, logprobs=logprobs,
+            cumulative_logprob=sum(lp.logprob for lp in logprobs) if logprobs is not None else None)
+
+    # --- introspection ------------------------------------------------------------------
+    @property
+    def kv_cache_usage(self) -> float:
+        return self.kv.usage
+
+    def check_invariants(self) -> None:
+        self.scheduler.check_invariants()

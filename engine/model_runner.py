@@ -1,0 +1,192 @@
+"""Turns a SchedulerOutput into tensors, runs the model, samples: one ModelRunnerOutput back."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.attention import AttentionMetadata, PrefillSpan
+from engine.request import Request, TokenLogprobs
+from engine.sampler import Sampler, SamplingMetadata, logprobs_of
+from engine.scheduler import ScheduledSeq, SchedulerOutput
+
+
+@dataclass
+class ModelRunnerOutput:
+    sampled: dict[str, int] = field(default_factory=dict)  # seq_id -> next token
+    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    # seq_id -> logprobs of the prompt tokens this step covered, in order
+    prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
+
+
+@dataclass
+class _Batch:
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    meta: AttentionMetadata
+    sample_rows: list[tuple[ScheduledSeq, int]]  # (seq, index of its last token in the batch)
+    prompt_rows: list[tuple[ScheduledSeq, int, int]]  # (seq, position, its index in the batch)
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, hf_config, num_blocks: int, block_size: int,
+                 device: torch.device, dtype: torch.dtype, seed: int) -> None:
+        self.model = model
+        self.device = device
+        self.block_size = block_size
+        self.vocab_size = hf_config.vocab_size
+        attn = model.layers[0].self_attn
+        shape = (2, num_blocks, block_size, attn.num_kv_heads, attn.head_dim)
+        self.kv_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in model.layers]
+        self.sampler = Sampler(torch.Generator(device=device).manual_seed(seed))
+        self.generators: dict[str, torch.Generator] = {}  # seeded sequences
+
+    @staticmethod
+    def kv_bytes_per_block(hf_config, block_size: int, dtype: torch.dtype) -> int:
+        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+        per_token = 2 * hf_config.num_hidden_layers * hf_config.num_key_value_heads * head_dim
+        return per_token * block_size * torch.empty((), dtype=dtype).element_size()
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        for seq_id in sched.finished_seq_ids:
+            self.generators.pop(seq_id, None)
+        batch = self._prepare(sched)
+        hidden = self.model(batch.input_ids, batch.positions, batch.meta, self.kv_caches)  # [T, hidden]
+        rows = [i for _, i in batch.sample_rows] + [i for _, _, i in batch.prompt_rows]
+        logits = self.model.compute_logits(hidden[rows]) if rows else None  # [R, V] float32
+        out = ModelRunnerOutput()
+        if batch.sample_rows:
+            self._sample(logits[:len(batch.sample_rows)], batch.sample_rows, out)
+        if batch.prompt_rows:
+            self._prompt_logprobs(logits[len(batch.sample_rows):], batch, out)
+        return out
+
+    # --- inputs ---------------------------------------------------------------------------
+    def _prepare(self, sched: SchedulerOutput) -> _Batch:
+        # prefills (several new tokens) first, then single-token decodes
+        seqs = sorted(sched.seqs, key=lambda s: s.num_new_tokens == 1)
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        spans: list[PrefillSpan] = []
+        decodes: list[ScheduledSeq] = []
+        sample_rows, prompt_rows = [], []
+        bs = self.block_size
+        for s in seqs:
+            req, start = s.request, s.request.num_computed_tokens
+            end = start + s.num_new_tokens
+            offset = len(ids)
+            ids += req.token_ids[start:end]
+            positions += range(start, end)
+            slots += [s.block_ids[p // bs] * bs + p % bs for p in range(start, end)]
+            if s.num_new_tokens > 1:
+                table = None if start == 0 else torch.tensor(s.block_ids, device=self.device)
+                spans.append(PrefillSpan(offset, len(ids), end, table))
+            else:
+                decodes.append(s)
+            if end == req.num_tokens:
+                sample_rows.append((s, len(ids) - 1))
+            first, n = self._prompt_positions(req, start, end)
+            if n:
+                prompt_rows += [(s, first + j, offset + first - start + j) for j in range(n)]
+        meta = AttentionMetadata(
+            slot_mapping=self._tensor(slots), prefills=spans,
+            num_prefill_tokens=sum(sp.end - sp.start for sp in spans),
+            decode_block_tables=None, decode_key_mask=None)
+        if decodes:
+            self._decode_metadata(decodes, meta)
+        return _Batch(self._tensor(ids), self._tensor(positions), meta, sample_rows, prompt_rows)
+
+    def _decode_metadata(self, decodes: list[ScheduledSeq], meta: AttentionMetadata) -> None:
+        width = max(len(s.block_ids) for s in decodes)
+        tables = self._tensor([s.block_ids + [0] * (width - len(s.block_ids)) for s in decodes])
+        ctx = self._tensor([s.request.num_computed_tokens + 1 for s in decodes])
+        keys = torch.arange(width * self.block_size, device=self.device)
+        meta.decode_block_tables = tables  # [B, width]
+        meta.decode_key_mask = (keys[None, :] < ctx[:, None])[:, None, None, :]  # [B, 1, 1, L]
+
+    @staticmethod
+    def _prompt_positions(req: Request, start: int, end: int) -> tuple[int, int]:
+        """Positions in [start, end) whose logits score a prompt token not yet scored."""
+        if req.params.prompt_logprobs is None:
+            return start, 0
+        done = len(req.prompt_logprobs or [None])  # entries cover tokens 0..done-1
+        first = max(start, done - 1)
+        return first, max(0, min(end, req.num_prompt_tokens - 1) - first)
+
+    def _tensor(self, data) -> torch.Tensor:
+        return torch.tensor(data, dtype=torch.int64, device=self.device)
+
+    # --- outputs --------------------------------------------------------------------------
+    def _sample(self, logits: torch.Tensor, rows: list[tuple[ScheduledSeq, int]], out: ModelRunnerOutput) -> None:
+        reqs = [s.request for s, _ in rows]
+        tokens, logprobs = self.sampler(logits, self._sampling_metadata(reqs))
+        for req, tok, lp in zip(reqs, tokens, logprobs):
+            out.sampled[req.seq_id] = tok
+            if lp is not None:
+                out.logprobs[req.seq_id] = lp
+
+    def _prompt_logprobs(self, logits: torch.Tensor, batch: _Batch, out: ModelRunnerOutput) -> None:
+        # the logits at position p score prompt token p + 1
+        targets = self._tensor([s.request.token_ids[pos + 1] for s, pos, _ in batch.prompt_rows])
+        nums = [s.request.params.prompt_logprobs for s, _, _ in batch.prompt_rows]
+        lps = logprobs_of(logits.log_softmax(dim=-1), targets, nums)
+        for (s, _, _), lp in zip(batch.prompt_rows, lps):
+            out.prompt_logprobs.setdefault(s.request.seq_id, []).append(lp)
+
+    def _sampling_metadata(self, reqs: list[Request]) -> SamplingMetadata:
+        params = [r.params for r in reqs]
+        dev, vocab = self.device, self.vocab_size
+
+        def floats(values) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.float32, device=dev)
+
+        md = SamplingMetadata(
+            temperature=floats([p.temperature for p in params]),
+            top_k=self._tensor([p.top_k or vocab for p in params]) if any(p.top_k for p in params) else None,
+            top_p=floats([p.top_p for p in params]) if any(p.top_p < 1.0 for p in params) else None,
+            min_p=floats([p.min_p for p in params]) if any(p.min_p > 0.0 for p in params) else None,
+            generators=[self._generator(r) for r in reqs],
+            presence_penalty=None, frequency_penalty=None, repetition_penalty=None,
+            output_counts=None, seen_mask=None, logit_bias=None, banned=None,
+            num_logprobs=[p.logprobs for p in params])
+        if any(p.needs_penalties for p in params):
+            self._penalty_metadata(reqs, md)
+        if any(p.logit_bias for p in params):
+            md.logit_bias = torch.zeros(len(reqs), vocab, device=dev)
+            for i, p in enumerate(params):
+                for tok, bias in (p.logit_bias or {}).items():
+                    if 0 <= tok < vocab:
+                        md.logit_bias[i, tok] += bias
+        banned = [(i, r.min_tokens_banned) for i, r in enumerate(reqs)
+                  if r.num_output_tokens < r.params.min_tokens]
+        if banned:
+            md.banned = torch.zeros(len(reqs), vocab, dtype=torch.bool, device=dev)
+            for i, ids in banned:
+                md.banned[i, [t for t in ids if 0 <= t < vocab]] = True
+        return md
+
+    def _penalty_metadata(self, reqs: list[Request], md: SamplingMetadata) -> None:
+        n, vocab, dev = len(reqs), self.vocab_size, self.device
+        md.presence_penalty = torch.tensor([r.params.presence_penalty for r in reqs], device=dev)
+        md.frequency_penalty = torch.tensor([r.params.frequency_penalty for r in reqs], device=dev)
+        md.repetition_penalty = torch.tensor([r.params.repetition_penalty for r in reqs], device=dev)
+        md.output_counts = torch.zeros(n, vocab, device=dev)
+        md.seen_mask = torch.zeros(n, vocab, dtype=torch.bool, device=dev)
+        for i, r in enumerate(reqs):
+            out_ids = self._tensor(r.output_token_ids)
+            md.output_counts[i].index_add_(0, out_ids, torch.ones(len(out_ids), device=dev))
+            md.seen_mask[i, self._tensor(r.prompt_token_ids)] = True
+        md.seen_mask |= md.output_counts > 0
+
+    def _generator(self, req: Request) -> torch.Generator | None:
+        seed = req.params.seed
+        if seed is None:
+            return None
+        g = self.generators.get(req.seq_id)
+        if g is None:
+            # choice 0 uses the seed itself; further choices derive distinct streams from it
+            derived = seed if req.index == 0 else hash((seed, req.index)) & 0x7FFF_FFFF_FFFF_FFFF
+            g = self.generators[req.seq_id] = torch.Generator(device=self.device).manual_seed(derived)
+        return g

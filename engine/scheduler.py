@@ -1,0 +1,182 @@
+"""Continuous-batching scheduler (pure Python, no torch).
+
+One rule for every step: each scheduled sequence gets
+    min(num_tokens - num_computed_tokens, remaining token budget)
+new tokens. A new sequence's first steps are its prefill (chunked if the budget is short),
+later steps are decodes of one token. Running sequences are served first; when the pool runs
+out, the most recently admitted sequence is preempted (blocks freed, recomputed later).
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from engine.kv_cache_manager import KVCacheManager
+from engine.request import Request, RequestStatus
+
+
+@dataclass
+class ScheduledSeq:
+    request: Request
+    num_new_tokens: int
+    block_ids: list[int]  # the sequence's block table after allocation (read-only)
+
+
+@dataclass
+class SchedulerOutput:
+    seqs: list[ScheduledSeq]
+    preempted: list[Request] = field(default_factory=list)
+    # sequences that ended since the previous step: the runner drops their per-sequence state
+    finished_seq_ids: list[str] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.seqs)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.seqs
+
+
+class Scheduler:
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        self.kv = kv
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        # n > 1: the other sequences wait until the first has computed the prompt, then share it.
+        self.pending_forks: dict[str, list[Request]] = {}
+        self.seqs_by_request: dict[str, list[Request]] = {}
+        self.num_preemptions = 0
+        self._finished_since_step: list[str] = []
+
+    # --- queries -------------------------------------------------------------------------
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting) + sum(len(f) for f in self.pending_forks.values())
+
+    def has_unfinished(self) -> bool:
+        return bool(self.seqs_by_request)
+
+    # --- admission ----------------------------------------------------------------------
+    def add(self, seqs: list[Request]) -> None:
+        """Queue the sequences of one request; seqs[0] prefills the prompt for all of them."""
+        first, rest = seqs[0], seqs[1:]
+        assert first.request_id not in self.seqs_by_request, f"duplicate request {first.request_id}"
+        self.seqs_by_request[first.request_id] = list(seqs)
+        self.waiting.append(first)
+        if rest:
+            self.pending_forks[first.seq_id] = rest
+
+    # --- one step -----------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput(seqs=[], finished_seq_ids=self._finished_since_step)
+        self._finished_since_step = []
+        budget = self._schedule_running(out, self.max_num_batched_tokens)
+        if not out.preempted:
+            self._schedule_waiting(out, budget)
+        return out
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if not self._make_room(req, n, out):
+                break  # req itself was preempted; it was the last one running
+            out.seqs.append(ScheduledSeq(req, n, self.kv.block_ids(req.seq_id)))
+            budget -= n
+            i += 1
+        return budget
+
+    def _make_room(self, req: Request, n: int, out: SchedulerOutput) -> bool:
+        """Allocate slots for n new tokens of req, preempting from the back of running if needed."""
+        while not self.kv.allocate_slots(req.seq_id, req.num_computed_tokens + n):
+            victim = self.running.pop()
+            self._preempt(victim)
+            out.preempted.append(victim)
+            if victim is req:
+                return False
+        return True
+
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            req = self.waiting[0]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if not self.kv.allocate_slots(req.seq_id, req.num_computed_tokens + n):
+                break
+            self.waiting.popleft()
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            out.seqs.append(ScheduledSeq(req, n, self.kv.block_ids(req.seq_id)))
+            budget -= n
+
+    def _preempt(self, req: Request) -> None:
+        self.kv.free(req.seq_id)
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.WAITING
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    # --- after the model ran ------------------------------------------------------------
+    def update_after_step(self, out: SchedulerOutput) -> None:
+        """Advance computed tokens; release forks whose parent has now computed its prompt."""
+        for s in out.seqs:
+            s.request.num_computed_tokens += s.num_new_tokens
+            if s.request.num_computed_tokens >= s.request.num_prompt_tokens:
+                self._release_forks(s.request)
+
+    def _release_forks(self, parent: Request) -> None:
+        children = self.pending_forks.pop(parent.seq_id, None)
+        if not children:
+            return
+        # Share the full blocks before the prompt's last token; each child recomputes the rest
+        # (at least the last prompt token, whose logits pick its first token).
+        num_shared = (parent.num_prompt_tokens - 1) // self.kv.block_size
+        for child in reversed(children):
+            self.kv.share_prefix(parent.seq_id, child.seq_id, num_shared)
+            child.num_computed_tokens = num_shared * self.kv.block_size
+            self.waiting.appendleft(child)
+
+    def finish(self, req: Request, reason: str, stop_reason: int | str | None = None) -> None:
+        """The one exit path: finished, aborted or failed, its blocks go back to the pool."""
+        if req.is_finished:
+            return
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+        req.stop_reason = stop_reason
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self.kv.free(req.seq_id)
+        self._finished_since_step.append(req.seq_id)
+        seqs = self.seqs_by_request.get(req.request_id, [])
+        if all(s.is_finished for s in seqs):
+            self.seqs_by_request.pop(req.request_id, None)
+
+    def abort(self, request_id: str) -> list[Request]:
+        """Finish every sequence of the request with reason "abort"; harmless if already gone."""
+        seqs = self.seqs_by_request.get(request_id, [])
+        if seqs:
+            self.pending_forks.pop(seqs[0].seq_id, None)
+        aborted = [s for s in seqs if not s.is_finished]
+        for s in aborted:
+            self.finish(s, "abort")
+        return aborted
+
+    def check_invariants(self) -> None:
+        self.kv.check_invariants()
+        assert len(self.running) <= self.max_num_seqs
+        for req in self.running:
+            assert req.status is RequestStatus.RUNNING
+        for req in self.waiting:
+            assert req.status is RequestStatus.WAITING
+        live = {r.seq_id for r in self.running} | {r.seq_id for r in self.waiting}
+        assert set(self.kv.block_tables) <= live, "a block table belongs to no live sequence"

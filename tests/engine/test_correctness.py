@@ -1,0 +1,99 @@
+"""Greedy output equals transformers' generate() token for token, whatever the batch."""
+from __future__ import annotations
+
+import pytest
+
+from engine import LLM, SamplingParams
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from tests.conftest import MAX_NEW_TOKENS
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS)
+
+
+def _tokens(outputs) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+def _assert_same(got: list[list[int]], want: list[list[int]]) -> None:
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g == w, f"prompt {i}: first difference at token {next(j for j, (a, b) in enumerate(zip(g + [-1], w + [-2])) if a != b)}"
+
+
+@pytest.fixture(scope="module")
+def llm(smollm2_dir):
+    return LLM(str(smollm2_dir))
+
+
+def test_one_batch_matches_hf(llm, reference_prompts, hf_reference):
+    outs = llm.generate(reference_prompts, GREEDY)
+    _assert_same(_tokens(outs), hf_reference)
+    assert all(len(o.outputs[0].token_ids) >= 1 for o in outs)
+    llm.engine.check_invariants()
+    assert llm.engine.kv.pool.num_free == llm.engine.num_kv_blocks
+
+
+def _run_staggered(engine: LLMEngine, prompts, params, every: int = 3) -> dict[str, list[int]]:
+    """Add one request every `every` steps while the others decode; check invariants each step."""
+    pending = list(enumerate(prompts))
+    done: dict[str, list[int]] = {}
+    step = 0
+    while pending or engine.has_unfinished_requests():
+        if pending and step % every == 0:
+            i, p = pending.pop(0)
+            engine.add_request(str(i), p, params)
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = [c.token_ids for c in out.outputs]
+        engine.check_invariants()
+        step += 1
+    assert engine.kv.pool.num_free == engine.num_kv_blocks
+    return done
+
+
+def test_staggered_arrivals_match_hf(smollm2_dir, reference_prompts, hf_reference):
+    engine = LLMEngine(EngineConfig(model=str(smollm2_dir), max_num_seqs=8))
+    done = _run_staggered(engine, reference_prompts, GREEDY)
+    _assert_same([done[str(i)][0] for i in range(len(reference_prompts))], hf_reference)
+
+
+def test_preemption_and_chunked_prefill_match_hf(smollm2_dir, reference_prompts, hf_reference):
+    # 40 blocks of 16 tokens cannot hold all requests at once: the newest get preempted.
+    engine = LLMEngine(EngineConfig(model=str(smollm2_dir), num_kv_blocks=40, max_num_batched_tokens=128))
+    done = _run_staggered(engine, reference_prompts, GREEDY, every=1)
+    assert engine.scheduler.num_preemptions > 0
+    _assert_same([done[str(i)][0] for i in range(len(reference_prompts))], hf_reference)
+
+
+def test_n2_shares_prompt_blocks_and_matches_hf(smollm2_dir, reference_prompts, hf_reference):
+    engine = LLMEngine(EngineConfig(model=str(smollm2_dir), num_kv_blocks=60))
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS, n=2)
+    done = _run_staggered(engine, reference_prompts, params, every=2)
+    for i, want in enumerate(hf_reference):
+        assert done[str(i)] == [want, want], f"prompt {i}"
+
+
+def test_logprobs_match_hf(llm, hf_smollm2, reference_prompts):
+    import torch
+
+    prompts = reference_prompts[5:9]
+    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=8, logprobs=5, prompt_logprobs=3))
+    for prompt, out in zip(prompts, outs):
+        c = out.outputs[0]
+        full = torch.tensor([prompt + c.token_ids[:-1]])
+        with torch.no_grad():
+            ref = hf_smollm2(full).logits[0].float().log_softmax(-1)  # [len, V]
+        n = len(prompt)
+        for j, lp in enumerate(c.logprobs):
+            assert lp.token_id == c.token_ids[j]
+            assert abs(lp.logprob - ref[n - 1 + j, lp.token_id].item()) < 1e-4
+            assert lp.rank == 1  # greedy picks the most likely token
+            top_ids = ref[n - 1 + j].topk(5).indices.tolist()
+            assert [t for t, _ in lp.top][:1] == top_ids[:1]
+            assert len(lp.top) == 5
+        assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == n
+        for p in range(1, n):
+            lp = out.prompt_logprobs[p]
+            assert lp.token_id == prompt[p]
+            assert abs(lp.logprob - ref[p - 1, prompt[p]].item()) < 1e-4
+            assert len(lp.top) == 3
