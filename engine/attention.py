@@ -40,10 +40,11 @@ def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapp
 
 def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """block_table [..., nb] -> k, v [..., nb * block_size, kv_heads, head_dim]."""
-    k = kv_cache[0][block_table]  # [..., nb, block_size, kv_heads, head_dim]
-    v = kv_cache[1][block_table]
-    shape = (*block_table.shape[:-1], -1, *k.shape[-2:])
-    return k.reshape(shape), v.reshape(shape)
+    _, num_blocks, block_size, kv_heads, head_dim = kv_cache.shape
+    rows = kv_cache.view(2, num_blocks, -1)  # one row per block: contiguous copies, the fastest gather
+    flat = block_table.reshape(-1)
+    shape = (*block_table.shape[:-1], block_table.shape[-1] * block_size, kv_heads, head_dim)
+    return rows[0].index_select(0, flat).view(shape), rows[1].index_select(0, flat).view(shape)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,

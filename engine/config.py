@@ -7,6 +7,7 @@ from dataclasses import dataclass, fields
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 LOAD_FORMATS = ("auto", "dummy")
+LINEAR_BACKENDS = ("auto", "torch", "onednn")
 
 # Default KV pool size when neither a block count nor a memory budget is given (CPU).
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
@@ -28,6 +29,8 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = False
     load_format: str = "auto"
+    # "auto": oneDNN pre-packed weights for float32 on CPU, plain torch otherwise (the reference)
+    linear_backend: str = "auto"
     seed: int = 0
 
     def validate(self) -> "EngineConfig":
@@ -38,6 +41,7 @@ class EngineConfig:
         need(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}")
         need(self.device in DEVICES, "device", f"must be one of {DEVICES}")
         need(self.load_format in LOAD_FORMATS, "load_format", f"must be one of {LOAD_FORMATS}")
+        need(self.linear_backend in LINEAR_BACKENDS, "linear_backend", f"must be one of {LINEAR_BACKENDS}")
         need(self.max_model_len is None or self.max_model_len > 0, "max_model_len", "must be positive")
         need(self.max_num_seqs > 0, "max_num_seqs", "must be positive")
         need(self.max_num_batched_tokens > 0, "max_num_batched_tokens", "must be positive")

@@ -46,7 +46,8 @@ class LLMEngine:
         self.dtype = pick_dtype(config.dtype, self.hf_config, self.device)
         self.max_model_len = self._max_model_len()
         torch.manual_seed(config.seed)
-        model = build_model(src, self.hf_config, self.max_model_len, self.dtype, self.device, config.load_format)
+        model = build_model(src, self.hf_config, self.max_model_len, self.dtype, self.device, config.load_format,
+                            config.linear_backend)
         self.num_kv_blocks = self._num_kv_blocks()
         self.kv = KVCacheManager(self.num_kv_blocks, config.block_size)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)

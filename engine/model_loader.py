@@ -208,9 +208,10 @@ def pick_dtype(dtype: str, hf_config, device: torch.device) -> torch.dtype:
 
 
 def build_model(src: ModelSource, hf_config, max_len: int, dtype: torch.dtype, device: torch.device,
-                load_format: str = "auto"):
+                load_format: str = "auto", linear_backend: str = "auto"):
     """Our model of the checkpoint's shape, with its weights (or random ones for 'dummy')."""
     from engine.models.llama import LlamaForCausalLM
+    from engine.models.packed_linear import onednn_available, pack_linears
 
     with torch.device(device):
         model = LlamaForCausalLM(hf_config, max_len)
@@ -218,7 +219,13 @@ def build_model(src: ModelSource, hf_config, max_len: int, dtype: torch.dtype, d
         _init_dummy(model)
     else:
         model.load_weights(iter_weights(src))
-    return model.to(dtype=dtype).eval().requires_grad_(False)
+    model = model.to(dtype=dtype).eval().requires_grad_(False)
+    cpu_fp32 = device.type == "cpu" and dtype == torch.float32
+    if linear_backend == "onednn" and not (cpu_fp32 and onednn_available()):
+        raise ValueError("linear_backend: 'onednn' needs float32 on a CPU with oneDNN")
+    if linear_backend == "onednn" or (linear_backend == "auto" and cpu_fp32 and onednn_available()):
+        pack_linears(model)
+    return model
 
 
 def _init_dummy(model: torch.nn.Module) -> None:

@@ -52,7 +52,7 @@ def mask_top_k_top_p_min_p(logits: torch.Tensor, top_k, top_p, min_p) -> torch.T
     if top_p is not None:
         # drop a token once the tokens before it already hold top_p of the mass (keep the first)
         before = probs.cumsum(dim=-1) - probs
-        remove |= (before > top_p[:, None]) & (ranks > 0)
+        remove |= (before > top_p[:, None]) & (ranks > 0) & (top_p < 1.0)[:, None]
     if min_p is not None:
         remove |= probs < min_p[:, None] * probs[:, :1]
     mask = torch.zeros_like(remove).scatter_(1, order, remove)

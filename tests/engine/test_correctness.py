@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from engine import LLM, SamplingParams
 from engine.config import EngineConfig
@@ -26,11 +27,20 @@ def llm(smollm2_dir):
 
 
 def test_one_batch_matches_hf(llm, reference_prompts, hf_reference):
+    packed = any("Packed" in type(m).__name__ for m in llm.engine.runner.model.modules())
+    assert packed == (llm.engine.config.linear_backend == "auto" and torch.backends.mkldnn.is_available())
     outs = llm.generate(reference_prompts, GREEDY)
     _assert_same(_tokens(outs), hf_reference)
     assert all(len(o.outputs[0].token_ids) >= 1 for o in outs)
     llm.engine.check_invariants()
     assert llm.engine.kv.pool.num_free == llm.engine.num_kv_blocks
+
+
+def test_reference_linear_backend_matches_hf(smollm2_dir, reference_prompts, hf_reference):
+    # the plain nn.Linear path is the oracle for the CPU fast path (oneDNN pre-packed weights)
+    llm = LLM(str(smollm2_dir), linear_backend="torch")
+    assert not any("Packed" in type(m).__name__ for m in llm.engine.runner.model.modules())
+    _assert_same(_tokens(llm.generate(reference_prompts, GREEDY)), hf_reference)
 
 
 def _run_staggered(engine: LLMEngine, prompts, params, every: int = 3) -> dict[str, list[int]]:

@@ -1,0 +1,110 @@
+"""Offline throughput: the same requests through kvserve's LLM.generate and HF generate().
+
+    python benchmarks/offline_throughput.py [--num-requests 64] [--input-len 64] [--output-len 128]
+                                            [--hf-batch-size 16] [--mixed] [--skip-hf] [--json out.json]
+
+Every request gets a distinct ~input-len-token prompt cut from a fixed text. By default every
+request generates exactly --output-len tokens (EOS ignored, min_new_tokens in HF); with --mixed
+the lengths are spread over 16..256 with a fixed seed, and HF runs each static batch to the
+longest request in it (as a static batch must) while only the wanted tokens are counted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from engine import LLM, SamplingParams  # noqa: E402
+from engine.model_loader import bundled_model_dir  # noqa: E402
+
+TEXT = ("A river runs through the valley, past orchards and old stone mills, carrying snow melt from the "
+        "mountains to the sea. Travellers have followed it for centuries, trading wool, salt and stories. ")
+
+
+def make_prompts(tokenizer, n: int, input_len: int) -> list[list[int]]:
+    ids = tokenizer.encode(TEXT * (input_len // 10 + 8))
+    return [[tokenizer.encode(f"Request {i}:")[0]] + ids[i % 50:i % 50 + input_len - 1] for i in range(n)]
+
+
+def output_lens(n: int, output_len: int, mixed: bool) -> list[int]:
+    if not mixed:
+        return [output_len] * n
+    rng = random.Random(0)
+    return [rng.randint(16, 256) for _ in range(n)]
+
+
+def run_kvserve(model_dir, prompts, lens, args) -> tuple[float, int]:
+    llm = LLM(str(model_dir), max_num_seqs=args.max_num_seqs)
+    params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in lens]
+    llm.generate(prompts[:2], SamplingParams(temperature=0.0, max_tokens=4))  # warm-up
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    elapsed = time.perf_counter() - start
+    return elapsed, sum(len(o.outputs[0].token_ids) for o in outs)
+
+
+def run_hf(model_dir, prompts, lens, batch_size: int) -> tuple[float, int]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    pad = model.generation_config.eos_token_id
+    start = time.perf_counter()
+    produced = 0
+    for b in range(0, len(prompts), batch_size):
+        batch, want = prompts[b:b + batch_size], lens[b:b + batch_size]
+        width = max(len(p) for p in batch)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])  # left padding
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+        with torch.no_grad():
+            model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=max(want),
+                           min_new_tokens=max(want), pad_token_id=pad)
+        produced += sum(want)
+    return time.perf_counter() - start, produced
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--num-requests", type=int, default=64)
+    ap.add_argument("--input-len", type=int, default=64)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--mixed", action="store_true", help="output lengths spread over 16..256")
+    ap.add_argument("--hf-batch-size", type=int, default=16)
+    ap.add_argument("--max-num-seqs", type=int, default=64)
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--json", default=None, help="write the results here")
+    args = ap.parse_args()
+
+    model_dir = bundled_model_dir()
+    from transformers import AutoTokenizer
+
+    prompts = make_prompts(AutoTokenizer.from_pretrained(model_dir), args.num_requests, args.input_len)
+    lens = output_lens(args.num_requests, args.output_len, args.mixed)
+    result = {"machine": f"{platform.machine()} {os.cpu_count()} cpus, torch threads {torch.get_num_threads()}",
+              "model": "SmolLM2-135M-Instruct (fp32)", "requests": args.num_requests,
+              "input_len": args.input_len, "output_lens": "16..256 mixed" if args.mixed else args.output_len}
+    t, n = run_kvserve(model_dir, prompts, lens, args)
+    result["kvserve"] = {"seconds": round(t, 2), "tokens": n, "tok_per_s": round(n / t, 1)}
+    print(f"kvserve LLM.generate (max_num_seqs={args.max_num_seqs}): {n} tokens in {t:.1f} s = {n / t:.1f} tok/s")
+    if not args.skip_hf:
+        t, n = run_hf(model_dir, prompts, lens, args.hf_batch_size)
+        result["hf"] = {"seconds": round(t, 2), "tokens": n, "tok_per_s": round(n / t, 1),
+                        "batch_size": args.hf_batch_size}
+        print(f"HF generate (static batches of {args.hf_batch_size}): {n} tokens in {t:.1f} s = {n / t:.1f} tok/s")
+        ratio = result["kvserve"]["tok_per_s"] / result["hf"]["tok_per_s"]
+        result["ratio"] = round(ratio, 2)
+        print(f"kvserve / HF = {ratio:.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""Scheduler without a model: exact batches, block ids, preemption order, no leaks."""
+import pytest
+
+from engine.kv_cache_manager import KVCacheManager
+from engine.request import Request
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+
+
+def make(request_id: str, prompt_len: int, max_tokens: int = 8, n: int = 1) -> list[Request]:
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, n=n)
+    return [Request(request_id, i, list(range(1, prompt_len + 1)), params, max_tokens) for i in range(n)]
+
+
+def step(sched: Scheduler, token: int = 7):
+    """One step as the engine does it: schedule, 'run', advance, append tokens, finish at max."""
+    out = sched.schedule()
+    sched.update_after_step(out)
+    for s in out.seqs:
+        req = s.request
+        if req.num_computed_tokens == req.num_tokens:
+            req.append_token(token)
+            if req.num_output_tokens >= req.max_tokens:
+                sched.finish(req, "length")
+    sched.check_invariants()
+    return out
+
+
+def test_prefill_then_decode_with_exact_blocks():
+    sched = Scheduler(KVCacheManager(num_blocks=10, block_size=4), max_num_seqs=4, max_num_batched_tokens=64)
+    a, = make("a", 6)
+    b, = make("b", 3)
+    sched.add([a])
+    sched.add([b])
+    out = step(sched)
+    assert [(s.request.request_id, s.num_new_tokens) for s in out.seqs] == [("a", 6), ("b", 3)]
+    assert out.seqs[0].block_ids == [0, 1] and out.seqs[1].block_ids == [2]
+    out = step(sched)  # both decode one token; b's 4th token fits block 2, a's 7th fits block 1
+    assert [(s.request.request_id, s.num_new_tokens) for s in out.seqs] == [("a", 1), ("b", 1)]
+    assert sched.kv.block_ids("a#0") == [0, 1] and sched.kv.block_ids("b#0") == [2]
+    out = step(sched)  # b's 5th token needs a new block
+    assert sched.kv.block_ids("b#0") == [2, 3]
+
+
+def test_new_request_joins_between_decode_steps():
+    sched = Scheduler(KVCacheManager(num_blocks=10, block_size=4), max_num_seqs=4, max_num_batched_tokens=64)
+    sched.add(make("a", 4))
+    step(sched)
+    sched.add(make("b", 5))
+    out = step(sched)
+    assert [(s.request.request_id, s.num_new_tokens) for s in out.seqs] == [("a", 1), ("b", 5)]
+
+
+def test_token_budget_chunks_a_long_prompt():
+    sched = Scheduler(KVCacheManager(num_blocks=20, block_size=4), max_num_seqs=4, max_num_batched_tokens=8)
+    a, = make("a", 20)
+    sched.add([a])
+    chunks = [step(sched).seqs[0].num_new_tokens for _ in range(3)]
+    assert chunks == [8, 8, 4]
+    assert a.num_output_tokens == 1  # sampled only once the whole prompt was computed
+
+
+def test_max_num_seqs_limits_admission():
+    sched = Scheduler(KVCacheManager(num_blocks=20, block_size=4), max_num_seqs=2, max_num_batched_tokens=64)
+    for rid in "abc":
+        sched.add(make(rid, 2))
+    out = step(sched)
+    assert [s.request.request_id for s in out.seqs] == ["a", "b"]
+    assert sched.num_waiting == 1
+
+
+def test_preempts_most_recent_and_resumes_where_it_was():
+    # 4 blocks of 2 tokens; two requests of 3 prompt tokens each need 2 blocks, then grow.
+    sched = Scheduler(KVCacheManager(num_blocks=4, block_size=2), max_num_seqs=4, max_num_batched_tokens=64)
+    a, = make("a", 3, max_tokens=4)
+    b, = make("b", 3, max_tokens=4)
+    sched.add([a])
+    sched.add([b])
+    step(sched)  # a: blocks 0,1; b: blocks 2,3; each has 4 tokens now
+    out = step(sched)  # the 4th tokens still fit the second blocks
+    assert not out.preempted
+    out = step(sched)  # a's 5th token needs a block: b (most recent) is preempted
+    assert [r.request_id for r in out.preempted] == ["b"]
+    assert [s.request.request_id for s in out.seqs] == ["a"]
+    assert b.num_computed_tokens == 0 and b.num_output_tokens == 2
+    assert sched.kv.block_ids("a#0") == [0, 1, 3]
+    while sched.has_unfinished():
+        out = step(sched)
+    assert a.finish_reason == b.finish_reason == "length"
+    assert b.output_token_ids == [7, 7, 7, 7] and b.num_preemptions == 1
+    assert sched.kv.pool.num_free == 4
+
+
+def test_abort_is_idempotent_and_frees_everything():
+    sched = Scheduler(KVCacheManager(num_blocks=8, block_size=4), max_num_seqs=4, max_num_batched_tokens=64)
+    sched.add(make("a", 9, max_tokens=100))
+    sched.add(make("b", 4, max_tokens=100))
+    step(sched)
+    aborted = sched.abort("a")
+    assert [r.finish_reason for r in aborted] == ["abort"]
+    assert sched.abort("a") == [] and sched.abort("nope") == []
+    sched.check_invariants()
+    assert sched.kv.block_ids("a#0") == []
+    out = sched.schedule()
+    assert out.finished_seq_ids == ["a#0"]
+    sched.abort("b")
+    assert sched.kv.pool.num_free == 8 and not sched.has_unfinished()
+
+
+def test_n2_forks_share_full_prompt_blocks():
+    sched = Scheduler(KVCacheManager(num_blocks=10, block_size=4), max_num_seqs=4, max_num_batched_tokens=64)
+    first, second = make("a", 10, max_tokens=2, n=2)
+    sched.add([first, second])
+    out = step(sched)
+    assert [s.request.seq_id for s in out.seqs] == ["a#0"]
+    assert sched.kv.block_ids("a#1") == [0, 1]  # the two full blocks before the last prompt token
+    assert sched.kv.pool.ref_counts[:3] == [2, 2, 1]
+    out = step(sched)  # a#0 decodes; a#1 computes the last 2 prompt tokens in its own block
+    assert [(s.request.seq_id, s.num_new_tokens) for s in out.seqs] == [("a#0", 1), ("a#1", 2)]
+    assert sched.kv.block_ids("a#1") == [0, 1, 3]
+    while sched.has_unfinished():
+        step(sched)
+    assert sched.kv.pool.num_free == 10
+
+
+def test_abort_before_fork_drops_pending_children():
+    sched = Scheduler(KVCacheManager(num_blocks=10, block_size=4), max_num_seqs=4, max_num_batched_tokens=64)
+    sched.add(make("a", 10, n=3))
+    assert sched.num_waiting == 3
+    assert len(sched.abort("a")) == 3
+    assert not sched.has_unfinished() and sched.num_waiting == 0
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_random_workload_never_leaks(seed):
+    import random
+
+    rng = random.Random(seed)
+    sched = Scheduler(KVCacheManager(num_blocks=24, block_size=4), max_num_seqs=6, max_num_batched_tokens=32)
+    added = 0
+    for _ in range(400):
+        if added < 30 and rng.random() < 0.3:
+            sched.add(make(f"r{added}", rng.randint(1, 30), max_tokens=rng.randint(1, 20), n=rng.choice([1, 1, 2])))
+            added += 1
+        if rng.random() < 0.05 and added:
+            sched.abort(f"r{rng.randrange(added)}")
+        step(sched, token=rng.randint(0, 50))
+    while sched.has_unfinished():
+        step(sched)
+    assert sched.kv.pool.num_free == 24
+    assert sched.kv.block_tables == {} or all(not t for t in sched.kv.block_tables.values())
