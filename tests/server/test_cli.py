@@ -1,0 +1,31 @@
+"""The command line: every flag documented, bad values rejected with the field named."""
+import subprocess
+import sys
+
+import pytest
+
+from server.cli import build_parser, engine_config
+
+FLAGS = ["--model", "--host", "--port", "--served-model-name", "--dtype", "--device", "--max-model-len",
+         "--max-num-seqs", "--max-num-batched-tokens", "--block-size", "--num-kv-blocks", "--kv-cache-memory",
+         "--gpu-memory-utilization", "--load-format", "--seed", "--log-level"]
+
+
+def test_help_documents_every_flag():
+    out = subprocess.run([sys.executable, "-m", "server", "serve", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    for flag in FLAGS:
+        assert flag in out
+
+
+def test_flags_become_engine_config():
+    args = build_parser().parse_args(["serve", "--max-num-seqs", "8", "--kv-cache-memory", "2GiB",
+                                      "--block-size", "32", "--dtype", "float32"])
+    cfg = engine_config(args)
+    assert (cfg.max_num_seqs, cfg.kv_cache_memory, cfg.block_size, cfg.dtype) == (8, 2 << 30, 32, "float32")
+
+
+def test_invalid_value_names_the_field():
+    args = build_parser().parse_args(["serve", "--max-num-seqs", "0"])
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        engine_config(args)
