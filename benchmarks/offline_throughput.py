@@ -41,8 +41,8 @@ def output_lens(n: int, output_len: int, mixed: bool) -> list[int]:
     return [rng.randint(16, 256) for _ in range(n)]
 
 
-def run_kvserve(model_dir, prompts, lens, args) -> tuple[float, int]:
-    llm = LLM(str(model_dir), max_num_seqs=args.max_num_seqs)
+def run_kvserve(model_dir, prompts, lens, args, linear_backend: str = "auto") -> tuple[float, int]:
+    llm = LLM(str(model_dir), max_num_seqs=args.max_num_seqs, linear_backend=linear_backend)
     params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in lens]
     llm.generate(prompts[:2], SamplingParams(temperature=0.0, max_tokens=4))  # warm-up
     start = time.perf_counter()
@@ -79,6 +79,8 @@ def main() -> None:
     ap.add_argument("--hf-batch-size", type=int, default=16)
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--with-reference", action="store_true",
+                    help="also run kvserve with linear_backend=torch (the plain nn.Linear reference path)")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()
 
@@ -93,6 +95,10 @@ def main() -> None:
     t, n = run_kvserve(model_dir, prompts, lens, args)
     result["kvserve"] = {"seconds": round(t, 2), "tokens": n, "tok_per_s": round(n / t, 1)}
     print(f"kvserve LLM.generate (max_num_seqs={args.max_num_seqs}): {n} tokens in {t:.1f} s = {n / t:.1f} tok/s")
+    if args.with_reference:
+        t, n = run_kvserve(model_dir, prompts, lens, args, linear_backend="torch")
+        result["kvserve_reference_linear"] = {"seconds": round(t, 2), "tokens": n, "tok_per_s": round(n / t, 1)}
+        print(f"kvserve, linear_backend=torch (reference): {n} tokens in {t:.1f} s = {n / t:.1f} tok/s")
     if not args.skip_hf:
         t, n = run_hf(model_dir, prompts, lens, args.hf_batch_size)
         result["hf"] = {"seconds": round(t, 2), "tokens": n, "tok_per_s": round(n / t, 1),

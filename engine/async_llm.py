@@ -49,6 +49,8 @@ class AsyncLLM:
         if not self.is_alive:
             raise EngineDeadError("the engine is not running") from self.error
         request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self._streams:
+            raise ValueError(f"request_id {request_id!r} is already running")
         state, _ = self.engine.make_request(request_id, prompt, params)  # raises ValueError early
         outputs: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), outputs)

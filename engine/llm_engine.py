@@ -1,9 +1,9 @@
 """The synchronous engine: add requests, then step = schedule -> run -> postprocess."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
-import time
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +41,9 @@ class LLMEngine:
         self.model_name = config.served_model_name or src.name
         self.hf_config = load_hf_config(src)
         self.tokenizer = load_tokenizer(src, config.tokenizer)
+        # The step loop decodes with its own copy: a Rust tokenizer used from two threads at
+        # once raises "Already borrowed", and the front end encodes prompts on its own thread.
+        self._detok_tokenizer = copy.deepcopy(self.tokenizer)
         self.eos_token_ids = eos_token_ids(src, self.hf_config, self.tokenizer)
         self.device = pick_device(config.device)
         self.dtype = pick_dtype(config.dtype, self.hf_config, self.device)
@@ -97,7 +100,7 @@ class LLMEngine:
             p = params if i == 0 or params.prompt_logprobs is None else dataclasses.replace(
                 params, prompt_logprobs=None)
             seqs.append(Request(request_id, i, ids, p, max_tokens, min_tokens_banned=banned))
-        texts = [SequenceText(IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens),
+        texts = [SequenceText(IncrementalDetokenizer(self._detok_tokenizer, ids, params.skip_special_tokens),
                               params.stop_strings) for _ in seqs]
         return _RequestState(text, ids, seqs, texts), seqs
 

@@ -236,7 +236,3 @@ def _init_dummy(model: torch.nn.Module) -> None:
         else:
             p.data.normal_(0.0, 0.02)
 
-
-if __name__ == "__main__":  # `python -m engine.model_loader`: convert the bundled model now
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    print(bundled_model_dir())

@@ -107,3 +107,13 @@ def test_logprobs_match_hf(llm, hf_smollm2, reference_prompts):
             assert lp.token_id == prompt[p]
             assert abs(lp.logprob - ref[p - 1, prompt[p]].item()) < 1e-4
             assert len(lp.top) == 3
+
+
+def test_prompt_logprobs_survive_chunked_prefill(smollm2_dir, llm, reference_prompts):
+    params = SamplingParams(temperature=0.0, max_tokens=4, prompt_logprobs=2)
+    prompt = reference_prompts[9]  # 220 tokens, prefilled in 14 chunks of 16
+    whole = llm.generate(prompt, params)[0].prompt_logprobs
+    chunked = LLM(str(smollm2_dir), max_num_batched_tokens=16).generate(prompt, params)[0].prompt_logprobs
+    assert len(chunked) == len(whole) == len(prompt)
+    for a, b in zip(whole[1:], chunked[1:]):
+        assert a.token_id == b.token_id and abs(a.logprob - b.logprob) < 1e-4
