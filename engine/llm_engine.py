@@ -90,8 +90,7 @@ class LLMEngine:
         """Tokenize and validate without touching the scheduler (safe from another thread)."""
         params = params or SamplingParams()
         text = prompt if isinstance(prompt, str) else None
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        self._check_prompt(ids, params)
+        ids = self.prepare_prompt(prompt, params)
         max_tokens = params.max_tokens or self.max_model_len - len(ids)
         banned = tuple(sorted(self.eos_token_ids | set(params.stop_token_ids)))
         seqs = []
@@ -103,6 +102,12 @@ class LLMEngine:
         texts = [SequenceText(IncrementalDetokenizer(self._detok_tokenizer, ids, params.skip_special_tokens),
                               params.stop_strings) for _ in seqs]
         return _RequestState(text, ids, seqs, texts), seqs
+
+    def prepare_prompt(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
+        """Token ids of the prompt, checked against the vocabulary, context and pool (ValueError)."""
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self._check_prompt(ids, params)
+        return ids
 
     def _check_prompt(self, ids: list[int], params: SamplingParams) -> None:
         if not ids:

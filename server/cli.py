@@ -52,13 +52,20 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"kvserve: {e}", file=sys.stderr)
         return 2
-    from engine.llm_engine import LLMEngine
+    import uvicorn
 
-    engine = LLMEngine(config)
-    print(describe(engine))
-    # The HTTP front end lands with the "HTTP server" issue; until then `serve` loads and reports.
-    print("kvserve: engine ready; the HTTP API is not implemented yet (see the HTTP-server issue)", file=sys.stderr)
-    return 1
+    from engine.async_llm import AsyncLLM
+    from server.app import create_app
+
+    engine = AsyncLLM(config)
+    print(describe(engine.engine), flush=True)
+    app = create_app(engine, engine.engine.model_name)
+    print(f"kvserve: serving on http://{args.host}:{args.port}", flush=True)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        engine.shutdown()
+    return 0
 
 
 def describe(engine) -> str:

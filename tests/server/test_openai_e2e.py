@@ -1,0 +1,134 @@
+"""End to end: a real uvicorn server on loopback with SmolLM2, the real openai SDK and raw SSE."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import hf_greedy
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_dir):
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "server", "serve", "--model", str(smollm2_dir), "--port", str(port),
+                             "--served-model-name", "smol", "--log-level", "warning"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:  # wait until it answers (bounded); the test fails if it never does
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"server did not start: {proc.stdout.read()}")
+        time.sleep(0.2)
+    yield base
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+
+
+def _sse(base: str, path: str, body: dict) -> list:
+    """Raw SSE: the list of data payloads, '[DONE]' kept as a string."""
+    events = []
+    with httpx.stream("POST", f"{base}{path}", json=body, timeout=120) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                data = line[len("data: "):]
+                events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+def test_completion_matches_hf_and_stream_matches_non_stream(server, client, hf_smollm2, smollm2_tokenizer):
+    prompt = "The lighthouse keeper climbed the stairs and"
+    ref_ids = hf_greedy(hf_smollm2, smollm2_tokenizer.encode(prompt), 24)
+    full = client.completions.create(model="smol", prompt=prompt, max_tokens=24, temperature=0)
+    assert full.choices[0].text == smollm2_tokenizer.decode(ref_ids, skip_special_tokens=True)
+    assert full.usage.completion_tokens == len(ref_ids)
+    assert full.usage.prompt_tokens == len(smollm2_tokenizer.encode(prompt))
+    events = _sse(server, "/v1/completions", {"prompt": prompt, "max_tokens": 24, "temperature": 0, "stream": True})
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == full.choices[0].text
+    assert [c["choices"][0]["finish_reason"] for c in chunks].count("length") == 1
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert all("usage" not in c or c["usage"] is None for c in chunks)
+
+
+def test_chat_stream_role_first_and_usage_last(server, client):
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    full = client.chat.completions.create(model="smol", messages=messages, temperature=0, max_tokens=30)
+    assert full.choices[0].message.content == "The capital of France is Paris."
+    assert full.choices[0].finish_reason == "stop"
+    stream = client.chat.completions.create(model="smol", messages=messages, temperature=0, max_tokens=30,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == full.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices].count("stop") == 1
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == full.usage.total_tokens
+
+
+def test_batch_prompts_n_seed_and_stop(client):
+    out = client.completions.create(model="smol", prompt=["Once upon a time", "The capital of Italy is"],
+                                    max_tokens=8, temperature=1.0, n=3, seed=7)
+    assert sorted(c.index for c in out.choices) == list(range(6))
+    assert len({c.text for c in out.choices if c.index < 3}) == 3
+    single = client.completions.create(model="smol", prompt="The capital of Italy is", max_tokens=8, temperature=0)
+    pair = client.completions.create(model="smol", prompt=["Once upon a time", "The capital of Italy is"],
+                                     max_tokens=8, temperature=0)
+    assert [c.index for c in pair.choices] == [0, 1] and pair.choices[1].text == single.choices[0].text
+    cut = single.choices[0].text[3:7]
+    stopped = client.completions.create(model="smol", prompt="The capital of Italy is", max_tokens=8,
+                                        temperature=0, stop=[cut])
+    assert stopped.choices[0].text == single.choices[0].text[:single.choices[0].text.index(cut)]
+    assert stopped.choices[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("body,status,param,needle", [
+    ({"prompt": "x", "temperature": -1}, 400, "temperature", "temperature"),
+    ({"prompt": "x", "max_tokens": 9000}, 400, None, "maximum context length is 8192 tokens"),
+    ({"prompt": "x", "model": "gpt-4"}, 404, "model", "does not exist"),
+    ({"prompt": "x", "n": "many"}, 400, "n", "n"),
+    ({}, 400, "prompt", "prompt"),
+])
+def test_errors_are_openai_shaped(server, client, body, status, param, needle):
+    r = httpx.post(f"{server}/v1/completions", json=body, timeout=30)
+    assert r.status_code == status
+    err = r.json()["error"]
+    assert needle in err["message"] and err["param"] == param and "type" in err
+    assert client.completions.create(model="smol", prompt="Hi", max_tokens=2).choices[0].text  # still serving
+
+
+def test_malformed_json_is_400(server):
+    r = httpx.post(f"{server}/v1/completions", content=b"{bad", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+
+
+def test_models_and_health(server, client):
+    assert [m.id for m in client.models.list().data] == ["smol"]
+    assert httpx.get(f"{server}/health").json() == {"status": "ok"}
