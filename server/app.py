@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from engine.async_llm import AsyncLLM, EngineDeadError
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
-from server.protocol import ChatCompletionRequest, CompletionRequest
+from server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 
 
 class APIError(Exception):
@@ -70,6 +70,27 @@ def create_app(engine: AsyncLLM, model_name: str) -> FastAPI:
                                             "owned_by": "kvserve",
                                             "max_model_len": engine.engine.max_model_len}]}
 
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        _check_model(body.model, model_name)
+        tokenizer = engine.engine.tokenizer
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "prompt: give exactly one of prompt or messages", param="prompt")
+        if body.messages is not None:
+            chat = ChatCompletionRequest(messages=body.messages)
+            ids = _chat_ids(tokenizer, chat.message_dicts(), body.add_generation_prompt)
+        else:
+            ids = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        return {"tokens": ids, "count": len(ids), "max_model_len": engine.engine.max_model_len}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        _check_model(body.model, model_name)
+        vocab = engine.engine.hf_config.vocab_size
+        if any(not 0 <= t < vocab for t in body.tokens):
+            raise APIError(400, f"tokens: token ids must be in [0, {vocab})", param="tokens")
+        return {"prompt": engine.engine.tokenizer.decode(body.tokens)}
+
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):
         _check_model(body.model, model_name)
@@ -85,17 +106,20 @@ def create_app(engine: AsyncLLM, model_name: str) -> FastAPI:
         if body.logprobs:
             raise APIError(400, "logprobs are not supported yet", param="logprobs")
         params = _params(body, body.max_new_tokens())
-        tokenizer = engine.engine.tokenizer
-        try:
-            ids = tokenizer.apply_chat_template(body.message_dicts(), add_generation_prompt=True, tokenize=True)
-        except Exception as e:  # a template may reject a conversation (e.g. roles out of order)
-            raise APIError(400, f"messages: {e}", param="messages") from e
-        ids = list(ids["input_ids"] if not isinstance(ids, list) else ids)
+        ids = _chat_ids(engine.engine.tokenizer, body.message_dicts(), add_generation_prompt=True)
         prompts = _prompt_ids(engine, [ids], params)
         return await _respond(engine, model_name, "chatcmpl", prompts, params, body.stream, body.include_usage,
                               chat=True)
 
     return app
+
+
+def _chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+    try:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+    except Exception as e:  # a template may reject a conversation (e.g. roles out of order)
+        raise APIError(400, f"messages: {e}", param="messages") from e
+    return list(ids["input_ids"] if not isinstance(ids, list) else ids)
 
 
 def _call(fn):

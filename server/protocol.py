@@ -96,3 +96,16 @@ class ChatCompletionRequest(_SamplingFields):
                 content = "".join(part.get("text", "") for part in content if part.get("type") == "text")
             out.append({"role": m.role, "content": content or ""})
         return out
+
+
+class TokenizeRequest(BaseModel):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(BaseModel):
+    model: str | None = None
+    tokens: list[int]

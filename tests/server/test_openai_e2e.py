@@ -132,3 +132,16 @@ def test_malformed_json_is_400(server):
 def test_models_and_health(server, client):
     assert [m.id for m in client.models.list().data] == ["smol"]
     assert httpx.get(f"{server}/health").json() == {"status": "ok"}
+
+
+def test_tokenize_and_detokenize_round_trip(server, client, smollm2_tokenizer):
+    text = "Hello, world! 🚀 東京"
+    r = httpx.post(f"{server}/tokenize", json={"prompt": text}).json()
+    assert r["tokens"] == smollm2_tokenizer.encode(text) and r["count"] == len(r["tokens"])
+    assert httpx.post(f"{server}/detokenize", json={"tokens": r["tokens"]}).json() == {"prompt": text}
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    chat = httpx.post(f"{server}/tokenize", json={"messages": messages}).json()
+    full = client.chat.completions.create(model="smol", messages=messages, max_tokens=1)
+    assert chat["count"] == full.usage.prompt_tokens
+    bad = httpx.post(f"{server}/detokenize", json={"tokens": [10 ** 9]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
