@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -11,6 +12,7 @@ import torch
 from engine.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from engine.detokenizer import IncrementalDetokenizer, SequenceText
 from engine.kv_cache_manager import KVCacheManager
+from engine.metrics import EngineMetrics
 from engine.model_loader import (build_model, eos_token_ids, load_hf_config, load_tokenizer, pick_device,
                                  pick_dtype, resolve_source)
 from engine.model_runner import ModelRunner, ModelRunnerOutput
@@ -57,6 +59,7 @@ class LLMEngine:
         self.runner = ModelRunner(model, self.hf_config, self.num_kv_blocks, config.block_size,
                                   self.device, self.dtype, config.seed)
         self._requests: dict[str, _RequestState] = {}
+        self.metrics = EngineMetrics(self.model_name, self.scheduler, self.kv)
 
     # --- configuration ------------------------------------------------------------------
     def _max_model_len(self) -> int:
@@ -154,8 +157,13 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
+        now = time.monotonic()
+        for s in sched.seqs:
+            if s.request.first_scheduled_time is None:
+                s.request.first_scheduled_time = now
         result = self.runner.execute(sched)
         self.scheduler.update_after_step(sched)
+        self.metrics.on_step(sched.num_batched_tokens, len(sched.preempted))
         touched: dict[str, None] = {}
         for s in sched.seqs:
             self._postprocess(s.request, result)
@@ -172,6 +180,9 @@ class LLMEngine:
         if token is None:
             return  # a prefill chunk that did not reach the end of the prompt
         req.append_token(token)
+        now = time.monotonic()
+        self.metrics.on_token(req, now)
+        req.last_token_time = now
         if req.seq_id in result.logprobs:
             req.logprobs.append(result.logprobs[req.seq_id])
         text = self._requests[req.request_id].texts[req.index]
@@ -201,6 +212,7 @@ class LLMEngine:
         finished = all(s.is_finished for s in state.seqs)
         if finished:
             del self._requests[request_id]
+            self.metrics.on_finished(state.seqs)
         outputs = [self._completion(s, t) for s, t in zip(state.seqs, state.texts)]
         return RequestOutput(request_id, state.prompt, state.prompt_token_ids, outputs, finished,
                              state.seqs[0].prompt_logprobs)

@@ -9,7 +9,8 @@ from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.async_llm import AsyncLLM, EngineDeadError
@@ -64,6 +65,10 @@ def create_app(engine: AsyncLLM, model_name: str) -> FastAPI:
             return JSONResponse({"status": "dead"}, status_code=503)
         return {"status": "ok"}
 
+    @app.get("/metrics")
+    async def metrics():
+        return Response(generate_latest(engine.engine.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
@@ -92,24 +97,25 @@ def create_app(engine: AsyncLLM, model_name: str) -> FastAPI:
         return {"prompt": engine.engine.tokenizer.decode(body.tokens)}
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, raw: Request):
         _check_model(body.model, model_name)
         if body.logprobs is not None or body.echo:
             raise APIError(400, "logprobs and echo are not supported yet", param="logprobs" if body.logprobs else "echo")
         params = _params(body, body.max_tokens)
         prompts = _prompt_ids(engine, _call(body.prompts), params)
-        return await _respond(engine, model_name, "cmpl", prompts, params, body.stream, body.include_usage, chat=False)
+        return await _respond(raw, engine, model_name, "cmpl", prompts, params, body.stream, body.include_usage,
+                              chat=False)
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatCompletionRequest):
+    async def chat(body: ChatCompletionRequest, raw: Request):
         _check_model(body.model, model_name)
         if body.logprobs:
             raise APIError(400, "logprobs are not supported yet", param="logprobs")
         params = _params(body, body.max_new_tokens())
         ids = _chat_ids(engine.engine.tokenizer, body.message_dicts(), add_generation_prompt=True)
         prompts = _prompt_ids(engine, [ids], params)
-        return await _respond(engine, model_name, "chatcmpl", prompts, params, body.stream, body.include_usage,
-                              chat=True)
+        return await _respond(raw, engine, model_name, "chatcmpl", prompts, params, body.stream,
+                              body.include_usage, chat=True)
 
     return app
 
@@ -172,23 +178,49 @@ async def _outputs(engine: AsyncLLM, prompts: list[list[int]], params: SamplingP
             t.cancel()  # generate()'s own finally aborts the request in the engine
 
 
-async def _respond(engine, model_name, prefix, prompts, params, stream: bool, include_usage: bool, chat: bool):
+async def _respond(raw: Request, engine, model_name, prefix, prompts, params, stream: bool, include_usage: bool,
+                   chat: bool):
     request_id = f"{prefix}-{uuid.uuid4().hex}"
-    created = int(time.time())
     shape = _ChatShape() if chat else _CompletionShape()
-    base = {"id": request_id, "created": created, "model": model_name}
-    if not stream:
-        finals: dict[int, RequestOutput] = {}
-        try:
-            async for i, out in _outputs(engine, prompts, params, request_id):
-                finals[i] = out
-        except EngineDeadError as e:
-            raise APIError(500, f"engine failure: {e}", type_="internal_server_error") from e
-        choices = [shape.choice(i * params.n + c.index, c.text, c.finish_reason)
-                   for i in sorted(finals) for c in finals[i].outputs]
-        return {**base, "object": shape.object, "choices": choices, "usage": _usage(prompts, finals.values())}
-    return StreamingResponse(_sse(engine, prompts, params, request_id, base, shape, include_usage),
-                             media_type="text/event-stream")
+    base = {"id": request_id, "created": int(time.time()), "model": model_name}
+    if stream:  # Starlette cancels the body iterator when the client goes: that aborts the requests
+        return StreamingResponse(_sse(engine, prompts, params, request_id, base, shape, include_usage),
+                                 media_type="text/event-stream")
+    finals = await _until_disconnect(raw, _collect(engine, prompts, params, request_id))
+    choices = [shape.choice(i * params.n + c.index, c.text, c.finish_reason)
+               for i in sorted(finals) for c in finals[i].outputs]
+    return {**base, "object": shape.object, "choices": choices, "usage": _usage(prompts, finals.values())}
+
+
+async def _collect(engine, prompts, params, request_id) -> dict[int, RequestOutput]:
+    finals: dict[int, RequestOutput] = {}
+    try:
+        async for i, out in _outputs(engine, prompts, params, request_id):
+            finals[i] = out
+    except EngineDeadError as e:
+        raise APIError(500, f"engine failure: {e}", type_="internal_server_error") from e
+    return finals
+
+
+async def _until_disconnect(raw: Request, work):
+    """Await `work`, cancelling it (and so aborting its requests) if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await raw.receive())["type"] != "http.disconnect":
+            pass
+
+    watch = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait([task, watch], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)  # let its finally blocks abort
+    if task.cancelled():
+        raise APIError(499, "client disconnected")  # nobody reads it; ends the handler cleanly
+    return task.result()
 
 
 async def _sse(engine, prompts, params, request_id, base, shape, include_usage) -> AsyncIterator[str]:

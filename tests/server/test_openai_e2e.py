@@ -145,3 +145,60 @@ def test_tokenize_and_detokenize_round_trip(server, client, smollm2_tokenizer):
     assert chat["count"] == full.usage.prompt_tokens
     bad = httpx.post(f"{server}/detokenize", json={"tokens": [10 ** 9]})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+
+
+def _metrics(server) -> dict[str, float]:
+    """Unlabelled-by-reason samples of kvserve's metrics, by name."""
+    out = {}
+    for line in httpx.get(f"{server}/metrics").text.splitlines():
+        if line.startswith("kvserve:") and "finished_reason" not in line:
+            name, value = line.rsplit(" ", 1)
+            out[name.split("{")[0]] = float(value)
+    return out
+
+
+def _wait_idle(server) -> dict[str, float]:
+    deadline = time.monotonic() + 30
+    while True:  # the abort lands within an engine step; bounded wait
+        m = _metrics(server)
+        if m["kvserve:num_requests_running"] == 0 and m["kvserve:kv_cache_usage_perc"] == 0:
+            return m
+        assert time.monotonic() < deadline, f"still busy: {m}"
+        time.sleep(0.05)
+
+
+def _busy(server) -> bool:
+    m = _metrics(server)
+    return m["kvserve:num_requests_running"] > 0 and m["kvserve:kv_cache_usage_perc"] > 0
+
+
+def test_disconnect_mid_stream_frees_the_request(server):
+    body = {"prompt": "Tell me a very long story.", "max_tokens": 4000, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        got = [line for line, _ in zip(lines, range(6)) if line.startswith("data: ")]
+        assert got and _busy(server)
+    _wait_idle(server)
+
+
+def test_disconnect_while_waiting_for_a_non_streamed_answer_frees_it(server):
+    body = {"prompt": "Tell me a very long story.", "max_tokens": 4000, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server}/v1/completions", json=body, timeout=httpx.Timeout(60, read=1.5))
+    _wait_idle(server)
+
+
+def test_metrics_count_requests_and_tokens(server, client):
+    before = _metrics(server)
+    out = client.completions.create(model="smol", prompt="Count: one, two,", max_tokens=5, temperature=0,
+                                    extra_body={"ignore_eos": True})
+    after = _wait_idle(server)
+    assert after["kvserve:generation_tokens_total"] - before["kvserve:generation_tokens_total"] == 5
+    assert after["kvserve:prompt_tokens_total"] - before["kvserve:prompt_tokens_total"] == out.usage.prompt_tokens
+    assert after["kvserve:e2e_request_latency_seconds_count"] == before["kvserve:e2e_request_latency_seconds_count"] + 1
+    text = httpx.get(f"{server}/metrics").text
+    assert 'kvserve:request_success_total{finished_reason="length",model_name="smol"}' in text
+    for name in ("time_to_first_token_seconds", "inter_token_latency_seconds", "request_queue_time_seconds",
+                 "request_prompt_tokens", "request_generation_tokens", "iteration_tokens_total",
+                 "num_preemptions_total", "num_requests_waiting"):
+        assert f"kvserve:{name}" in text

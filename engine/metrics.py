@@ -1,0 +1,74 @@
+"""Prometheus metrics with vLLM's names under the `kvserve:` prefix, label `model_name`.
+
+The engine calls these hooks from its step loop; gauges read the scheduler at scrape time.
+Each engine gets its own registry, so several engines in one process never collide.
+"""
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from engine.request import Request
+
+_LATENCY = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+            40.0, 80.0, 160.0)
+_TOKENS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000)
+
+
+class EngineMetrics:
+    def __init__(self, model_name: str, scheduler, kv) -> None:
+        self.registry = CollectorRegistry()
+        labels = ["model_name"]
+
+        def metric(kind, name, doc, extra=(), **kw):
+            return kind(f"kvserve:{name}", doc, labels + list(extra), registry=self.registry, **kw)
+
+        self._name = model_name
+        for name, doc, fn in (
+            ("num_requests_running", "Sequences in the running batch.", lambda: scheduler.num_running),
+            ("num_requests_waiting", "Sequences waiting to be scheduled.", lambda: scheduler.num_waiting),
+            ("kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0..1).", lambda: kv.usage),
+        ):
+            metric(Gauge, name, doc).labels(model_name).set_function(fn)
+        self.prompt_tokens = metric(Counter, "prompt_tokens", "Prompt tokens of requests that started generating.")
+        self.generation_tokens = metric(Counter, "generation_tokens", "Generated tokens.")
+        self.success = metric(Counter, "request_success", "Finished requests by finish reason.",
+                              extra=["finished_reason"])
+        self.preemptions = metric(Counter, "num_preemptions", "Sequences preempted (blocks freed, recomputed).")
+        self.ttft = metric(Histogram, "time_to_first_token_seconds", "Arrival to first token.", buckets=_LATENCY)
+        self.itl = metric(Histogram, "inter_token_latency_seconds", "Time between tokens of a sequence.",
+                          buckets=_LATENCY)
+        self.e2e = metric(Histogram, "e2e_request_latency_seconds", "Arrival to finish.", buckets=_LATENCY)
+        self.queue = metric(Histogram, "request_queue_time_seconds", "Arrival to first scheduled.", buckets=_LATENCY)
+        self.req_prompt = metric(Histogram, "request_prompt_tokens", "Prompt length of finished requests.",
+                                 buckets=_TOKENS)
+        self.req_gen = metric(Histogram, "request_generation_tokens", "Tokens generated per finished request.",
+                              buckets=_TOKENS)
+        self.iteration = metric(Histogram, "iteration_tokens_total", "Tokens computed per engine step.",
+                                buckets=_TOKENS)
+
+    def on_step(self, num_batched_tokens: int, num_preempted: int) -> None:
+        self.iteration.labels(self._name).observe(num_batched_tokens)
+        if num_preempted:
+            self.preemptions.labels(self._name).inc(num_preempted)
+
+    def on_token(self, req: Request, now: float) -> None:
+        """Called after a token is appended; req.last_token_time is the previous token's time."""
+        self.generation_tokens.labels(self._name).inc()
+        if req.num_output_tokens == 1:
+            if req.index == 0:
+                self.ttft.labels(self._name).observe(now - req.arrival_time)
+                self.prompt_tokens.labels(self._name).inc(req.num_prompt_tokens)
+        elif req.last_token_time is not None:
+            self.itl.labels(self._name).observe(now - req.last_token_time)
+
+    def on_finished(self, seqs: list[Request]) -> None:
+        first = seqs[0]
+        name = self._name
+        self.success.labels(name, first.finish_reason or "abort").inc()
+        self.e2e.labels(name).observe(time.monotonic() - first.arrival_time)
+        if first.first_scheduled_time is not None:
+            self.queue.labels(name).observe(first.first_scheduled_time - first.arrival_time)
+        self.req_prompt.labels(name).observe(first.num_prompt_tokens)
+        self.req_gen.labels(name).observe(sum(s.num_output_tokens for s in seqs))
