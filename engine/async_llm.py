@@ -72,6 +72,10 @@ class AsyncLLM:
         """Ask the worker to stop a request; idempotent, takes effect before the next step."""
         self._inbox.put(("abort", request_id, None))
 
+    def abort_all(self) -> None:
+        """Abort every request in the engine (used when draining on shutdown)."""
+        self._inbox.put(("abort_all", "", None))
+
     def shutdown(self) -> None:
         self._stopping.set()
         self._inbox.put(("wake", "", None))
@@ -111,6 +115,9 @@ class AsyncLLM:
             out = self.engine.abort_request(request_id)
             if out is not None:
                 self._deliver(request_id, out)
+        elif kind == "abort_all":
+            for rid in self.engine.request_ids():
+                self._apply("abort", rid, None)
 
     def _deliver(self, request_id: str, item) -> None:
         stream = self._streams.get(request_id)

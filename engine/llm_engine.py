@@ -149,6 +149,9 @@ class LLMEngine:
             state.texts[req.index].finish()
         return self._output(request_id)
 
+    def request_ids(self) -> list[str]:
+        return list(self._requests)
+
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import logging
 import uuid
 from typing import AsyncIterator
 
@@ -16,14 +17,19 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from engine.async_llm import AsyncLLM, EngineDeadError
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
+from server.guard import Guard, ServerOptions
 from server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+
+
+logger = logging.getLogger("kvserve.server")
 
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
+                 param: str | None = None, code: str | None = None, headers: dict | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -35,14 +41,26 @@ def _param_of(message: str) -> str | None:
     return head if head.isidentifier() else None
 
 
-def create_app(engine: AsyncLLM, model_name: str) -> FastAPI:
+def create_app(engine: AsyncLLM, model_name: str, options: ServerOptions | None = None) -> FastAPI:
+    options = options or ServerOptions()
     app = FastAPI(title="kvserve", version="0.1.0")
     app.state.engine = engine
     app.state.model_name = model_name
+    app.state.draining = False
+    app.state.in_flight = 0  # generation requests admitted and not yet answered
+    app.add_middleware(Guard, options=options, app_state=app.state)
+    # Admission: what the engine can run at once plus the allowed queue.
+    admit_limit = None if options.max_queue_len is None else engine.engine.config.max_num_seqs + options.max_queue_len
+
+    def admit() -> None:
+        if admit_limit is not None and app.state.in_flight >= admit_limit:
+            raise APIError(503, f"The server is at capacity ({admit_limit} requests in flight); retry later.",
+                           type_="service_unavailable", headers={"Retry-After": "1"})
+        app.state.in_flight += 1  # _respond gives it back when the answer is complete
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, e: APIError):
-        return JSONResponse(e.body(), status_code=e.status)
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, e: RequestValidationError):
@@ -103,6 +121,7 @@ def create_app(engine: AsyncLLM, model_name: str) -> FastAPI:
             raise APIError(400, "logprobs and echo are not supported yet", param="logprobs" if body.logprobs else "echo")
         params = _params(body, body.max_tokens)
         prompts = _prompt_ids(engine, _call(body.prompts), params)
+        admit()
         return await _respond(raw, engine, model_name, "cmpl", prompts, params, body.stream, body.include_usage,
                               chat=False)
 
@@ -114,6 +133,7 @@ def create_app(engine: AsyncLLM, model_name: str) -> FastAPI:
         params = _params(body, body.max_new_tokens())
         ids = _chat_ids(engine.engine.tokenizer, body.message_dicts(), add_generation_prompt=True)
         prompts = _prompt_ids(engine, [ids], params)
+        admit()
         return await _respond(raw, engine, model_name, "chatcmpl", prompts, params, body.stream,
                               body.include_usage, chat=True)
 
@@ -180,16 +200,31 @@ async def _outputs(engine: AsyncLLM, prompts: list[list[int]], params: SamplingP
 
 async def _respond(raw: Request, engine, model_name, prefix, prompts, params, stream: bool, include_usage: bool,
                    chat: bool):
-    request_id = f"{prefix}-{uuid.uuid4().hex}"
+    state = raw.app.state
+    request_id = f"{raw.state.request_id}-{uuid.uuid4().hex[:8]}"  # client ids may repeat; engine ids may not
+    logger.info("request %s: %d prompt(s), n=%d, max_tokens=%s, stream=%s", request_id, len(prompts), params.n,
+                params.max_tokens, stream)
     shape = _ChatShape() if chat else _CompletionShape()
-    base = {"id": request_id, "created": int(time.time()), "model": model_name}
+    base = {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
     if stream:  # Starlette cancels the body iterator when the client goes: that aborts the requests
-        return StreamingResponse(_sse(engine, prompts, params, request_id, base, shape, include_usage),
-                                 media_type="text/event-stream")
-    finals = await _until_disconnect(raw, _collect(engine, prompts, params, request_id))
+        return StreamingResponse(_release_after(state, _sse(engine, prompts, params, request_id, base, shape,
+                                                            include_usage)), media_type="text/event-stream")
+    try:
+        finals = await _until_disconnect(raw, _collect(engine, prompts, params, request_id))
+    finally:
+        state.in_flight -= 1
     choices = [shape.choice(i * params.n + c.index, c.text, c.finish_reason)
                for i in sorted(finals) for c in finals[i].outputs]
+    logger.info("request %s: finished %s", request_id, [c["finish_reason"] for c in choices])
     return {**base, "object": shape.object, "choices": choices, "usage": _usage(prompts, finals.values())}
+
+
+async def _release_after(state, events: AsyncIterator[str]) -> AsyncIterator[str]:
+    try:
+        async for event in events:
+            yield event
+    finally:
+        state.in_flight -= 1
 
 
 async def _collect(engine, prompts, params, request_id) -> dict[int, RequestOutput]:

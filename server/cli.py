@@ -2,10 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
+import os
+import signal
 import sys
+import time
 
 from engine.config import DTYPES, LOAD_FORMATS, EngineConfig, parse_bytes
+from server.guard import ServerOptions
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of GPU memory the process may fill (CUDA only)")
     s.add_argument("--load-format", choices=LOAD_FORMATS, default=d.load_format, help="dummy = random weights, for benchmarks")
     s.add_argument("--seed", type=int, default=d.seed, help="seed of the shared sampling generator")
+    s.add_argument("--api-key", default=os.environ.get("KVSERVE_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: env KVSERVE_API_KEY, else open)")
+    s.add_argument("--max-queue-len", type=int, default=None,
+                   help="requests that may wait beyond --max-num-seqs; more get 503 + Retry-After (default: no limit)")
+    s.add_argument("--max-request-body", type=parse_bytes, default=ServerOptions.max_body_bytes,
+                   help="largest request body in bytes (e.g. 16MiB); larger ones get 413")
+    s.add_argument("--shutdown-timeout", type=float, default=ServerOptions.shutdown_timeout,
+                   help="on SIGTERM: seconds in-flight requests may take before they are aborted")
     s.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return parser
 
@@ -52,20 +65,65 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"kvserve: {e}", file=sys.stderr)
         return 2
-    import uvicorn
-
     from engine.async_llm import AsyncLLM
     from server.app import create_app
 
+    if args.max_queue_len is not None and args.max_queue_len < 0:
+        print("kvserve: max_queue_len: must be non-negative", file=sys.stderr)
+        return 2
+    options = ServerOptions(api_key=args.api_key or None, max_queue_len=args.max_queue_len,
+                            max_body_bytes=args.max_request_body, shutdown_timeout=args.shutdown_timeout)
     engine = AsyncLLM(config)
     print(describe(engine.engine), flush=True)
-    app = create_app(engine, engine.engine.model_name)
+    app = create_app(engine, engine.engine.model_name, options)
     print(f"kvserve: serving on http://{args.host}:{args.port}", flush=True)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        _DrainingServer(app, engine, options.shutdown_timeout, host=args.host, port=args.port,
+                        log_level=args.log_level).run()
     finally:
         engine.shutdown()
     return 0
+
+
+class _DrainingServer:
+    """uvicorn, except that SIGTERM/SIGINT first drains: new requests get 503, in-flight ones
+    get `timeout` seconds to finish, the rest are aborted (finish_reason "abort"), then exit."""
+
+    def __init__(self, app, engine, timeout: float, **config) -> None:
+        import uvicorn
+
+        outer = self
+
+        class Server(uvicorn.Server):
+            def handle_exit(self, sig, frame):
+                if outer.draining or sig not in (signal.SIGTERM, signal.SIGINT):
+                    return super().handle_exit(sig, frame)  # a second signal stops at once
+                outer.draining = True
+                app.state.draining = True
+                outer.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(outer.drain(self)))
+
+        self.app, self.engine, self.timeout, self.draining = app, engine, timeout, False
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.server = Server(uvicorn.Config(app, timeout_graceful_shutdown=5, **config))
+
+    def run(self) -> None:
+        async def serve():
+            self.loop = asyncio.get_running_loop()
+            await self.server.serve()
+
+        asyncio.run(serve())
+
+    async def drain(self, server) -> None:
+        logging.getLogger("kvserve.server").info("draining: %d request(s) in flight", self.app.state.in_flight)
+        deadline = time.monotonic() + self.timeout
+        while self.app.state.in_flight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.app.state.in_flight > 0:
+            self.engine.abort_all()  # their streams end with finish_reason "abort"
+            deadline = time.monotonic() + 5
+            while self.app.state.in_flight > 0 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+        server.should_exit = True
 
 
 def describe(engine) -> str:

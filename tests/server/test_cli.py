@@ -8,7 +8,8 @@ from server.cli import build_parser, engine_config
 
 FLAGS = ["--model", "--host", "--port", "--served-model-name", "--dtype", "--device", "--max-model-len",
          "--max-num-seqs", "--max-num-batched-tokens", "--block-size", "--num-kv-blocks", "--kv-cache-memory",
-         "--gpu-memory-utilization", "--load-format", "--seed", "--log-level"]
+         "--gpu-memory-utilization", "--load-format", "--seed", "--log-level", "--api-key", "--max-queue-len",
+         "--max-request-body", "--shutdown-timeout"]
 
 
 def test_help_documents_every_flag():

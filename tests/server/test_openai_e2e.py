@@ -2,48 +2,19 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 
 import httpx
 import openai
 import pytest
 
 from tests.conftest import hf_greedy
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
+from tests.server.launch import launch, metrics, stop, wait_for
 
 @pytest.fixture(scope="module")
 def server(smollm2_dir):
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "server", "serve", "--model", str(smollm2_dir), "--port", str(port),
-                             "--served-model-name", "smol", "--log-level", "warning"], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:  # wait until it answers (bounded); the test fails if it never does
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"server did not start: {proc.stdout.read()}")
-        time.sleep(0.2)
+    proc, base = launch(smollm2_dir)
     yield base
-    proc.terminate()
-    proc.wait(timeout=30)
+    stop(proc)
 
 
 @pytest.fixture(scope="module")
@@ -147,28 +118,16 @@ def test_tokenize_and_detokenize_round_trip(server, client, smollm2_tokenizer):
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
 
 
-def _metrics(server) -> dict[str, float]:
-    """Unlabelled-by-reason samples of kvserve's metrics, by name."""
-    out = {}
-    for line in httpx.get(f"{server}/metrics").text.splitlines():
-        if line.startswith("kvserve:") and "finished_reason" not in line:
-            name, value = line.rsplit(" ", 1)
-            out[name.split("{")[0]] = float(value)
-    return out
-
-
 def _wait_idle(server) -> dict[str, float]:
-    deadline = time.monotonic() + 30
-    while True:  # the abort lands within an engine step; bounded wait
-        m = _metrics(server)
-        if m["kvserve:num_requests_running"] == 0 and m["kvserve:kv_cache_usage_perc"] == 0:
-            return m
-        assert time.monotonic() < deadline, f"still busy: {m}"
-        time.sleep(0.05)
+    # the abort lands within an engine step
+    def idle():
+        m = metrics(server)
+        return m if m["kvserve:num_requests_running"] == 0 and m["kvserve:kv_cache_usage_perc"] == 0 else None
+    return wait_for(idle, "running requests and KV usage to return to 0")
 
 
 def _busy(server) -> bool:
-    m = _metrics(server)
+    m = metrics(server)
     return m["kvserve:num_requests_running"] > 0 and m["kvserve:kv_cache_usage_perc"] > 0
 
 
@@ -189,7 +148,7 @@ def test_disconnect_while_waiting_for_a_non_streamed_answer_frees_it(server):
 
 
 def test_metrics_count_requests_and_tokens(server, client):
-    before = _metrics(server)
+    before = metrics(server)
     out = client.completions.create(model="smol", prompt="Count: one, two,", max_tokens=5, temperature=0,
                                     extra_body={"ignore_eos": True})
     after = _wait_idle(server)

@@ -1,0 +1,67 @@
+"""Start a real `kvserve serve` on a free loopback port and read its metrics."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(model_dir, *extra: str) -> tuple[subprocess.Popen, str]:
+    """The server process and its base URL, once /health answers 200 (bounded wait)."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "server", "serve", "--model", str(model_dir), "--port", str(port),
+                             "--served-model-name", "smol", "--log-level", "warning", *extra], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"server did not start: {proc.stdout.read()}")
+        time.sleep(0.2)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def metrics(base: str) -> dict[str, float]:
+    """kvserve's samples by name (series with a finished_reason label left out)."""
+    out = {}
+    for line in httpx.get(f"{base}/metrics").text.splitlines():
+        if line.startswith("kvserve:") and "finished_reason" not in line:
+            name, value = line.rsplit(" ", 1)
+            out[name.split("{")[0]] = float(value)
+    return out
+
+
+def wait_for(predicate, what: str, timeout: float = 30.0):
+    """Poll until predicate() is truthy (bounded); fail naming `what` otherwise."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)

@@ -1,0 +1,105 @@
+"""Operating the server: API keys, admission control, body limits, request ids, SIGTERM drain."""
+from __future__ import annotations
+
+import json
+import signal
+import threading
+
+import httpx
+import openai
+import pytest
+
+from tests.server.launch import launch, metrics, stop, wait_for
+
+KEY = "sk-test-123"
+LONG = {"prompt": "Tell me a very long story.", "max_tokens": 4000, "ignore_eos": True, "temperature": 0}
+
+
+@pytest.fixture(scope="module")
+def guarded(smollm2_dir):
+    proc, base = launch(smollm2_dir, "--api-key", KEY, "--max-num-seqs", "1", "--max-queue-len", "1",
+                        "--max-request-body", "1MiB")
+    yield base
+    stop(proc)
+
+
+def _auth(key=KEY) -> dict:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def test_api_key_required_on_v1_only(guarded):
+    for headers in ({}, _auth("wrong"), {"Authorization": KEY}):
+        r = httpx.post(f"{guarded}/v1/completions", json={"prompt": "Hi", "max_tokens": 1}, headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{guarded}/v1", api_key="wrong", max_retries=0).models.list()
+    good = openai.OpenAI(base_url=f"{guarded}/v1", api_key=KEY, max_retries=0)
+    assert good.completions.create(model="smol", prompt="Hi", max_tokens=2).choices[0].text
+    assert httpx.get(f"{guarded}/health").status_code == 200
+    assert httpx.get(f"{guarded}/metrics").status_code == 200
+
+
+def test_oversized_body_is_413(guarded):
+    r = httpx.post(f"{guarded}/v1/completions", content=json.dumps({"prompt": "x" * (2 << 20)}),
+                   headers={**_auth(), "content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    assert httpx.post(f"{guarded}/v1/completions", json={"prompt": "Hi", "max_tokens": 1},
+                      headers=_auth()).status_code == 200
+
+
+def test_request_id_is_echoed(guarded):
+    r = httpx.get(f"{guarded}/health", headers={"X-Request-Id": "abc-123"})
+    assert r.headers["x-request-id"] == "abc-123"
+    assert len(httpx.get(f"{guarded}/health").headers["x-request-id"]) == 32  # generated when absent
+
+
+def test_queue_limit_rejects_with_503_and_retry_after(guarded):
+    # max_num_seqs 1 + max_queue_len 1: two long requests fill the server, the third is refused
+    with httpx.stream("POST", f"{guarded}/v1/completions", json={**LONG, "stream": True}, headers=_auth(),
+                      timeout=60) as first, \
+         httpx.stream("POST", f"{guarded}/v1/completions", json={**LONG, "stream": True}, headers=_auth(),
+                      timeout=60) as second:
+        assert first.status_code == second.status_code == 200
+        r = httpx.post(f"{guarded}/v1/completions", json={"prompt": "Hi", "max_tokens": 1}, headers=_auth())
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert "capacity" in r.json()["error"]["message"]
+    wait_for(lambda: metrics(guarded)["kvserve:kv_cache_usage_perc"] == 0, "aborted requests to free the pool")
+    assert httpx.post(f"{guarded}/v1/completions", json={"prompt": "Hi", "max_tokens": 1},
+                      headers=_auth()).status_code == 200
+
+
+def test_sigterm_drains_then_aborts_then_exits_0(smollm2_dir):
+    proc, base = launch(smollm2_dir, "--shutdown-timeout", "10")
+    events: list = []
+    short: dict = {}
+
+    def stream_long():
+        with httpx.stream("POST", f"{base}/v1/completions", json={**LONG, "stream": True}, timeout=120) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+
+    def run_short():
+        r = httpx.post(f"{base}/v1/completions", json={"prompt": "Hello", "max_tokens": 20, "ignore_eos": True,
+                                                       "temperature": 0}, timeout=120)
+        short.update(status=r.status_code, body=r.json())
+
+    try:
+        threads = [threading.Thread(target=stream_long), threading.Thread(target=run_short)]
+        for t in threads:
+            t.start()
+        wait_for(lambda: metrics(base)["kvserve:num_requests_running"] == 2, "both requests to run")
+        proc.send_signal(signal.SIGTERM)
+        r = wait_for(lambda: (x := httpx.post(f"{base}/v1/completions", json={"prompt": "Hi"})).status_code == 503
+                     and x, "new requests to be refused")
+        assert "shutting down" in r.json()["error"]["message"]
+        for t in threads:
+            t.join(timeout=60)
+        assert short["status"] == 200 and short["body"]["choices"][0]["finish_reason"] == "length"
+        assert events[-1] == "[DONE]"
+        reasons = [json.loads(e)["choices"][0]["finish_reason"] for e in events[:-1]]
+        assert reasons.count("abort") == 1 and reasons[-1] == "abort"
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
