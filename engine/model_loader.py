@@ -220,10 +220,10 @@ def build_model(src: ModelSource, hf_config, max_len: int, dtype: torch.dtype, d
     else:
         model.load_weights(iter_weights(src))
     model = model.to(dtype=dtype).eval().requires_grad_(False)
-    cpu_fp32 = device.type == "cpu" and dtype == torch.float32
-    if linear_backend == "onednn" and not (cpu_fp32 and onednn_available()):
+    packable = device.type == "cpu" and dtype == torch.float32 and onednn_available()
+    if linear_backend == "onednn" and not packable:
         raise ValueError("linear_backend: 'onednn' needs float32 on a CPU with oneDNN")
-    if linear_backend == "onednn" or (linear_backend == "auto" and cpu_fp32 and onednn_available()):
+    if linear_backend != "torch" and packable:
         pack_linears(model)
     return model
 

@@ -65,3 +65,11 @@ def wait_for(predicate, what: str, timeout: float = 30.0):
             return value
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.05)
+
+
+def wait_idle(base: str) -> dict[str, float]:
+    """Wait until no sequence runs and the KV pool is empty (an abort lands within an engine step)."""
+    def idle():
+        m = metrics(base)
+        return m if m["kvserve:num_requests_running"] == 0 and m["kvserve:kv_cache_usage_perc"] == 0 else None
+    return wait_for(idle, "running requests and KV usage to return to 0")

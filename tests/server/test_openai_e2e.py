@@ -8,7 +8,7 @@ import openai
 import pytest
 
 from tests.conftest import hf_greedy
-from tests.server.launch import launch, metrics, stop, wait_for
+from tests.server.launch import launch, metrics, stop, wait_idle
 
 @pytest.fixture(scope="module")
 def server(smollm2_dir):
@@ -118,14 +118,6 @@ def test_tokenize_and_detokenize_round_trip(server, client, smollm2_tokenizer):
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
 
 
-def _wait_idle(server) -> dict[str, float]:
-    # the abort lands within an engine step
-    def idle():
-        m = metrics(server)
-        return m if m["kvserve:num_requests_running"] == 0 and m["kvserve:kv_cache_usage_perc"] == 0 else None
-    return wait_for(idle, "running requests and KV usage to return to 0")
-
-
 def _busy(server) -> bool:
     m = metrics(server)
     return m["kvserve:num_requests_running"] > 0 and m["kvserve:kv_cache_usage_perc"] > 0
@@ -137,21 +129,21 @@ def test_disconnect_mid_stream_frees_the_request(server):
         lines = r.iter_lines()
         got = [line for line, _ in zip(lines, range(6)) if line.startswith("data: ")]
         assert got and _busy(server)
-    _wait_idle(server)
+    wait_idle(server)
 
 
 def test_disconnect_while_waiting_for_a_non_streamed_answer_frees_it(server):
     body = {"prompt": "Tell me a very long story.", "max_tokens": 4000, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{server}/v1/completions", json=body, timeout=httpx.Timeout(60, read=1.5))
-    _wait_idle(server)
+    wait_idle(server)
 
 
 def test_metrics_count_requests_and_tokens(server, client):
     before = metrics(server)
     out = client.completions.create(model="smol", prompt="Count: one, two,", max_tokens=5, temperature=0,
                                     extra_body={"ignore_eos": True})
-    after = _wait_idle(server)
+    after = wait_idle(server)
     assert after["kvserve:generation_tokens_total"] - before["kvserve:generation_tokens_total"] == 5
     assert after["kvserve:prompt_tokens_total"] - before["kvserve:prompt_tokens_total"] == out.usage.prompt_tokens
     assert after["kvserve:e2e_request_latency_seconds_count"] == before["kvserve:e2e_request_latency_seconds_count"] + 1
