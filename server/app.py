@@ -6,6 +6,7 @@ import json
 import time
 import logging
 import uuid
+from dataclasses import dataclass
 from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -15,9 +16,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.async_llm import AsyncLLM, EngineDeadError
-from engine.outputs import RequestOutput
+from engine.outputs import CompletionOutput, RequestOutput
 from engine.sampling_params import SamplingParams
 from server.guard import Guard, ServerOptions
+from server.logprobs import TokenText, chat_logprobs, completion_logprobs, concat, num_tokens
 from server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 
 
@@ -50,6 +52,7 @@ def create_app(engine: AsyncLLM, model_name: str, options: ServerOptions | None 
     app.state.in_flight = 0  # generation requests admitted and not yet answered
     app.add_middleware(Guard, options=options, app_state=app.state)
     # Admission: what the engine can run at once plus the allowed queue.
+    token_text = TokenText(engine.engine.tokenizer)
     admit_limit = None if options.max_queue_len is None else engine.engine.config.max_num_seqs + options.max_queue_len
 
     def admit() -> None:
@@ -117,25 +120,24 @@ def create_app(engine: AsyncLLM, model_name: str, options: ServerOptions | None 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, raw: Request):
         _check_model(body.model, model_name)
-        if body.logprobs is not None or body.echo:
-            raise APIError(400, "logprobs and echo are not supported yet", param="logprobs" if body.logprobs else "echo")
-        params = _params(body, body.max_tokens)
-        prompts = _prompt_ids(engine, _call(body.prompts), params)
+        params = _call(body.params)
+        texts = _call(body.prompts)
+        prompts = _prompt_ids(engine, texts, params)
+        tokenizer = engine.engine.tokenizer
+        echo = [t if isinstance(t, str) else tokenizer.decode(ids) for t, ids in zip(texts, prompts)] if body.echo else None
+        render = _Render(False, token_text if body.logprobs is not None else None, prompts, echo, body.prompt_only)
         admit()
-        return await _respond(raw, engine, model_name, "cmpl", prompts, params, body.stream, body.include_usage,
-                              chat=False)
+        return await _respond(raw, engine, "cmpl", prompts, params, body, render)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, raw: Request):
         _check_model(body.model, model_name)
-        if body.logprobs:
-            raise APIError(400, "logprobs are not supported yet", param="logprobs")
-        params = _params(body, body.max_new_tokens())
+        params = _call(body.params)
         ids = _chat_ids(engine.engine.tokenizer, body.message_dicts(), add_generation_prompt=True)
         prompts = _prompt_ids(engine, [ids], params)
+        render = _Render(True, token_text if body.logprobs else None, prompts)
         admit()
-        return await _respond(raw, engine, model_name, "chatcmpl", prompts, params, body.stream,
-                              body.include_usage, chat=True)
+        return await _respond(raw, engine, "chatcmpl", prompts, params, body, render)
 
     return app
 
@@ -158,10 +160,6 @@ def _call(fn):
 def _check_model(asked: str | None, served: str) -> None:
     if asked is not None and asked != served:
         raise APIError(404, f"The model `{asked}` does not exist.", param="model", code="model_not_found")
-
-
-def _params(body, max_tokens: int | None) -> SamplingParams:
-    return _call(lambda: body.sampling_params(max_tokens))
 
 
 def _prompt_ids(engine: AsyncLLM, prompts, params: SamplingParams) -> list[list[int]]:
@@ -198,33 +196,46 @@ async def _outputs(engine: AsyncLLM, prompts: list[list[int]], params: SamplingP
             t.cancel()  # generate()'s own finally aborts the request in the engine
 
 
-async def _respond(raw: Request, engine, model_name, prefix, prompts, params, stream: bool, include_usage: bool,
-                   chat: bool):
+async def _respond(raw: Request, engine: AsyncLLM, prefix: str, prompts: list[list[int]], params: SamplingParams,
+                   body, render: _Render):
     state = raw.app.state
     request_id = f"{raw.state.request_id}-{uuid.uuid4().hex[:8]}"  # client ids may repeat; engine ids may not
     logger.info("request %s: %d prompt(s), n=%d, max_tokens=%s, stream=%s", request_id, len(prompts), params.n,
-                params.max_tokens, stream)
-    shape = _ChatShape() if chat else _CompletionShape()
-    base = {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
-    if stream:  # Starlette cancels the body iterator when the client goes: that aborts the requests
-        return StreamingResponse(_release_after(state, _sse(engine, prompts, params, request_id, base, shape,
-                                                            include_usage)), media_type="text/event-stream")
+                params.max_tokens, body.stream)
+    base = {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.model_name}
+    if body.stream:  # Starlette cancels the body iterator when the client goes: that aborts the requests
+        events = _sse(engine, prompts, params, request_id, base, render, body.include_usage)
+        return _ReleasingStream(events, release=lambda: _release(state), media_type="text/event-stream")
     try:
         finals = await _until_disconnect(raw, _collect(engine, prompts, params, request_id))
     finally:
-        state.in_flight -= 1
-    choices = [shape.choice(i * params.n + c.index, c.text, c.finish_reason)
-               for i in sorted(finals) for c in finals[i].outputs]
+        _release(state)
+    choices = []
+    for i in sorted(finals):
+        for c in finals[i].outputs:
+            idx = i * params.n + c.index
+            choices.append(render.choice(idx, *render.piece(idx, i, finals[i], c), c.finish_reason))
     logger.info("request %s: finished %s", request_id, [c["finish_reason"] for c in choices])
-    return {**base, "object": shape.object, "choices": choices, "usage": _usage(prompts, finals.values())}
+    return {**base, "object": render.object, "choices": choices, "usage": render.usage(finals.values())}
 
 
-async def _release_after(state, events: AsyncIterator[str]) -> AsyncIterator[str]:
-    try:
-        async for event in events:
-            yield event
-    finally:
-        state.in_flight -= 1
+def _release(state) -> None:
+    state.in_flight -= 1
+
+
+class _ReleasingStream(StreamingResponse):
+    """Gives the admission slot back however the response ends, also when the body never starts
+    (a client gone before the first byte: the body generator is then never entered)."""
+
+    def __init__(self, content, release, **kwargs) -> None:
+        super().__init__(content, **kwargs)
+        self._release = release
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()
 
 
 async def _collect(engine, prompts, params, request_id) -> dict[int, RequestOutput]:
@@ -258,24 +269,22 @@ async def _until_disconnect(raw: Request, work):
     return task.result()
 
 
-async def _sse(engine, prompts, params, request_id, base, shape, include_usage) -> AsyncIterator[str]:
-    sent: dict[int, int] = {}  # choice index -> characters sent
+async def _sse(engine, prompts, params, request_id, base, render: _Render, include_usage) -> AsyncIterator[str]:
     finals: dict[int, RequestOutput] = {}
-    chunk = {**base, "object": shape.chunk_object}
+    chunk = {**base, "object": render.chunk_object}
     try:
-        if shape.role_first:
+        if render.chat:  # chat streams open with the role, once per choice
             for i in range(len(prompts) * params.n):
-                yield _event({**chunk, "choices": [shape.delta(i, None, None, first=True)]})
+                yield _event({**chunk, "choices": [render.delta(i, None, None, None, first=True)]})
         async for i, out in _outputs(engine, prompts, params, request_id):
             finals[i] = out
             for c in out.outputs:
                 idx = i * params.n + c.index
-                delta = c.text[sent.get(idx, 0):]
-                if delta or c.finish_reason:
-                    sent[idx] = len(c.text)
-                    yield _event({**chunk, "choices": [shape.delta(idx, delta, c.finish_reason)]})
+                choice = render.update(idx, i, out, c)
+                if choice is not None:
+                    yield _event({**chunk, "choices": [choice]})
         if include_usage:
-            yield _event({**chunk, "choices": [], "usage": _usage(prompts, finals.values())})
+            yield _event({**chunk, "choices": [], "usage": render.usage(finals.values())})
     except Exception as e:  # noqa: BLE001 - headers are gone: report in-band
         yield _event(APIError(500, f"engine failure: {e}", type_="internal_server_error").body())
     yield "data: [DONE]\n\n"
@@ -285,32 +294,86 @@ def _event(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def _usage(prompts: list[list[int]], finals) -> dict:
-    prompt_tokens = sum(len(p) for p in prompts)
-    completion = sum(len(c.token_ids) for out in finals for c in out.outputs)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+@dataclass
+class _Sent:
+    """How much of one choice has been rendered so far."""
+
+    started: bool = False
+    chars: int = 0
+    tokens: int = 0
+    offset: int = 0  # text_offset of the next token (completions logprobs)
+    finished: bool = False
 
 
-class _CompletionShape:
-    object, chunk_object, role_first = "text_completion", "text_completion", False
+class _Render:
+    """Engine outputs -> OpenAI choices. One code path renders a whole answer (one call per choice)
+    and a stream (one call per update, each returning only what is new), so the two agree."""
 
-    @staticmethod
-    def choice(index, text, finish_reason):
-        return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    def __init__(self, chat: bool, texts: TokenText | None, prompts: list[list[int]],
+                 echo: list[str] | None = None, prompt_only: bool = False) -> None:
+        self.chat, self.texts, self.prompts, self.echo, self.prompt_only = chat, texts, prompts, echo, prompt_only
+        self.object = "chat.completion" if chat else "text_completion"
+        self.chunk_object = "chat.completion.chunk" if chat else "text_completion"
+        self.sent: dict[int, _Sent] = {}
 
-    def delta(self, index, text, finish_reason, first=False):
-        return self.choice(index, text or "", finish_reason)
+    def piece(self, idx: int, i: int, out: RequestOutput, c: CompletionOutput) -> tuple[str, dict | None]:
+        """Text and logprobs of choice `idx` (prompt `i`) not rendered before."""
+        sent = self.sent.setdefault(idx, _Sent())
+        text, logprobs = "", None
+        if not sent.started:
+            sent.started = True
+            if self.echo is not None:
+                text, logprobs = self.echo[i], self._echo_logprobs(i, out, sent)
+        if self.prompt_only:
+            return text, logprobs
+        text += c.text[sent.chars:]
+        sent.chars = len(c.text)
+        if self.texts is not None:
+            ids, entries = c.token_ids[sent.tokens:], c.logprobs[sent.tokens:]
+            if self.chat:
+                logprobs = chat_logprobs(self.texts, ids, entries)
+            else:
+                new, sent.offset = completion_logprobs(self.texts, ids, entries, sent.offset)
+                logprobs = concat(logprobs, new)
+        sent.tokens = len(c.token_ids)
+        return text, logprobs
 
+    def update(self, idx: int, i: int, out: RequestOutput, c: CompletionOutput) -> dict | None:
+        """The stream chunk's choice for what is new in choice `idx`; None when nothing is (a request's
+        outputs repeat every choice, finished ones too, and a finish reason goes out once)."""
+        sent = self.sent.setdefault(idx, _Sent())
+        if sent.finished:
+            return None
+        text, logprobs = self.piece(idx, i, out, c)
+        sent.finished = c.finish_reason is not None
+        if text or num_tokens(logprobs) or sent.finished:
+            return self.delta(idx, text, logprobs, c.finish_reason)
+        return None
 
-class _ChatShape:
-    object, chunk_object, role_first = "chat.completion", "chat.completion.chunk", True
+    def _echo_logprobs(self, i: int, out: RequestOutput, sent: _Sent) -> dict | None:
+        if self.texts is None:
+            return None
+        ids = self.prompts[i]
+        entries = list(out.prompt_logprobs or [])
+        entries += [None] * (len(ids) - len(entries))  # an abort can come before the prompt was computed
+        logprobs, sent.offset = completion_logprobs(self.texts, ids, entries, 0)
+        return logprobs
 
-    @staticmethod
-    def choice(index, text, finish_reason):
-        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                "finish_reason": finish_reason}
+    def choice(self, index: int, text: str, logprobs: dict | None, finish_reason: str | None) -> dict:
+        if self.chat:
+            return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+                    "finish_reason": finish_reason}
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
-    @staticmethod
-    def delta(index, text, finish_reason, first=False):
+    def delta(self, index: int, text: str | None, logprobs: dict | None, finish_reason: str | None,
+              first: bool = False) -> dict:
+        if not self.chat:
+            return self.choice(index, text or "", logprobs, finish_reason)
         delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
-        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+
+    def usage(self, finals) -> dict:
+        prompt_tokens = sum(len(p) for p in self.prompts)
+        completion = 0 if self.prompt_only else sum(len(c.token_ids) for out in finals for c in out.outputs)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                "total_tokens": prompt_tokens + completion}

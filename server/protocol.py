@@ -35,7 +35,8 @@ class _SamplingFields(BaseModel):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None = None) -> SamplingParams:
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None = None,
+                        prompt_logprobs: int | None = None) -> SamplingParams:
         """Raises ValueError naming the offending field."""
         try:
             bias = {int(k): v for k, v in (self.logit_bias or {}).items()}
@@ -47,7 +48,7 @@ class _SamplingFields(BaseModel):
             max_tokens=max_tokens, min_tokens=self.min_tokens, stop=self.stop, stop_token_ids=self.stop_token_ids,
             ignore_eos=self.ignore_eos, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
-            logprobs=logprobs, logit_bias=bias or None)
+            logprobs=logprobs, prompt_logprobs=prompt_logprobs, logit_bias=bias or None)
 
     @property
     def include_usage(self) -> bool:
@@ -59,6 +60,16 @@ class CompletionRequest(_SamplingFields):
     max_tokens: int | None = 16
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
+
+    @property
+    def prompt_only(self) -> bool:
+        """echo with max_tokens 0: score the prompt, generate nothing (as lm-eval-style clients ask)."""
+        return self.echo and self.max_tokens == 0
+
+    def params(self) -> SamplingParams:
+        # A prompt-only request still samples one token (that is how the prompt gets computed); it is dropped.
+        max_tokens = 1 if self.prompt_only else self.max_tokens
+        return self.sampling_params(max_tokens, self.logprobs, self.logprobs if self.echo else None)
 
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt
@@ -85,8 +96,11 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
-    def max_new_tokens(self) -> int | None:
-        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+    def params(self) -> SamplingParams:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs: needs logprobs set to true")
+        max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        return self.sampling_params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
 
     def message_dicts(self) -> list[dict]:
         out = []

@@ -18,11 +18,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(model_dir, *extra: str) -> tuple[subprocess.Popen, str]:
-    """The server process and its base URL, once /health answers 200 (bounded wait)."""
+def launch(model_dir, *extra: str, name: str | None = "smol") -> tuple[subprocess.Popen, str]:
+    """The server process and its base URL, once /health answers 200 (bounded wait).
+
+    model_dir None serves the bundled default model; name None keeps the model's own name.
+    """
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "server", "serve", "--model", str(model_dir), "--port", str(port),
-                             "--served-model-name", "smol", "--log-level", "warning", *extra], cwd=ROOT,
+    args = ["--port", str(port), "--log-level", "warning", *extra]
+    args += ["--model", str(model_dir)] if model_dir is not None else []
+    args += ["--served-model-name", name] if name is not None else []
+    proc = subprocess.Popen([sys.executable, "-m", "server", "serve", *args], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180

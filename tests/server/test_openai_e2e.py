@@ -6,6 +6,7 @@ import json
 import httpx
 import openai
 import pytest
+import torch
 
 from tests.conftest import hf_greedy
 from tests.server.launch import launch, metrics, stop, wait_idle
@@ -86,6 +87,8 @@ def test_batch_prompts_n_seed_and_stop(client):
     ({"prompt": "x", "model": "gpt-4"}, 404, "model", "does not exist"),
     ({"prompt": "x", "n": "many"}, 400, "n", "n"),
     ({}, 400, "prompt", "prompt"),
+    ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens", "max_tokens"),  # 0 only with echo
+    ({"prompt": "x", "logprobs": 21}, 400, "logprobs", "logprobs"),
 ])
 def test_errors_are_openai_shaped(server, client, body, status, param, needle):
     r = httpx.post(f"{server}/v1/completions", json=body, timeout=30)
@@ -153,3 +156,86 @@ def test_metrics_count_requests_and_tokens(server, client):
                  "request_prompt_tokens", "request_generation_tokens", "iteration_tokens_total",
                  "num_preemptions_total", "num_requests_waiting"):
         assert f"kvserve:{name}" in text
+
+
+def _hf_logprobs(model, ids: list[int]) -> torch.Tensor:
+    """[len(ids), V]: row j is the distribution of token j + 1 given ids[:j + 1]."""
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+
+
+def _stream_logprobs(server, body) -> tuple[str, dict]:
+    """Join a streamed completion's text and its logprobs lists."""
+    events = _sse(server, "/v1/completions", {**body, "stream": True})
+    text, joined = "", {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for e in events[:-1]:
+        text += e["choices"][0]["text"]
+        for key, values in (e["choices"][0]["logprobs"] or {}).items():
+            joined[key] += values
+    return text, joined
+
+
+def test_completion_echo_logprobs_match_hf(server, hf_smollm2, smollm2_tokenizer):
+    prompt = "The old clock in the hall struck"
+    body = {"prompt": prompt, "max_tokens": 6, "temperature": 0, "logprobs": 3, "echo": True, "ignore_eos": True}
+    choice = httpx.post(f"{server}/v1/completions", json=body, timeout=60).json()["choices"][0]
+    lp = choice["logprobs"]
+    prompt_ids = smollm2_tokenizer.encode(prompt)
+    ids = prompt_ids + hf_greedy(hf_smollm2, prompt_ids, 6)
+    assert choice["text"] == prompt + smollm2_tokenizer.decode(ids[len(prompt_ids):])
+    assert lp["tokens"] == [smollm2_tokenizer.decode([t]) for t in ids]
+    ref = _hf_logprobs(hf_smollm2, ids)
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None  # nothing predicts the first token
+    for j in range(1, len(ids)):
+        expected = ref[j - 1]
+        assert lp["token_logprobs"][j] == pytest.approx(expected[ids[j]].item(), abs=1e-3)
+        top = lp["top_logprobs"][j]
+        best = expected.topk(3)
+        assert {smollm2_tokenizer.decode([t]) for t in best.indices.tolist()} <= set(top)
+        assert lp["tokens"][j] in top and len(top) <= 4  # top 3 plus the chosen token
+        assert sorted(top.values(), reverse=True)[:3] == pytest.approx(best.values.tolist(), abs=1e-3)
+    for token, offset in zip(lp["tokens"], lp["text_offset"]):
+        assert choice["text"][offset:offset + len(token)] == token
+    text, streamed = _stream_logprobs(server, body)
+    assert text == choice["text"]
+    assert streamed["tokens"] == lp["tokens"] and streamed["text_offset"] == lp["text_offset"]
+    assert streamed["token_logprobs"][1:] == pytest.approx(lp["token_logprobs"][1:], abs=1e-5)
+
+
+def test_echo_with_max_tokens_zero_scores_the_prompt(server, client, smollm2_tokenizer):
+    prompt = "Paris is the capital of France."
+    out = client.completions.create(model="smol", prompt=prompt, max_tokens=0, echo=True, logprobs=0)
+    assert out.choices[0].text == prompt
+    assert out.usage.completion_tokens == 0 and out.usage.prompt_tokens == len(smollm2_tokenizer.encode(prompt))
+    assert len(out.choices[0].logprobs.tokens) == out.usage.prompt_tokens
+    assert all(len(top) == 1 for top in out.choices[0].logprobs.top_logprobs[1:])  # just the token itself
+    plain = client.completions.create(model="smol", prompt=[prompt, prompt], max_tokens=3, temperature=0, echo=True)
+    assert [c.text[:len(prompt)] for c in plain.choices] == [prompt, prompt] and plain.choices[0].logprobs is None
+
+
+def test_chat_logprobs(server, client):
+    messages = [{"role": "user", "content": "Name a colour."}]
+    full = client.chat.completions.create(model="smol", messages=messages, temperature=0, max_tokens=12,
+                                          logprobs=True, top_logprobs=2)
+    content = full.choices[0].logprobs.content
+    assert "".join(e.token for e in content) == full.choices[0].message.content
+    assert len(content) == full.usage.completion_tokens
+    for e in content:
+        assert len(e.top_logprobs) == 2 and e.top_logprobs[0].token == e.token  # greedy: the best one
+        assert e.top_logprobs[0].logprob == e.logprob >= e.top_logprobs[1].logprob
+        assert bytes(e.bytes).decode() == e.token
+    stream = client.chat.completions.create(model="smol", messages=messages, temperature=0, max_tokens=12,
+                                            logprobs=True, top_logprobs=2, stream=True)
+    streamed = [e for chunk in stream for e in (chunk.choices[0].logprobs.content if chunk.choices[0].logprobs else [])]
+    assert [e.token for e in streamed] == [e.token for e in content]
+    plain = client.chat.completions.create(model="smol", messages=messages, max_tokens=2)
+    assert plain.choices[0].logprobs is None
+    r = httpx.post(f"{server}/v1/chat/completions", json={"messages": messages, "top_logprobs": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs"
+
+
+def test_streamed_n_choices_finish_once_each(server):
+    body = {"prompt": "Once upon a time", "max_tokens": 5, "n": 3, "seed": 1, "stream": True}
+    events = _sse(server, "/v1/completions", body)
+    reasons = [(c["index"], c["finish_reason"]) for e in events[:-1] for c in e["choices"] if c["finish_reason"]]
+    assert sorted(i for i, _ in reasons) == [0, 1, 2]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import threading
 
 import httpx
@@ -66,6 +67,33 @@ def test_queue_limit_rejects_with_503_and_retry_after(guarded):
     wait_idle(guarded)  # the aborted requests are gone and their blocks back in the pool
     assert httpx.post(f"{guarded}/v1/completions", json={"prompt": "Hi", "max_tokens": 1},
                       headers=_auth()).status_code == 200
+
+
+def _send_and_vanish(base: str, body: dict) -> None:
+    """A client that sends a whole request and leaves before any byte of the answer."""
+    host, port = base.removeprefix("http://").split(":")
+    data = json.dumps(body).encode()
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n").encode()
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(head + data)
+
+
+def test_clients_gone_before_the_first_byte_give_their_slots_back(guarded):
+    for _ in range(12):
+        _send_and_vanish(guarded, {**LONG, "stream": True})
+    wait_idle(guarded)
+    assert wait_for(lambda: _two_streams_admitted(guarded), "both admission slots to be free", timeout=20)
+    wait_idle(guarded)
+
+
+def _two_streams_admitted(base: str) -> bool:
+    """Capacity is 2 (max_num_seqs 1 + max_queue_len 1): are two streams let in at once?"""
+    with httpx.stream("POST", f"{base}/v1/completions", json={**LONG, "stream": True}, headers=_auth(),
+                      timeout=60) as first, \
+         httpx.stream("POST", f"{base}/v1/completions", json={**LONG, "stream": True}, headers=_auth(),
+                      timeout=60) as second:
+        return first.status_code == second.status_code == 200
 
 
 def test_sigterm_drains_then_aborts_then_exits_0(smollm2_dir):
