@@ -28,6 +28,8 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor | None  # [num_decodes, max_blocks] int64, padded with block 0
     # [num_decodes, 1, 1, max_blocks * block_size] bool, True where a key position is in context
     decode_key_mask: torch.Tensor | None
+    # [num_decodes] int32 context lengths; set instead of the mask when the Triton kernel decodes
+    decode_context_lens: torch.Tensor | None = None
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -56,7 +58,12 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
         out[span.start:span.end] = _prefill(q, k, v, kv_cache, span, scale)
     if meta.decode_block_tables is not None:
         p = meta.num_prefill_tokens
-        out[p:] = _decode(q[p:], kv_cache, meta.decode_block_tables, meta.decode_key_mask, scale)
+        if meta.decode_context_lens is not None:
+            from engine.kernels.paged_decode import paged_decode
+
+            out[p:] = paged_decode(q[p:], kv_cache, meta.decode_block_tables, meta.decode_context_lens, scale)
+        else:
+            out[p:] = _decode(q[p:], kv_cache, meta.decode_block_tables, meta.decode_key_mask, scale)
     return out
 
 

@@ -8,6 +8,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 LOAD_FORMATS = ("auto", "dummy")
 LINEAR_BACKENDS = ("auto", "torch", "onednn")
+ATTENTION_BACKENDS = ("auto", "torch", "triton")
 
 # Default KV pool size when neither a block count nor a memory budget is given (CPU).
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
@@ -31,6 +32,9 @@ class EngineConfig:
     load_format: str = "auto"
     # "auto": oneDNN pre-packed weights for float32 on CPU, plain torch otherwise (the reference)
     linear_backend: str = "auto"
+    # "auto": the Triton paged-decode kernel on CUDA where Triton is installed, plain torch otherwise
+    attention_backend: str = "auto"
+    enforce_eager: bool = False  # True: no CUDA graphs for decode steps
     seed: int = 0
 
     def validate(self) -> "EngineConfig":
@@ -42,6 +46,8 @@ class EngineConfig:
         need(self.device in DEVICES, "device", f"must be one of {DEVICES}")
         need(self.load_format in LOAD_FORMATS, "load_format", f"must be one of {LOAD_FORMATS}")
         need(self.linear_backend in LINEAR_BACKENDS, "linear_backend", f"must be one of {LINEAR_BACKENDS}")
+        need(self.attention_backend in ATTENTION_BACKENDS, "attention_backend",
+             f"must be one of {ATTENTION_BACKENDS}")
         need(self.max_model_len is None or self.max_model_len > 0, "max_model_len", "must be positive")
         need(self.max_num_seqs > 0, "max_num_seqs", "must be positive")
         need(self.max_num_batched_tokens > 0, "max_num_batched_tokens", "must be positive")

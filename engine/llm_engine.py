@@ -56,8 +56,12 @@ class LLMEngine:
         self.num_kv_blocks = self._num_kv_blocks()
         self.kv = KVCacheManager(self.num_kv_blocks, config.block_size)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
+        graph_max_batch = 0 if config.enforce_eager or self.device.type != "cuda" else config.max_num_seqs
+        if graph_max_batch:
+            model.compile_ops()
         self.runner = ModelRunner(model, self.hf_config, self.num_kv_blocks, config.block_size,
-                                  self.device, self.dtype, config.seed)
+                                  self.device, self.dtype, config.seed, config.attention_backend,
+                                  graph_max_batch, self.max_model_len)
         self._requests: dict[str, _RequestState] = {}
         self.metrics = EngineMetrics(self.model_name, self.scheduler, self.kv)
 

@@ -22,7 +22,9 @@ class EngineMetrics:
         labels = ["model_name"]
 
         def metric(kind, name, doc, extra=(), **kw):
-            return kind(f"kvserve:{name}", doc, labels + list(extra), registry=self.registry, **kw)
+            family = kind(f"kvserve:{name}", doc, labels + list(extra), registry=self.registry, **kw)
+            # bound once: labels() is a locked dict lookup, too slow to repeat for every token
+            return family if extra else family.labels(model_name)
 
         self._name = model_name
         for name, doc, fn in (
@@ -30,7 +32,7 @@ class EngineMetrics:
             ("num_requests_waiting", "Sequences waiting to be scheduled.", lambda: scheduler.num_waiting),
             ("kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0..1).", lambda: kv.usage),
         ):
-            metric(Gauge, name, doc).labels(model_name).set_function(fn)
+            metric(Gauge, name, doc).set_function(fn)
         self.prompt_tokens = metric(Counter, "prompt_tokens", "Prompt tokens of requests that started generating.")
         self.generation_tokens = metric(Counter, "generation_tokens", "Generated tokens.")
         self.success = metric(Counter, "request_success", "Finished requests by finish reason.",
@@ -49,26 +51,26 @@ class EngineMetrics:
                                 buckets=_TOKENS)
 
     def on_step(self, num_batched_tokens: int, num_preempted: int) -> None:
-        self.iteration.labels(self._name).observe(num_batched_tokens)
+        self.iteration.observe(num_batched_tokens)
         if num_preempted:
-            self.preemptions.labels(self._name).inc(num_preempted)
+            self.preemptions.inc(num_preempted)
 
     def on_token(self, req: Request, now: float) -> None:
         """Called after a token is appended; req.last_token_time is the previous token's time."""
-        self.generation_tokens.labels(self._name).inc()
+        self.generation_tokens.inc()
         if req.num_output_tokens == 1:
             if req.index == 0:
-                self.ttft.labels(self._name).observe(now - req.arrival_time)
-                self.prompt_tokens.labels(self._name).inc(req.num_prompt_tokens)
+                self.ttft.observe(now - req.arrival_time)
+                self.prompt_tokens.inc(req.num_prompt_tokens)
         elif req.last_token_time is not None:
-            self.itl.labels(self._name).observe(now - req.last_token_time)
+            self.itl.observe(now - req.last_token_time)
 
     def on_finished(self, seqs: list[Request]) -> None:
         first = seqs[0]
         name = self._name
         self.success.labels(name, first.finish_reason or "abort").inc()
-        self.e2e.labels(name).observe(time.monotonic() - first.arrival_time)
+        self.e2e.observe(time.monotonic() - first.arrival_time)
         if first.first_scheduled_time is not None:
-            self.queue.labels(name).observe(first.first_scheduled_time - first.arrival_time)
-        self.req_prompt.labels(name).observe(first.num_prompt_tokens)
-        self.req_gen.labels(name).observe(sum(s.num_output_tokens for s in seqs))
+            self.queue.observe(first.first_scheduled_time - first.arrival_time)
+        self.req_prompt.observe(first.num_prompt_tokens)
+        self.req_gen.observe(sum(s.num_output_tokens for s in seqs))

@@ -1,11 +1,13 @@
 """Turns a SchedulerOutput into tensors, runs the model, samples: one ModelRunnerOutput back."""
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 
 import torch
 
 from engine.attention import AttentionMetadata, PrefillSpan
+from engine.cuda_graphs import DecodeGraphs
 from engine.request import Request, TokenLogprobs
 from engine.sampler import Sampler, SamplingMetadata, logprobs_of
 from engine.scheduler import ScheduledSeq, SchedulerOutput
@@ -30,16 +32,23 @@ class _Batch:
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, hf_config, num_blocks: int, block_size: int,
-                 device: torch.device, dtype: torch.dtype, seed: int) -> None:
+                 device: torch.device, dtype: torch.dtype, seed: int, attention_backend: str = "auto",
+                 graph_max_batch: int = 0, max_model_len: int = 0) -> None:
+        """graph_max_batch > 0: capture CUDA graphs for decode batches up to that size (CUDA + Triton only)."""
         self.model = model
         self.device = device
         self.block_size = block_size
         self.vocab_size = hf_config.vocab_size
         attn = model.layers[0].self_attn
-        shape = (2, num_blocks, block_size, attn.num_kv_heads, attn.head_dim)
+        self.decode_kernel = _use_triton_decode(attention_backend, device, attn, block_size)
+        use_graphs = graph_max_batch > 0 and self.decode_kernel
+        # With graphs, one block more than the pool hands out: padding rows of a graph write there.
+        shape = (2, num_blocks + int(use_graphs), block_size, attn.num_kv_heads, attn.head_dim)
         self.kv_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in model.layers]
         self.sampler = Sampler(torch.Generator(device=device).manual_seed(seed))
         self.generators: dict[str, torch.Generator] = {}  # seeded sequences
+        self.graphs = DecodeGraphs(model, self.kv_caches, graph_max_batch, -(-max_model_len // block_size),
+                                   scratch_block=num_blocks, block_size=block_size) if use_graphs else None
 
     @staticmethod
     def kv_bytes_per_block(hf_config, block_size: int, dtype: torch.dtype) -> int:
@@ -52,7 +61,12 @@ class ModelRunner:
         for seq_id in sched.finished_seq_ids:
             self.generators.pop(seq_id, None)
         batch = self._prepare(sched)
-        hidden = self.model(batch.input_ids, batch.positions, batch.meta, self.kv_caches)  # [T, hidden]
+        meta = batch.meta
+        if (self.graphs is not None and meta.num_prefill_tokens == 0
+                and self.graphs.can_run(len(batch.input_ids), meta.decode_block_tables.shape[1])):
+            hidden = self.graphs.run(batch.input_ids, batch.positions, meta)  # [T, hidden]
+        else:
+            hidden = self.model(batch.input_ids, batch.positions, meta, self.kv_caches)  # [T, hidden]
         rows = [i for _, i in batch.sample_rows] + [i for _, _, i in batch.prompt_rows]
         logits = self.model.compute_logits(hidden[rows]) if rows else None  # [R, V] float32
         out = ModelRunnerOutput()
@@ -102,9 +116,12 @@ class ModelRunner:
         width = max(len(s.block_ids) for s in decodes)
         tables = self._tensor([s.block_ids + [0] * (width - len(s.block_ids)) for s in decodes])
         ctx = self._tensor([s.request.num_computed_tokens + 1 for s in decodes])
-        keys = torch.arange(width * self.block_size, device=self.device)
         meta.decode_block_tables = tables  # [B, width]
-        meta.decode_key_mask = (keys[None, :] < ctx[:, None])[:, None, None, :]  # [B, 1, 1, L]
+        if self.decode_kernel:
+            meta.decode_context_lens = ctx.to(torch.int32)
+        else:
+            keys = torch.arange(width * self.block_size, device=self.device)
+            meta.decode_key_mask = (keys[None, :] < ctx[:, None])[:, None, None, :]  # [B, 1, 1, L]
 
     @staticmethod
     def _prompt_positions(req: Request, start: int, end: int) -> tuple[int, int]:
@@ -190,3 +207,18 @@ class ModelRunner:
             derived = seed if req.index == 0 else hash((seed, req.index)) & 0x7FFF_FFFF_FFFF_FFFF
             g = self.generators[req.seq_id] = torch.Generator(device=self.device).manual_seed(derived)
         return g
+
+
+def _use_triton_decode(backend: str, device: torch.device, attn, block_size: int) -> bool:
+    """Whether decode attention runs in the Triton kernel ("auto": wherever it can)."""
+    if backend == "torch":
+        return False
+    available = device.type == "cuda" and importlib.util.find_spec("triton") is not None
+    if available:
+        from engine.kernels.paged_decode import supports
+
+        available = supports(attn.num_heads, attn.num_kv_heads, attn.head_dim, block_size)
+    if backend == "triton" and not available:
+        raise ValueError("attention_backend: 'triton' needs CUDA, the triton package, a power-of-two head_dim "
+                         "and block_size")
+    return available

@@ -9,7 +9,7 @@ import signal
 import sys
 import time
 
-from engine.config import DTYPES, LOAD_FORMATS, EngineConfig, parse_bytes
+from engine.config import ATTENTION_BACKENDS, DTYPES, LOAD_FORMATS, EngineConfig, parse_bytes
 from server.guard import ServerOptions
 
 
@@ -34,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization,
                    help="fraction of GPU memory the process may fill (CUDA only)")
     s.add_argument("--load-format", choices=LOAD_FORMATS, default=d.load_format, help="dummy = random weights, for benchmarks")
+    s.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default=d.attention_backend,
+                   help="decode attention: auto = the Triton paged kernel on CUDA where Triton is installed")
+    s.add_argument("--enforce-eager", action="store_true",
+                   help="CUDA: no CUDA graphs and no torch.compile fusion (faster start, slower decode)")
     s.add_argument("--seed", type=int, default=d.seed, help="seed of the shared sampling generator")
     s.add_argument("--api-key", default=os.environ.get("KVSERVE_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: env KVSERVE_API_KEY, else open)")
@@ -54,6 +58,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
         num_kv_blocks=args.num_kv_blocks, kv_cache_memory=args.kv_cache_memory,
         gpu_memory_utilization=args.gpu_memory_utilization, load_format=args.load_format, seed=args.seed,
+        attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
     ).validate()
 
 

@@ -68,7 +68,8 @@ def reference_prompts(smollm2_tokenizer):
 def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
     """transformers' greedy generate() for one prompt alone, no padding."""
     with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        ids = torch.tensor([prompt], device=model.device)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids),
                              max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                              pad_token_id=model.generation_config.eos_token_id)
     return out[0, len(prompt):].tolist()

@@ -14,18 +14,61 @@ from torch import nn
 from engine.attention import AttentionMetadata, paged_attention
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Same arithmetic as transformers: normalise in float32, scale in the model dtype.
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(dtype)
+
+
+def add_rms_norm(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual sum and its norm."""
+    h = h + delta
+    return h, rms_norm(h, weight, eps)
+
+
+def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, num_kv_heads: int,
+             head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """qkv [T, (heads + 2 kv_heads) * D] -> q [T, heads, D], k and v [T, kv_heads, D], q and k rotated."""
+    t = qkv.shape[0]
+    q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
+    q = apply_rope(q.view(t, num_heads, head_dim), cos, sin)
+    k = apply_rope(k.view(t, num_kv_heads, head_dim), cos, sin)
+    return q, k, v.view(t, num_kv_heads, head_dim)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+class Ops:
+    """A layer's element-wise pieces. Eager they are the reference (five to ten small kernels
+    each); compiled (CUDA) each becomes one fused kernel, which matters when a decode step of a
+    small batch is mostly kernel launches."""
+
+    def __init__(self, compiled: bool = False) -> None:
+        def wrap(fn):
+            return torch.compile(fn, dynamic=True, fullgraph=True) if compiled else fn
+
+        self.rms_norm, self.add_rms_norm = wrap(rms_norm), wrap(add_rms_norm)
+        self.rope_qkv, self.silu_mul = wrap(rope_qkv), wrap(silu_mul)
+
+
+EAGER_OPS = Ops()
+
+
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
+        self.ops = EAGER_OPS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Same arithmetic as transformers: normalise in float32, scale in the model dtype.
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return self.ops.rms_norm(x, self.weight, self.eps)
 
 
 def rope_tables(hf_config, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,15 +109,12 @@ class Attention(nn.Module):
         self.kv_size = self.num_kv_heads * self.head_dim
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=o_bias)
+        self.ops = EAGER_OPS
 
     def forward(self, x, cos, sin, meta: AttentionMetadata, kv_cache: torch.Tensor) -> torch.Tensor:
-        t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rope(q.view(t, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rope(k.view(t, self.num_kv_heads, self.head_dim), cos, sin)
-        v = v.view(t, self.num_kv_heads, self.head_dim)
+        q, k, v = self.ops.rope_qkv(self.qkv_proj(x), cos, sin, self.num_heads, self.num_kv_heads, self.head_dim)
         o = paged_attention(q, k, v, kv_cache, meta, self.scale)  # [T, heads, D]
-        return self.o_proj(o.reshape(t, self.q_size))
+        return self.o_proj(o.reshape(x.shape[0], self.q_size))
 
 
 class MLP(nn.Module):
@@ -84,10 +124,10 @@ class MLP(nn.Module):
         self.intermediate = cfg.intermediate_size
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=bias)
+        self.ops = EAGER_OPS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.ops.silu_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -99,8 +139,10 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, h, cos, sin, meta, kv_cache):
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, meta, kv_cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        a = self.self_attn(self.input_layernorm(h), cos, sin, meta, kv_cache)
+        norm = self.post_attention_layernorm
+        h, x = norm.ops.add_rms_norm(h, a, norm.weight, norm.eps)
+        return h + self.mlp(x)
 
 
 # HF checkpoint name -> (our parameter name, shard index in the fused parameter)
@@ -134,6 +176,13 @@ class LlamaForCausalLM(nn.Module):
         for layer, kv_cache in zip(self.layers, kv_caches):
             h = layer(h, cos, sin, meta, kv_cache)
         return self.norm(h)
+
+    def compile_ops(self) -> None:
+        """Fuse the element-wise pieces with torch.compile (used on CUDA)."""
+        ops = Ops(compiled=True)
+        for module in self.modules():
+            if hasattr(module, "ops"):
+                module.ops = ops
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> logits [N, vocab] float32."""
