@@ -4,8 +4,8 @@ straight from the KV pool through the block table (no gather copy, no padding to
 One program per (sequence, KV head) handles all query heads of that KV head's group, so each
 KV block is read once per group; the group is padded to a 16-row tile so that both products run
 on tensor cores. Softmax runs online over the blocks (flash-decoding style), accumulating in
-float32; float32 caches use IEEE products (Triton's default for float32 is TF32). Shapes follow engine/attention.py: the pool of one layer is
-[2, num_blocks, block_size, kv_heads, head_dim].
+float32; float32 caches use IEEE products (Triton's default for float32 is TF32). Shapes follow
+engine/attention.py: the pool of one layer is [2, num_blocks, block_size, kv_heads, head_dim].
 """
 from __future__ import annotations
 

@@ -70,6 +70,10 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.ops.rms_norm(x, self.weight, self.eps)
 
+    def add_and_norm(self, h: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """h + delta and its norm, in one fused kernel when compiled."""
+        return self.ops.add_rms_norm(h, delta, self.weight, self.eps)
+
 
 def rope_tables(hf_config, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [max_len, head_dim] float32, computed as transformers' rotary embedding does."""
@@ -121,7 +125,6 @@ class MLP(nn.Module):
     def __init__(self, cfg) -> None:
         super().__init__()
         bias = getattr(cfg, "mlp_bias", False)
-        self.intermediate = cfg.intermediate_size
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=bias)
         self.ops = EAGER_OPS
@@ -140,8 +143,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, h, cos, sin, meta, kv_cache):
         a = self.self_attn(self.input_layernorm(h), cos, sin, meta, kv_cache)
-        norm = self.post_attention_layernorm
-        h, x = norm.ops.add_rms_norm(h, a, norm.weight, norm.eps)
+        h, x = self.post_attention_layernorm.add_and_norm(h, a)
         return h + self.mlp(x)
 
 
