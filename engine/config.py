@@ -28,7 +28,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None
     kv_cache_memory: int | None = None  # bytes
     gpu_memory_utilization: float = 0.9
-    enable_prefix_caching: bool = False
+    enable_prefix_caching: bool = True
     load_format: str = "auto"
     # "auto": oneDNN pre-packed weights for float32 on CPU, plain torch otherwise (the reference)
     linear_backend: str = "auto"

@@ -9,10 +9,13 @@ def cdiv(a: int, b: int) -> int:
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False) -> None:
         self.block_size = block_size
         self.pool = BlockPool(num_blocks)
+        self.enable_prefix_caching = enable_prefix_caching
         self.block_tables: dict[str, list[int]] = {}
+        # how many leading blocks of each table are registered in (or came from) the prefix cache
+        self._num_cached_blocks: dict[str, int] = {}
 
     @property
     def usage(self) -> float:
@@ -42,8 +45,46 @@ class KVCacheManager:
         self.pool.share(shared)
         self.block_tables[dst_seq_id] = list(shared)
 
+    # --- prefix caching -------------------------------------------------------------------
+    def take_cached_prefix(self, seq_id: str, token_ids: list[int], max_tokens: int) -> int:
+        """Start an empty table with the cached blocks of token_ids' longest cached prefix.
+
+        At most `max_tokens` tokens are taken (the caller keeps at least the last prompt token
+        to compute, whose logits pick the next token). Returns the number of tokens taken.
+        """
+        assert not self.block_tables.get(seq_id), f"{seq_id} already holds blocks"
+        if not self.enable_prefix_caching:
+            return 0
+        bs, blocks, parent = self.block_size, [], None
+        for start in range(0, max_tokens - bs + 1, bs):
+            block = self.pool.lookup(self.pool.key(parent, tuple(token_ids[start:start + bs])))
+            if block is None:
+                break
+            blocks.append(block)
+            parent = block
+        if blocks:
+            self.pool.touch(blocks)
+            self.block_tables[seq_id] = blocks
+            self._num_cached_blocks[seq_id] = len(blocks)
+        return len(blocks) * bs
+
+    def cache_full_blocks(self, seq_id: str, token_ids: list[int], num_computed: int) -> None:
+        """Register the sequence's blocks that are full and computed (token_ids[:num_computed])."""
+        if not self.enable_prefix_caching:
+            return
+        table = self.block_tables.get(seq_id, [])
+        done = self._num_cached_blocks.get(seq_id, 0)
+        full = min(num_computed // self.block_size, len(table))
+        bs = self.block_size
+        for j in range(done, full):
+            parent = table[j - 1] if j else None
+            self.pool.cache(table[j], self.pool.key(parent, tuple(token_ids[j * bs:(j + 1) * bs])))
+        if full > done:
+            self._num_cached_blocks[seq_id] = full
+
     def free(self, seq_id: str) -> None:
         """Release every block the sequence holds; harmless if it holds none."""
+        self._num_cached_blocks.pop(seq_id, None)
         table = self.block_tables.pop(seq_id, None)
         if table:
             self.pool.free(table)

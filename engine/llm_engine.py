@@ -54,7 +54,7 @@ class LLMEngine:
         model = build_model(src, self.hf_config, self.max_model_len, self.dtype, self.device, config.load_format,
                             config.linear_backend)
         self.num_kv_blocks = self._num_kv_blocks()
-        self.kv = KVCacheManager(self.num_kv_blocks, config.block_size)
+        self.kv = KVCacheManager(self.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
         graph_max_batch = 0 if config.enforce_eager or self.device.type != "cuda" else config.max_num_seqs
         if graph_max_batch:
@@ -222,7 +222,7 @@ class LLMEngine:
             self.metrics.on_finished(state.seqs)
         outputs = [self._completion(s, t) for s, t in zip(state.seqs, state.texts)]
         return RequestOutput(request_id, state.prompt, state.prompt_token_ids, outputs, finished,
-                             state.seqs[0].prompt_logprobs)
+                             state.seqs[0].prompt_logprobs, state.seqs[0].num_cached_tokens or 0)
 
     @staticmethod
     def _completion(req: Request, text: SequenceText) -> CompletionOutput:

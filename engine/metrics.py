@@ -37,6 +37,10 @@ class EngineMetrics:
         self.generation_tokens = metric(Counter, "generation_tokens", "Generated tokens.")
         self.success = metric(Counter, "request_success", "Finished requests by finish reason.",
                               extra=["finished_reason"])
+        self.prefix_queries = metric(Counter, "prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
+        self.prefix_hits = metric(Counter, "prefix_cache_hits", "Prompt tokens found in the prefix cache.")
+        self._scheduler = scheduler
+        self._prefix_counted = (0, 0)  # (queries, hits) already added to the counters
         self.preemptions = metric(Counter, "num_preemptions", "Sequences preempted (blocks freed, recomputed).")
         self.ttft = metric(Histogram, "time_to_first_token_seconds", "Arrival to first token.", buckets=_LATENCY)
         self.itl = metric(Histogram, "inter_token_latency_seconds", "Time between tokens of a sequence.",
@@ -52,6 +56,12 @@ class EngineMetrics:
 
     def on_step(self, num_batched_tokens: int, num_preempted: int) -> None:
         self.iteration.observe(num_batched_tokens)
+        # the scheduler keeps totals; the counters get what was added since the last step
+        queries, hits = self._scheduler.prefix_cache_queries, self._scheduler.prefix_cache_hits
+        if queries != self._prefix_counted[0]:
+            self.prefix_queries.inc(queries - self._prefix_counted[0])
+            self.prefix_hits.inc(hits - self._prefix_counted[1])
+            self._prefix_counted = (queries, hits)
         if num_preempted:
             self.preemptions.inc(num_preempted)
 

@@ -41,6 +41,7 @@ class Request:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None  # the stop token id or string that ended it
     num_preemptions: int = 0
+    num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache at admission
     first_scheduled_time: float | None = None  # time.monotonic() stamps, for metrics
     last_token_time: float | None = None
     logprobs: list[TokenLogprobs] = field(default_factory=list)

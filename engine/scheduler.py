@@ -49,6 +49,9 @@ class Scheduler:
         self.pending_forks: dict[str, list[Request]] = {}
         self.seqs_by_request: dict[str, list[Request]] = {}
         self.num_preemptions = 0
+        # prefix cache: prompt tokens looked up and found, over the sequences admitted
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
         self._finished_since_step: list[str] = []
 
     # --- queries -------------------------------------------------------------------------
@@ -107,14 +110,34 @@ class Scheduler:
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
+            fresh = req.num_computed_tokens == 0  # new or preempted: its prefix may be cached
+            if fresh:
+                req.num_computed_tokens = self._take_cached_prefix(req)
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             if not self.kv.allocate_slots(req.seq_id, req.num_computed_tokens + n):
+                if fresh:
+                    self.kv.free(req.seq_id)
+                    req.num_computed_tokens = 0
                 break
+            if fresh:
+                self._count_prefix_hit(req)
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             out.seqs.append(ScheduledSeq(req, n, self.kv.block_ids(req.seq_id)))
             budget -= n
+
+    def _take_cached_prefix(self, req: Request) -> int:
+        # Prompt logprobs need the logits of every prompt position, so nothing can be skipped.
+        if req.params.prompt_logprobs is not None:
+            return 0
+        return self.kv.take_cached_prefix(req.seq_id, req.token_ids, req.num_tokens - 1)
+
+    def _count_prefix_hit(self, req: Request) -> None:
+        self.prefix_cache_queries += req.num_tokens
+        self.prefix_cache_hits += req.num_computed_tokens
+        if req.num_cached_tokens is None:  # usage reports the first admission's hit
+            req.num_cached_tokens = req.num_computed_tokens
 
     def _preempt(self, req: Request) -> None:
         self.kv.free(req.seq_id)
@@ -129,6 +152,7 @@ class Scheduler:
         """Advance computed tokens; release forks whose parent has now computed its prompt."""
         for s in out.seqs:
             s.request.num_computed_tokens += s.num_new_tokens
+            self.kv.cache_full_blocks(s.request.seq_id, s.request.token_ids, s.request.num_computed_tokens)
             if s.request.num_computed_tokens >= s.request.num_prompt_tokens:
                 self._release_forks(s.request)
 

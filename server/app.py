@@ -376,4 +376,5 @@ class _Render:
         prompt_tokens = sum(len(p) for p in self.prompts)
         completion = 0 if self.prompt_only else sum(len(c.token_ids) for out in finals for c in out.outputs)
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                "total_tokens": prompt_tokens + completion}
+                "total_tokens": prompt_tokens + completion,
+                "prompt_tokens_details": {"cached_tokens": sum(out.num_cached_tokens for out in finals)}}

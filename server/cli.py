@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--kv-cache-memory", type=parse_bytes, default=None, help="KV pool size in bytes, e.g. 2GiB (CPU default 1GiB)")
     s.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization,
                    help="fraction of GPU memory the process may fill (CUDA only)")
+    s.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=d.enable_prefix_caching,
+                   help="reuse the KV blocks of prompt prefixes seen before")
     s.add_argument("--load-format", choices=LOAD_FORMATS, default=d.load_format, help="dummy = random weights, for benchmarks")
     s.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default=d.attention_backend,
                    help="decode attention: auto = the Triton paged kernel on CUDA where Triton is installed")
@@ -59,6 +61,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         num_kv_blocks=args.num_kv_blocks, kv_cache_memory=args.kv_cache_memory,
         gpu_memory_utilization=args.gpu_memory_utilization, load_format=args.load_format, seed=args.seed,
         attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
+        enable_prefix_caching=args.enable_prefix_caching,
     ).validate()
 
 
@@ -135,4 +138,5 @@ def describe(engine) -> str:
     c = engine.config
     return (f"model={engine.model_name} device={engine.device} dtype={str(engine.dtype).removeprefix('torch.')} "
             f"kv_blocks={engine.num_kv_blocks} x {c.block_size} tokens = {engine.num_kv_blocks * c.block_size} tokens "
-            f"max_model_len={engine.max_model_len} max_num_seqs={c.max_num_seqs}")
+            f"max_model_len={engine.max_model_len} max_num_seqs={c.max_num_seqs} "
+            f"prefix_caching={'on' if c.enable_prefix_caching else 'off'}")

@@ -77,3 +77,84 @@ def test_share_prefix_counts_references():
     kv.free("c")
     assert kv.pool.num_free == 8
     kv.check_invariants()
+
+
+# --- prefix caching ---------------------------------------------------------------------------
+def _computed(kv: KVCacheManager, seq: str, tokens: list[int]) -> list[int]:
+    """A sequence that has computed `tokens`: allocate, register its full blocks, return its table."""
+    assert kv.allocate_slots(seq, len(tokens))
+    kv.cache_full_blocks(seq, tokens, len(tokens))
+    return kv.block_ids(seq)
+
+
+def test_prefix_hit_takes_the_same_blocks_back_verified_by_token_ids():
+    kv = KVCacheManager(num_blocks=8, block_size=4, enable_prefix_caching=True)
+    tokens = list(range(100, 110))  # 2 full blocks + 2 tokens
+    table = _computed(kv, "a", tokens)
+    assert table == [0, 1, 2] and kv.pool.num_cached == 2  # the partial block is not cached
+    kv.free("a")
+    assert kv.pool.num_free == 8  # cached blocks count as free: they can be evicted
+    # same first block, different second block: one block hit, verified token by token
+    assert kv.take_cached_prefix("b", tokens[:4] + [1, 2, 3, 4, 5], max_tokens=8) == 4
+    assert kv.block_ids("b") == [0] and kv.pool.ref_counts[0] == 1
+    assert kv.take_cached_prefix("c", tokens + [7], max_tokens=10) == 8
+    assert kv.block_ids("c") == [0, 1] and kv.pool.ref_counts[:2] == [2, 1]
+    kv.check_invariants()
+
+
+def test_prefix_hit_leaves_the_last_token_to_compute():
+    kv = KVCacheManager(num_blocks=4, block_size=4, enable_prefix_caching=True)
+    tokens = list(range(8))
+    _computed(kv, "a", tokens)
+    # the whole prompt is cached, but its last token's logits are needed: only 1 block is taken
+    assert kv.take_cached_prefix("b", tokens, max_tokens=len(tokens) - 1) == 4
+    assert kv.take_cached_prefix("c", tokens[1:], max_tokens=6) == 0  # shifted by one: no hit
+    assert kv.block_ids("c") == []
+    kv.check_invariants()
+
+
+def test_a_block_in_a_different_context_is_not_a_hit():
+    kv = KVCacheManager(num_blocks=8, block_size=2, enable_prefix_caching=True)
+    _computed(kv, "a", [1, 2, 3, 4])
+    # block [3, 4] after [9, 9] is other KV than [3, 4] after [1, 2]
+    assert kv.take_cached_prefix("b", [9, 9, 3, 4, 5], max_tokens=4) == 0
+    kv.check_invariants()
+
+
+def test_eviction_is_lru_and_reused_parents_invalidate_their_children():
+    kv = KVCacheManager(num_blocks=4, block_size=2, enable_prefix_caching=True)
+    _computed(kv, "a", [1, 2, 3, 4])  # blocks 0 (parent), 1 (child)
+    _computed(kv, "b", [5, 6])  # block 2
+    kv.free("a")  # free list: 3, 1, 0 (tail first)
+    kv.free("b")  # ..., 2
+    assert kv.pool.num_cached == 3
+    assert kv.allocate_slots("c", 4) and kv.block_ids("c") == [3, 1]  # evicts the child first
+    assert kv.pool.num_cached == 2
+    assert kv.take_cached_prefix("d", [1, 2, 3, 4, 0], max_tokens=4) == 2  # the parent is still there
+    assert kv.block_ids("d") == [0]
+    kv.check_invariants()
+
+
+def test_generation_makes_stale_children_unreachable():
+    pool = BlockPool(2)
+    parent, child = pool.allocate(2)
+    pool.cache(parent, pool.key(None, (1,)))
+    pool.cache(child, pool.key(parent, (2,)))
+    old_child_key = pool.key(parent, (2,))
+    pool.free([parent])  # the child is still in use; the parent gets reused for new content
+    (again,) = pool.allocate(1)
+    assert again == parent
+    assert pool.lookup(pool.key(None, (1,))) is None
+    pool.cache(parent, pool.key(None, (9,)))
+    # the same block id now holds other content: its old child must not be found under it
+    assert pool.lookup(pool.key(parent, (2,))) is None
+    assert pool.lookup(old_child_key) == child  # the stale key names the old generation only
+    pool.check_invariants()
+
+
+def test_caching_disabled_never_hits():
+    kv = KVCacheManager(num_blocks=4, block_size=2)
+    _computed(kv, "a", [1, 2, 3, 4])
+    kv.free("a")
+    assert kv.pool.num_cached == 0
+    assert kv.take_cached_prefix("b", [1, 2, 3, 4, 5], max_tokens=4) == 0

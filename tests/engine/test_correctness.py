@@ -7,7 +7,7 @@ import torch
 from engine import LLM, SamplingParams
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
-from tests.conftest import MAX_NEW_TOKENS
+from tests.conftest import MAX_NEW_TOKENS, PASSAGE, hf_greedy
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS)
 
@@ -117,3 +117,37 @@ def test_prompt_logprobs_survive_chunked_prefill(smollm2_dir, llm, reference_pro
     assert len(chunked) == len(whole) == len(prompt)
     for a, b in zip(whole[1:], chunked[1:]):
         assert a.token_id == b.token_id and abs(a.logprob - b.logprob) < 1e-4
+
+
+def test_prefix_cache_hits_match_hf(smollm2_dir, hf_smollm2, smollm2_tokenizer):
+    # Prompts that share a 200-token start, an exact repeat, a prompt that is a whole number of
+    # blocks (all cached but its last token), and one that is a prefix of another.
+    ids = smollm2_tokenizer.encode(PASSAGE)
+    base = ids[:200]
+    prompts = [base + ids[250 + 9 * k:262 + 9 * k] for k in range(4)]
+    prompts += [prompts[0], base[:192], base[:100]]
+    want = [hf_greedy(hf_smollm2, p, 24) for p in prompts]
+    params = SamplingParams(temperature=0.0, max_tokens=24)
+    # a pool too small for all at once: preempted requests come back through their cached blocks
+    engine = LLMEngine(EngineConfig(model=str(smollm2_dir), num_kv_blocks=22, max_num_batched_tokens=256))
+    engine.add_request("warm", prompts[0], params)
+    while engine.has_unfinished_requests():
+        engine.step()
+    hits_before = engine.scheduler.prefix_cache_hits
+    done = _run_staggered(engine, prompts, params, every=1)
+    _assert_same([done[str(i)][0] for i in range(len(prompts))], want)
+    assert engine.scheduler.prefix_cache_hits - hits_before >= 192 * 3  # far more than one block each
+    assert engine.scheduler.num_preemptions > 0
+
+
+def test_cached_tokens_are_reported(smollm2_dir, reference_prompts):
+    prompt = reference_prompts[9]  # 220 tokens: 13 full blocks before the last token
+    params = SamplingParams(temperature=0.0, max_tokens=4)
+    llm = LLM(str(smollm2_dir))
+    first, second = llm.generate([prompt], params), llm.generate([prompt], params)
+    assert first[0].num_cached_tokens == 0
+    assert second[0].num_cached_tokens == 13 * 16
+    assert second[0].outputs[0].token_ids == first[0].outputs[0].token_ids
+    off = LLM(str(smollm2_dir), enable_prefix_caching=False)
+    off.generate([prompt], params)
+    assert off.generate([prompt], params)[0].num_cached_tokens == 0

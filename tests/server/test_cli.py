@@ -9,7 +9,7 @@ from server.cli import build_parser, engine_config
 FLAGS = ["--model", "--host", "--port", "--served-model-name", "--dtype", "--device", "--max-model-len",
          "--max-num-seqs", "--max-num-batched-tokens", "--block-size", "--num-kv-blocks", "--kv-cache-memory",
          "--gpu-memory-utilization", "--load-format", "--seed", "--log-level", "--api-key", "--max-queue-len",
-         "--max-request-body", "--shutdown-timeout"]
+         "--max-request-body", "--shutdown-timeout", "--enable-prefix-caching", "--no-enable-prefix-caching"]
 
 
 def test_help_documents_every_flag():
@@ -24,6 +24,8 @@ def test_flags_become_engine_config():
                                       "--block-size", "32", "--dtype", "float32"])
     cfg = engine_config(args)
     assert (cfg.max_num_seqs, cfg.kv_cache_memory, cfg.block_size, cfg.dtype) == (8, 2 << 30, 32, "float32")
+    assert cfg.enable_prefix_caching  # on by default
+    assert not engine_config(build_parser().parse_args(["serve", "--no-enable-prefix-caching"])).enable_prefix_caching
 
 
 def test_invalid_value_names_the_field():

@@ -158,6 +158,22 @@ def test_metrics_count_requests_and_tokens(server, client):
         assert f"kvserve:{name}" in text
 
 
+def test_repeated_prefix_reports_cached_tokens(server, client, smollm2_tokenizer):
+    system = "You are the lighthouse keeper's assistant. " * 12  # well over a few 16-token blocks
+    before = metrics(server)
+    first = client.completions.create(model="smol", prompt=system + "Question one:", max_tokens=2, temperature=0)
+    second = client.completions.create(model="smol", prompt=system + "Question two?", max_tokens=2, temperature=0)
+    a, b = (smollm2_tokenizer.encode(system + q) for q in ("Question one:", "Question two?"))
+    common = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert common > 64 and cached == common // 16 * 16  # every full block of the common prefix
+    after = wait_idle(server)
+    hits = after["kvserve:prefix_cache_hits_total"] - before["kvserve:prefix_cache_hits_total"]
+    queries = after["kvserve:prefix_cache_queries_total"] - before["kvserve:prefix_cache_queries_total"]
+    assert hits == cached and queries == first.usage.prompt_tokens + second.usage.prompt_tokens
+
+
 def _hf_logprobs(model, ids: list[int]) -> torch.Tensor:
     """[len(ids), V]: row j is the distribution of token j + 1 given ids[:j + 1]."""
     with torch.no_grad():
