@@ -34,8 +34,11 @@ test: install
 	$(BIN)/hadolint Dockerfile
 	$(BIN)/python -m pytest -q tests
 
+# kvserve against llama.cpp, transformers serve and HF generate() (see BENCHMARKS.md; ~35 min
+# on 2 cores). llama.cpp is skipped until `benchmarks/peers/llama_cpp.sh build` has run.
 bench: install
-	$(BIN)/python benchmarks/offline_throughput.py $(ARGS)
+	$(BIN)/python -m pip install -q -e '.[test,bench]'
+	$(BIN)/python benchmarks/compare.py $(ARGS)
 
 clean:
 	rm -rf $(VENV)

@@ -48,6 +48,7 @@ class Workload:
     request_rate: float = float("inf")  # Poisson arrivals; inf = all at once
     max_concurrency: int | None = None
     seed: int = 0
+    ignore_eos: bool = True  # some servers reject the field (transformers serve)
 
 
 # --- prompts -----------------------------------------------------------------------------
@@ -70,7 +71,9 @@ def make_prompts(tokenizer, dataset: str, num: int, input_len: int, prefix_len: 
 # --- one request -------------------------------------------------------------------------
 async def send(client: httpx.AsyncClient, w: Workload, prompt: str) -> RequestResult:
     body = {"model": w.model, "prompt": prompt, "max_tokens": w.output_len, "temperature": 0.0,
-            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+            "stream": True, "stream_options": {"include_usage": True}}
+    if w.ignore_eos:
+        body["ignore_eos"] = True
     res = RequestResult(ok=False)
     start = last = time.perf_counter()
     chunks = 0
@@ -168,7 +171,7 @@ def summarize(results: list[RequestResult], duration: float) -> dict:
 def benchmark(w: Workload, warmup: int = 1) -> dict:
     """Warm the server up, run the workload, return the summary (also usable from other scripts)."""
     if warmup:
-        short = Workload(w.base_url, w.model, w.prompts[:1] * warmup, min(w.output_len, 8))
+        short = Workload(w.base_url, w.model, w.prompts[:1] * warmup, min(w.output_len, 8), ignore_eos=w.ignore_eos)
         asyncio.run(run(short))
     results, duration = asyncio.run(run(w))
     summary = summarize(results, duration)
@@ -203,6 +206,8 @@ def main() -> None:
     ap.add_argument("--num-prompts", type=int, default=64)
     ap.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s, Poisson; inf = all at once")
     ap.add_argument("--max-concurrency", type=int, default=None)
+    ap.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
+                    help="send ignore_eos (vLLM's extension) so every request makes --output-len tokens")
     ap.add_argument("--warmup", type=int, default=1, help="short requests sent before measuring")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="write the summary and per-request results here")
@@ -211,7 +216,7 @@ def main() -> None:
     prompts = make_prompts(load_tokenizer(args.tokenizer), args.dataset, args.num_prompts, args.input_len,
                            args.prefix_len, args.seed)
     w = Workload(args.base_url, args.model or served_model(args.base_url), prompts, args.output_len,
-                 args.request_rate, args.max_concurrency, args.seed)
+                 args.request_rate, args.max_concurrency, args.seed, args.ignore_eos)
     summary = benchmark(w, args.warmup)
     summary["args"] = vars(args)
     for key in ("completed", "failed", "duration_s", "request_per_s", "output_tok_per_s"):
