@@ -97,13 +97,13 @@ def median_of(runs: list[dict], *path: str) -> float:
     return round(statistics.median(values), 2)
 
 
-def sweep(system: str, prompts: list[str], args, log_dir: Path) -> dict:
-    """Every concurrency level, `repeats` times (levels interleaved so drift hits all alike)."""
+def sweep(system: str, prompt_sets: list[list[str]], args, log_dir: Path) -> dict:
+    """Every concurrency level, once per prompt set (levels interleaved so drift hits all alike)."""
     runs: dict[int, list[dict]] = {c: [] for c in args.levels}
     if system == "hf-generate":
-        for _ in range(args.repeats):
+        for prompts in prompt_sets:
             for c in args.levels:
-                runs[c].append(hf_generate(prompts[:max(c, 4)], c, args.output_len))
+                runs[c].append(hf_generate(prompts[1:max(c, 4) + 1], c, args.output_len))
                 print(f"  hf-generate batch {c}: {runs[c][-1]['output_tok_per_s']} tok/s", flush=True)
         return {"runs": runs}
     cmd = server_command(system)
@@ -112,10 +112,11 @@ def sweep(system: str, prompts: list[str], args, log_dir: Path) -> dict:
     proc = start(cmd, log_dir / f"{system}.log")
     try:
         name = model_name(system)
-        for _ in range(args.repeats):
+        for prompts in prompt_sets:
             for c in args.levels:
-                w = Workload(f"http://127.0.0.1:{PORT}", name, prompts[:max(c, 4)], args.output_len,
-                             max_concurrency=c, ignore_eos=False)
+                # prompts[0] only warms up: no measured prompt has been seen by a prompt cache
+                w = Workload(f"http://127.0.0.1:{PORT}", name, prompts[1:max(c, 4) + 1], args.output_len,
+                             max_concurrency=c, ignore_eos=False, warmup_prompt=prompts[0])
                 s = benchmark(w, warmup=1)
                 s.pop("per_request")
                 runs[c].append(s)
@@ -143,8 +144,9 @@ def kvserve_extras(name: str, runs: dict[int, list[dict]], args) -> dict:
     # Poisson arrivals at 80% of the peak request rate measured above
     peak = median_of(runs[max(args.levels)], "request_per_s")
     rate = 0.8 * peak
-    prompts = make_prompts(tok, "random", 64, args.input_len, 0, seed=7)
-    poisson = benchmark(Workload(base, name, prompts, args.output_len, request_rate=rate, ignore_eos=False))
+    prompts = make_prompts(tok, "random", 65, args.input_len, 0, seed=1000)
+    poisson = benchmark(Workload(base, name, prompts[1:], args.output_len, request_rate=rate, ignore_eos=False,
+                                 warmup_prompt=prompts[0]))
     poisson.pop("per_request")
     poisson["request_rate"] = round(rate, 3)
     print(f"  kvserve Poisson {rate:.2f} req/s: ITL p50 {poisson['itl_ms']['p50']} p99 {poisson['itl_ms']['p99']} ms",
@@ -222,11 +224,14 @@ def main() -> None:
     logs = HERE / ".peers" / "logs"  # the servers' own output, not kept in git
     logs.mkdir(parents=True, exist_ok=True)
 
-    prompts = make_prompts(load_tokenizer(None), "random", max(max(args.levels), 4), args.input_len, 0, seed=0)
+    # A fresh prompt set per repeat: prefix caches (kvserve's, llama.cpp's) never see a prompt twice.
+    tok = load_tokenizer(None)
+    prompt_sets = [make_prompts(tok, "random", max(max(args.levels), 4) + 1, args.input_len, 0, seed=r)
+                   for r in range(args.repeats)]
     results = {}
     for system in args.systems.split(","):
         print(f"{system}:", flush=True)
-        results[system] = sweep(system, prompts, args, logs)
+        results[system] = sweep(system, prompt_sets, args, logs)
     meta = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "model": "SmolLM2-135M-Instruct",
             "workload": f"random {args.input_len}-token prompts, {args.output_len} output tokens, greedy, streamed",
             "levels": args.levels, "repeats": args.repeats, "date": time.strftime("%Y-%m-%d")}

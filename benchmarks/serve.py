@@ -49,6 +49,7 @@ class Workload:
     max_concurrency: int | None = None
     seed: int = 0
     ignore_eos: bool = True  # some servers reject the field (transformers serve)
+    warmup_prompt: str | None = None  # default: the first prompt (then a prompt cache has seen it)
 
 
 # --- prompts -----------------------------------------------------------------------------
@@ -171,7 +172,8 @@ def summarize(results: list[RequestResult], duration: float) -> dict:
 def benchmark(w: Workload, warmup: int = 1) -> dict:
     """Warm the server up, run the workload, return the summary (also usable from other scripts)."""
     if warmup:
-        short = Workload(w.base_url, w.model, w.prompts[:1] * warmup, min(w.output_len, 8), ignore_eos=w.ignore_eos)
+        prompt = w.warmup_prompt or w.prompts[0]
+        short = Workload(w.base_url, w.model, [prompt] * warmup, min(w.output_len, 8), ignore_eos=w.ignore_eos)
         asyncio.run(run(short))
     results, duration = asyncio.run(run(w))
     summary = summarize(results, duration)
@@ -213,10 +215,12 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="write the summary and per-request results here")
     args = ap.parse_args()
 
-    prompts = make_prompts(load_tokenizer(args.tokenizer), args.dataset, args.num_prompts, args.input_len,
-                           args.prefix_len, args.seed)
-    w = Workload(args.base_url, args.model or served_model(args.base_url), prompts, args.output_len,
-                 args.request_rate, args.max_concurrency, args.seed, args.ignore_eos)
+    tokenizer = load_tokenizer(args.tokenizer)
+    prompts = make_prompts(tokenizer, "random", 1, args.input_len, 0, args.seed + 1)  # the warm-up's own
+    prompts += make_prompts(tokenizer, args.dataset, args.num_prompts, args.input_len,
+                            args.prefix_len, args.seed)
+    w = Workload(args.base_url, args.model or served_model(args.base_url), prompts[1:], args.output_len,
+                 args.request_rate, args.max_concurrency, args.seed, args.ignore_eos, warmup_prompt=prompts[0])
     summary = benchmark(w, args.warmup)
     summary["args"] = vars(args)
     for key in ("completed", "failed", "duration_s", "request_per_s", "output_tok_per_s"):
