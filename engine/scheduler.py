@@ -5,6 +5,11 @@ One rule for every step: each scheduled sequence gets
 new tokens. A new sequence's first steps are its prefill (chunked if the budget is short),
 later steps are decodes of one token. Running sequences are served first; when the pool runs
 out, the most recently admitted sequence is preempted (blocks freed, recomputed later).
+
+While sequences decode, the prefill tokens of a step are also capped, at
+max(MIN_PREFILL_CHUNK, number of decoding sequences): a prompt that arrives mid-stream is
+prefilled in chunks beside the decodes, so no running stream waits for a whole prompt between
+two of its tokens (a step grows by about one decode step's worth of work at most).
 """
 from __future__ import annotations
 
@@ -13,6 +18,8 @@ from dataclasses import dataclass, field
 
 from engine.kv_cache_manager import KVCacheManager
 from engine.request import Request, RequestStatus
+
+MIN_PREFILL_CHUNK = 32  # prefill tokens a step may always take, even beside a single decode
 
 
 @dataclass
@@ -52,6 +59,7 @@ class Scheduler:
         # prefix cache: prompt tokens looked up and found, over the sequences admitted
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
+        self._prefill_left = max_num_batched_tokens  # prefill tokens this step may still take
         self._finished_since_step: list[str] = []
 
     # --- queries -------------------------------------------------------------------------
@@ -80,19 +88,34 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput(seqs=[], finished_seq_ids=self._finished_since_step)
         self._finished_since_step = []
+        decodes = sum(1 for r in self.running if r.num_tokens - r.num_computed_tokens == 1)
+        self._prefill_left = max(MIN_PREFILL_CHUNK, decodes) if decodes else self.max_num_batched_tokens
         budget = self._schedule_running(out, self.max_num_batched_tokens)
         if not out.preempted:
             self._schedule_waiting(out, budget)
         return out
 
+    def _chunk(self, req: Request, budget: int) -> int:
+        """New tokens for req this step: all it has left, within the budget and the prefill cap."""
+        n = min(req.num_tokens - req.num_computed_tokens, budget)
+        return min(n, self._prefill_left) if n > 1 else n
+
+    def _took(self, n: int) -> None:
+        if n > 1:
+            self._prefill_left -= n
+
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            n = self._chunk(req, budget)
+            if n == 0:  # a prompt still prefilling, and this step's prefill tokens are spent
+                i += 1
+                continue
             if not self._make_room(req, n, out):
                 break  # req itself was preempted; it was the last one running
             out.seqs.append(ScheduledSeq(req, n, self.kv.block_ids(req.seq_id)))
+            self._took(n)
             budget -= n
             i += 1
         return budget
@@ -113,8 +136,8 @@ class Scheduler:
             fresh = req.num_computed_tokens == 0  # new or preempted: its prefix may be cached
             if fresh:
                 req.num_computed_tokens = self._take_cached_prefix(req)
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            if not self.kv.allocate_slots(req.seq_id, req.num_computed_tokens + n):
+            n = self._chunk(req, budget)
+            if n == 0 or not self.kv.allocate_slots(req.seq_id, req.num_computed_tokens + n):
                 if fresh:
                     self.kv.free(req.seq_id)
                     req.num_computed_tokens = 0
@@ -125,6 +148,7 @@ class Scheduler:
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             out.seqs.append(ScheduledSeq(req, n, self.kv.block_ids(req.seq_id)))
+            self._took(n)
             budget -= n
 
     def _take_cached_prefix(self, req: Request) -> int:
