@@ -63,20 +63,20 @@ def test_token_budget_chunks_a_long_prompt():
 def test_prompts_arriving_mid_stream_are_prefilled_in_capped_chunks():
     # Beside running decodes, a step takes at most max(MIN_PREFILL_CHUNK, decodes) prompt tokens,
     # so decoding streams never wait for a whole long prompt; alone, a prompt gets the full budget.
-    sched = Scheduler(KVCacheManager(num_blocks=64, block_size=4), max_num_seqs=8, max_num_batched_tokens=512)
+    cap = MIN_PREFILL_CHUNK
+    sched = Scheduler(KVCacheManager(num_blocks=256, block_size=16), max_num_seqs=8, max_num_batched_tokens=4096)
     sched.add(make("a", 4, max_tokens=50))
     sched.add(make("b", 4, max_tokens=50))
     step(sched)
-    sched.add(make("c", 100))
+    sched.add(make("c", 2 * cap + 100))
     sched.add(make("d", 10))
-    steps = [[(s.request.request_id, s.num_new_tokens) for s in step(sched).seqs] for _ in range(4)]
-    assert steps[0] == [("a", 1), ("b", 1), ("c", MIN_PREFILL_CHUNK)]
-    assert steps[1] == [("a", 1), ("b", 1), ("c", MIN_PREFILL_CHUNK)]
-    assert steps[2] == [("a", 1), ("b", 1), ("c", MIN_PREFILL_CHUNK)]
-    assert steps[3] == [("a", 1), ("b", 1), ("c", 4), ("d", 10)]  # 14 of the step's 32
-    alone = Scheduler(KVCacheManager(num_blocks=64, block_size=4), max_num_seqs=8, max_num_batched_tokens=512)
-    alone.add(make("c", 100))
-    assert [s.num_new_tokens for s in step(alone).seqs] == [100]
+    steps = [[(s.request.request_id, s.num_new_tokens) for s in step(sched).seqs] for _ in range(3)]
+    assert steps[0] == [("a", 1), ("b", 1), ("c", cap)]
+    assert steps[1] == [("a", 1), ("b", 1), ("c", cap)]
+    assert steps[2] == [("a", 1), ("b", 1), ("c", 100), ("d", 10)]
+    alone = Scheduler(KVCacheManager(num_blocks=256, block_size=16), max_num_seqs=8, max_num_batched_tokens=4096)
+    alone.add(make("c", 2 * cap + 100))
+    assert [s.num_new_tokens for s in step(alone).seqs] == [2 * cap + 100]
 
 
 def test_max_num_seqs_limits_admission():
