@@ -24,6 +24,8 @@ class EngineConfig:
     max_model_len: int | None = None  # None = the model's max_position_embeddings
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
+    # > 0: while sequences decode, a step takes at most max(this, decoding sequences) prompt tokens
+    max_prefill_tokens_while_decoding: int = 0
     block_size: int = 16
     num_kv_blocks: int | None = None
     kv_cache_memory: int | None = None  # bytes
@@ -51,6 +53,8 @@ class EngineConfig:
         need(self.max_model_len is None or self.max_model_len > 0, "max_model_len", "must be positive")
         need(self.max_num_seqs > 0, "max_num_seqs", "must be positive")
         need(self.max_num_batched_tokens > 0, "max_num_batched_tokens", "must be positive")
+        need(self.max_prefill_tokens_while_decoding >= 0, "max_prefill_tokens_while_decoding",
+             "must be 0 (no cap) or positive")
         need(self.block_size > 0, "block_size", "must be positive")
         need(self.num_kv_blocks is None or self.num_kv_blocks > 0, "num_kv_blocks", "must be positive")
         need(self.kv_cache_memory is None or self.kv_cache_memory > 0, "kv_cache_memory", "must be positive")

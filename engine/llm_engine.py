@@ -55,7 +55,8 @@ class LLMEngine:
                             config.linear_backend)
         self.num_kv_blocks = self._num_kv_blocks()
         self.kv = KVCacheManager(self.num_kv_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
+                                   config.max_prefill_tokens_while_decoding)
         graph_max_batch = 0 if config.enforce_eager or self.device.type != "cuda" else config.max_num_seqs
         if graph_max_batch:
             model.compile_ops()

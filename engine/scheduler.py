@@ -6,10 +6,10 @@ new tokens. A new sequence's first steps are its prefill (chunked if the budget 
 later steps are decodes of one token. Running sequences are served first; when the pool runs
 out, the most recently admitted sequence is preempted (blocks freed, recomputed later).
 
-While sequences decode, the prefill tokens of a step are also capped, at
-max(MIN_PREFILL_CHUNK, number of decoding sequences): a prompt that arrives mid-stream is
-prefilled in chunks beside the decodes, so no running stream waits for a whole prompt between
-two of its tokens for longer than a MIN_PREFILL_CHUNK-token chunk takes.
+Optionally (prefill_cap > 0), while sequences decode, the prompt tokens of a step are also
+capped, at max(prefill_cap, number of decoding sequences): a long prompt that arrives mid-stream
+is then prefilled in small chunks beside the decodes, bounding how long running streams wait
+between two tokens, at the cost of slower admission of bursts (measured in BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -18,12 +18,6 @@ from dataclasses import dataclass, field
 
 from engine.kv_cache_manager import KVCacheManager
 from engine.request import Request, RequestStatus
-
-# Prefill tokens a step may always take beside decodes. On a 2-core CPU, 256 prompt tokens cost
-# about four decode steps of a dozen sequences (a bounded stall, where a 2048-token chunk stalls
-# every stream for seconds); 32 was measured too small: requests that arrive a moment after the
-# first ones of a burst then trickle in 32 tokens a step, which cost ~10% throughput at 32 streams.
-MIN_PREFILL_CHUNK = 256
 
 
 @dataclass
@@ -50,8 +44,10 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 prefill_cap: int = 0) -> None:
         self.kv = kv
+        self.prefill_cap = prefill_cap
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Request] = deque()
@@ -93,7 +89,8 @@ class Scheduler:
         out = SchedulerOutput(seqs=[], finished_seq_ids=self._finished_since_step)
         self._finished_since_step = []
         decodes = sum(1 for r in self.running if r.num_tokens - r.num_computed_tokens == 1)
-        self._prefill_left = max(MIN_PREFILL_CHUNK, decodes) if decodes else self.max_num_batched_tokens
+        capped = self.prefill_cap and decodes
+        self._prefill_left = max(self.prefill_cap, decodes) if capped else self.max_num_batched_tokens
         budget = self._schedule_running(out, self.max_num_batched_tokens)
         if not out.preempted:
             self._schedule_waiting(out, budget)

@@ -28,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="sequences decoded together")
     s.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
                    help="tokens per engine step; longer prompts are prefilled in chunks")
+    s.add_argument("--max-prefill-tokens-while-decoding", type=int, default=d.max_prefill_tokens_while_decoding,
+                   help="while sequences decode, prefill at most max(this, decoding sequences) prompt tokens a "
+                        "step, bounding inter-token latency when long prompts arrive (0 = no cap)")
     s.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV-cache block")
     s.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size in blocks (overrides the memory options)")
     s.add_argument("--kv-cache-memory", type=parse_bytes, default=None, help="KV pool size in bytes, e.g. 2GiB (CPU default 1GiB)")
@@ -58,6 +61,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         model=args.model, served_model_name=args.served_model_name, dtype=args.dtype, device=args.device,
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
+        max_prefill_tokens_while_decoding=args.max_prefill_tokens_while_decoding,
         num_kv_blocks=args.num_kv_blocks, kv_cache_memory=args.kv_cache_memory,
         gpu_memory_utilization=args.gpu_memory_utilization, load_format=args.load_format, seed=args.seed,
         attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,

@@ -4,7 +4,7 @@ import pytest
 from engine.kv_cache_manager import KVCacheManager
 from engine.request import Request
 from engine.sampling_params import SamplingParams
-from engine.scheduler import MIN_PREFILL_CHUNK, Scheduler
+from engine.scheduler import Scheduler
 
 
 def make(request_id: str, prompt_len: int, max_tokens: int = 8, n: int = 1) -> list[Request]:
@@ -60,23 +60,30 @@ def test_token_budget_chunks_a_long_prompt():
     assert a.num_output_tokens == 1  # sampled only once the whole prompt was computed
 
 
-def test_prompts_arriving_mid_stream_are_prefilled_in_capped_chunks():
-    # Beside running decodes, a step takes at most max(MIN_PREFILL_CHUNK, decodes) prompt tokens,
-    # so decoding streams never wait for a whole long prompt; alone, a prompt gets the full budget.
-    cap = MIN_PREFILL_CHUNK
-    sched = Scheduler(KVCacheManager(num_blocks=256, block_size=16), max_num_seqs=8, max_num_batched_tokens=4096)
-    sched.add(make("a", 4, max_tokens=50))
-    sched.add(make("b", 4, max_tokens=50))
+@pytest.mark.parametrize("cap", [0, 256])
+def test_prompts_arriving_mid_stream_can_be_prefilled_in_capped_chunks(cap):
+    # With a cap, a step beside running decodes takes at most max(cap, decodes) prompt tokens, so
+    # decoding streams never wait for a whole long prompt; without one, only the budget applies.
+    def sched_with(*prompts):
+        sched = Scheduler(KVCacheManager(num_blocks=256, block_size=16), max_num_seqs=8,
+                          max_num_batched_tokens=4096, prefill_cap=cap)
+        for rid, n in prompts:
+            sched.add(make(rid, n, max_tokens=50))
+        return sched
+
+    sched = sched_with(("a", 4), ("b", 4))
     step(sched)
-    sched.add(make("c", 2 * cap + 100))
+    sched.add(make("c", 600))
     sched.add(make("d", 10))
     steps = [[(s.request.request_id, s.num_new_tokens) for s in step(sched).seqs] for _ in range(3)]
-    assert steps[0] == [("a", 1), ("b", 1), ("c", cap)]
-    assert steps[1] == [("a", 1), ("b", 1), ("c", cap)]
-    assert steps[2] == [("a", 1), ("b", 1), ("c", 100), ("d", 10)]
-    alone = Scheduler(KVCacheManager(num_blocks=256, block_size=16), max_num_seqs=8, max_num_batched_tokens=4096)
-    alone.add(make("c", 2 * cap + 100))
-    assert [s.num_new_tokens for s in step(alone).seqs] == [2 * cap + 100]
+    if cap:
+        assert steps[0] == [("a", 1), ("b", 1), ("c", 256)]
+        assert steps[1] == [("a", 1), ("b", 1), ("c", 256)]
+        assert steps[2] == [("a", 1), ("b", 1), ("c", 88), ("d", 10)]
+    else:
+        assert steps[0] == [("a", 1), ("b", 1), ("c", 600), ("d", 10)]
+    alone = sched_with(("c", 600))
+    assert [s.num_new_tokens for s in step(alone).seqs] == [600]  # no decodes: the full budget
 
 
 def test_max_num_seqs_limits_admission():

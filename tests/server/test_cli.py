@@ -9,7 +9,8 @@ from server.cli import build_parser, engine_config
 FLAGS = ["--model", "--host", "--port", "--served-model-name", "--dtype", "--device", "--max-model-len",
          "--max-num-seqs", "--max-num-batched-tokens", "--block-size", "--num-kv-blocks", "--kv-cache-memory",
          "--gpu-memory-utilization", "--load-format", "--seed", "--log-level", "--api-key", "--max-queue-len",
-         "--max-request-body", "--shutdown-timeout", "--enable-prefix-caching", "--no-enable-prefix-caching"]
+         "--max-request-body", "--shutdown-timeout", "--enable-prefix-caching", "--no-enable-prefix-caching",
+         "--max-prefill-tokens-while-decoding"]
 
 
 def test_help_documents_every_flag():
@@ -25,6 +26,9 @@ def test_flags_become_engine_config():
     cfg = engine_config(args)
     assert (cfg.max_num_seqs, cfg.kv_cache_memory, cfg.block_size, cfg.dtype) == (8, 2 << 30, 32, "float32")
     assert cfg.enable_prefix_caching  # on by default
+    assert cfg.max_prefill_tokens_while_decoding == 0
+    capped = build_parser().parse_args(["serve", "--max-prefill-tokens-while-decoding", "256"])
+    assert engine_config(capped).max_prefill_tokens_while_decoding == 256
     assert not engine_config(build_parser().parse_args(["serve", "--no-enable-prefix-caching"])).enable_prefix_caching
 
 
