@@ -26,14 +26,21 @@ class EngineDeadError(RuntimeError):
 
 class AsyncLLM:
     def __init__(self, config: EngineConfig) -> None:
-        self.engine = LLMEngine(config)
         self._inbox: queue.Queue = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._ids = itertools.count()
         self._stopping = threading.Event()
         self.error: BaseException | None = None
-        self._worker = threading.Thread(target=self._run, name="kvserve-engine", daemon=True)
+        # The engine is built on the thread that steps it. Loading it on this thread and stepping
+        # it on the worker made CPU decode steps 20-40% slower on 2 cores (measured; each thread
+        # that runs torch ops gets its own OpenMP team, and the loading thread's competes).
+        self.engine: LLMEngine
+        built: queue.Queue = queue.Queue()  # the worker puts None once self.engine is set, or the error
+        self._worker = threading.Thread(target=self._run, args=(config, built), name="kvserve-engine", daemon=True)
         self._worker.start()
+        error = built.get()
+        if error is not None:
+            raise error
 
     @classmethod
     def from_options(cls, **options) -> "AsyncLLM":
@@ -82,7 +89,13 @@ class AsyncLLM:
         self._worker.join(timeout=10)
 
     # --- worker thread ------------------------------------------------------------------
-    def _run(self) -> None:
+    def _run(self, config: EngineConfig, built: queue.Queue) -> None:
+        try:
+            self.engine = LLMEngine(config)
+        except BaseException as e:  # noqa: BLE001 - the constructor re-raises it on its own thread
+            built.put(e)
+            return
+        built.put(None)
         try:
             while not self._stopping.is_set():
                 self._drain_inbox(block=not self.engine.has_unfinished_requests())
