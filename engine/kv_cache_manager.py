@@ -1,7 +1,7 @@
 """Per-sequence block tables on top of the block pool (pure Python)."""
 from __future__ import annotations
 
-from engine.block_pool import BlockPool
+from engine.block_pool import BlockKey, BlockPool
 
 
 def cdiv(a: int, b: int) -> int:
@@ -55,9 +55,9 @@ class KVCacheManager:
         assert not self.block_tables.get(seq_id), f"{seq_id} already holds blocks"
         if not self.enable_prefix_caching:
             return 0
-        bs, blocks, parent = self.block_size, [], None
-        for start in range(0, max_tokens - bs + 1, bs):
-            block = self.pool.lookup(self.pool.key(parent, tuple(token_ids[start:start + bs])))
+        blocks, parent = [], None
+        for j in range(max_tokens // self.block_size):
+            block = self.pool.lookup(self._key(parent, token_ids, j))
             if block is None:
                 break
             blocks.append(block)
@@ -66,7 +66,7 @@ class KVCacheManager:
             self.pool.touch(blocks)
             self.block_tables[seq_id] = blocks
             self._num_cached_blocks[seq_id] = len(blocks)
-        return len(blocks) * bs
+        return len(blocks) * self.block_size
 
     def cache_full_blocks(self, seq_id: str, token_ids: list[int], num_computed: int) -> None:
         """Register the sequence's blocks that are full and computed (token_ids[:num_computed])."""
@@ -75,12 +75,15 @@ class KVCacheManager:
         table = self.block_tables.get(seq_id, [])
         done = self._num_cached_blocks.get(seq_id, 0)
         full = min(num_computed // self.block_size, len(table))
-        bs = self.block_size
         for j in range(done, full):
-            parent = table[j - 1] if j else None
-            self.pool.cache(table[j], self.pool.key(parent, tuple(token_ids[j * bs:(j + 1) * bs])))
+            self.pool.cache(table[j], self._key(table[j - 1] if j else None, token_ids, j))
         if full > done:
             self._num_cached_blocks[seq_id] = full
+
+    def _key(self, parent: int | None, token_ids: list[int], j: int) -> BlockKey:
+        """The cache key of block j of token_ids, which follows block `parent`."""
+        bs = self.block_size
+        return self.pool.key(parent, tuple(token_ids[j * bs:(j + 1) * bs]))
 
     def free(self, seq_id: str) -> None:
         """Release every block the sequence holds; harmless if it holds none."""
