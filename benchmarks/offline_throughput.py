@@ -51,21 +51,30 @@ def run_kvserve(model_dir, prompts, lens, args, linear_backend: str = "auto") ->
     return elapsed, sum(len(o.outputs[0].token_ids) for o in outs)
 
 
-def run_hf(model_dir, prompts, lens, batch_size: int) -> tuple[float, int]:
+def load_hf(model_dir):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def hf_generate_batch(model, batch: list[list[int]], new_tokens: int) -> None:
+    """One static batch, left padded, greedy, exactly new_tokens tokens each."""
     pad = model.generation_config.eos_token_id
+    width = max(len(p) for p in batch)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+    with torch.no_grad():
+        model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
+                       min_new_tokens=new_tokens, pad_token_id=pad)
+
+
+def run_hf(model_dir, prompts, lens, batch_size: int) -> tuple[float, int]:
+    model = load_hf(model_dir)
     start = time.perf_counter()
     produced = 0
     for b in range(0, len(prompts), batch_size):
-        batch, want = prompts[b:b + batch_size], lens[b:b + batch_size]
-        width = max(len(p) for p in batch)
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])  # left padding
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
-        with torch.no_grad():
-            model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=max(want),
-                           min_new_tokens=max(want), pad_token_id=pad)
+        want = lens[b:b + batch_size]
+        hf_generate_batch(model, prompts[b:b + batch_size], max(want))  # a static batch runs to its longest
         produced += sum(want)
     return time.perf_counter() - start, produced
 

@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from offline_throughput import hf_generate_batch, load_hf  # noqa: E402
 
 
 def main() -> None:
@@ -26,27 +30,18 @@ def main() -> None:
     args = ap.parse_args()
 
     tok = AutoTokenizer.from_pretrained(args.model)
-    tok.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-    pad = model.generation_config.eos_token_id
-    tok.pad_token_id = pad if tok.pad_token_id is None else tok.pad_token_id
-    prompts = json.load(open(args.prompts))
-
-    def generate(batch: list[str], n: int) -> None:
-        enc = tok(batch, return_tensors="pt", padding=True)
-        with torch.no_grad():
-            model.generate(**enc, do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=pad)
-
-    generate(prompts[:1], 4)  # warm-up
+    model = load_hf(args.model)
+    prompts = [tok.encode(p) for p in json.load(open(args.prompts))]
+    hf_generate_batch(model, prompts[:1], 4)  # warm-up
     batches = [prompts[i:i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
     start = time.perf_counter()
     for batch in batches:
-        generate(batch, args.output_len)
+        hf_generate_batch(model, batch, args.output_len)
     elapsed = time.perf_counter() - start
     ttfts = []
     for batch in batches:
         t = time.perf_counter()
-        generate(batch, 1)
+        hf_generate_batch(model, batch, 1)
         ttfts.append(time.perf_counter() - t)
     print(json.dumps({"output_tok_per_s": round(len(prompts) * args.output_len / elapsed, 2),
                       "ttft_ms": {"p50": round(sorted(ttfts)[len(ttfts) // 2] * 1000, 1)},
