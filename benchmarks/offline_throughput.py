@@ -2,11 +2,13 @@
 
     python benchmarks/offline_throughput.py [--num-requests 64] [--input-len 64] [--output-len 128]
                                             [--hf-batch-size 16] [--mixed] [--skip-hf] [--json out.json]
+                                            [--dtypes float32,bfloat16]
 
 Every request gets a distinct ~input-len-token prompt cut from a fixed text. By default every
 request generates exactly --output-len tokens (EOS ignored, min_new_tokens in HF); with --mixed
 the lengths are spread over 16..256 with a fixed seed, and HF runs each static batch to the
 longest request in it (as a static batch must) while only the wanted tokens are counted.
+kvserve runs once per --dtypes entry (float32 is the token-exact default); HF runs in float32.
 """
 from __future__ import annotations
 
@@ -41,8 +43,9 @@ def output_lens(n: int, output_len: int, mixed: bool) -> list[int]:
     return [rng.randint(16, 256) for _ in range(n)]
 
 
-def run_kvserve(model_dir, prompts, lens, args, linear_backend: str = "auto") -> tuple[float, int]:
-    llm = LLM(str(model_dir), max_num_seqs=args.max_num_seqs, linear_backend=linear_backend)
+def run_kvserve(model_dir, prompts, lens, args, linear_backend: str = "auto",
+                dtype: str = "float32") -> tuple[float, int]:
+    llm = LLM(str(model_dir), max_num_seqs=args.max_num_seqs, linear_backend=linear_backend, dtype=dtype)
     params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in lens]
     llm.generate(prompts[:2], SamplingParams(temperature=0.0, max_tokens=4))  # warm-up
     start = time.perf_counter()
@@ -90,6 +93,7 @@ def main() -> None:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--with-reference", action="store_true",
                     help="also run kvserve with linear_backend=torch (the plain nn.Linear reference path)")
+    ap.add_argument("--dtypes", default="float32", help="comma-separated kvserve dtypes, each run in turn")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()
 
@@ -101,14 +105,17 @@ def main() -> None:
     result = {"machine": f"{platform.machine()} {os.cpu_count()} cpus, torch threads {torch.get_num_threads()}",
               "model": "SmolLM2-135M-Instruct (fp32)", "requests": args.num_requests,
               "input_len": args.input_len, "output_lens": "16..256 mixed" if args.mixed else args.output_len}
-    t, n = run_kvserve(model_dir, prompts, lens, args)
-    result["kvserve"] = {"seconds": round(t, 2), "tokens": n, "tok_per_s": round(n / t, 1)}
-    print(f"kvserve LLM.generate (max_num_seqs={args.max_num_seqs}): {n} tokens in {t:.1f} s = {n / t:.1f} tok/s")
+    for dtype in args.dtypes.split(","):
+        t, n = run_kvserve(model_dir, prompts, lens, args, dtype=dtype)
+        key = "kvserve" if dtype == "float32" else f"kvserve_{dtype}"
+        result[key] = {"seconds": round(t, 2), "tokens": n, "tok_per_s": round(n / t, 1)}
+        print(f"kvserve LLM.generate ({dtype}, max_num_seqs={args.max_num_seqs}): {n} tokens in {t:.1f} s "
+              f"= {n / t:.1f} tok/s")
     if args.with_reference:
         t, n = run_kvserve(model_dir, prompts, lens, args, linear_backend="torch")
         result["kvserve_reference_linear"] = {"seconds": round(t, 2), "tokens": n, "tok_per_s": round(n / t, 1)}
         print(f"kvserve, linear_backend=torch (reference): {n} tokens in {t:.1f} s = {n / t:.1f} tok/s")
-    if not args.skip_hf:
+    if not args.skip_hf and "kvserve" in result:
         t, n = run_hf(model_dir, prompts, lens, args.hf_batch_size)
         result["hf"] = {"seconds": round(t, 2), "tokens": n, "tok_per_s": round(n / t, 1),
                         "batch_size": args.hf_batch_size}

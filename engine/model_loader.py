@@ -220,9 +220,10 @@ def build_model(src: ModelSource, hf_config, max_len: int, dtype: torch.dtype, d
     else:
         model.load_weights(iter_weights(src))
     model = model.to(dtype=dtype).eval().requires_grad_(False)
-    packable = device.type == "cpu" and dtype == torch.float32 and onednn_available()
+    packable = device.type == "cpu" and onednn_available(dtype)
     if linear_backend == "onednn" and not packable:
-        raise ValueError("linear_backend: 'onednn' needs float32 on a CPU with oneDNN")
+        raise ValueError("linear_backend: 'onednn' needs a CPU with oneDNN and float32 (or bfloat16 where the CPU "
+                         "has native bf16 dot products)")
     if linear_backend != "torch" and packable:
         pack_linears(model)
     return model
