@@ -7,10 +7,12 @@ ARG BASE_IMAGE=python:3.11-slim
 FROM ${BASE_IMAGE}
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 
-# make, and Python where the base has none (CUDA bases); versions come with the base's release.
+# make, g++ (torch.compile builds the CPU decode-attention kernel with it at start-up; without it
+# the server falls back to the slower eager path), and Python where the base has none (CUDA
+# bases); versions come with the base's release.
 # hadolint ignore=DL3008
 RUN apt-get update \
- && apt-get install -y --no-install-recommends make \
+ && apt-get install -y --no-install-recommends make g++ \
  && if ! command -v python3 >/dev/null; then apt-get install -y --no-install-recommends python3 python3-venv; fi \
  && rm -rf /var/lib/apt/lists/*
 

@@ -28,8 +28,9 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor | None  # [num_decodes, max_blocks] int64, padded with block 0
     # [num_decodes, 1, 1, max_blocks * block_size] bool, True where a key position is in context
     decode_key_mask: torch.Tensor | None
-    # [num_decodes] int32 context lengths; set instead of the mask when the Triton kernel decodes
+    # [num_decodes] context lengths (int32 for Triton); set instead of the mask when a kernel decodes
     decode_context_lens: torch.Tensor | None = None
+    decode_backend: str = "torch"  # "torch" (gather + SDPA, the reference), "triton" or "compiled"
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -58,12 +59,14 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
         out[span.start:span.end] = _prefill(q, k, v, kv_cache, span, scale)
     if meta.decode_block_tables is not None:
         p = meta.num_prefill_tokens
-        if meta.decode_context_lens is not None:
-            from engine.kernels.paged_decode import paged_decode
-
-            out[p:] = paged_decode(q[p:], kv_cache, meta.decode_block_tables, meta.decode_context_lens, scale)
-        else:
+        if meta.decode_backend == "torch":
             out[p:] = _decode(q[p:], kv_cache, meta.decode_block_tables, meta.decode_key_mask, scale)
+        else:
+            if meta.decode_backend == "triton":
+                from engine.kernels.paged_decode import paged_decode
+            else:
+                from engine.kernels.compiled_decode import paged_decode
+            out[p:] = paged_decode(q[p:], kv_cache, meta.decode_block_tables, meta.decode_context_lens, scale)
     return out
 
 

@@ -43,7 +43,7 @@ class DecodeGraphs:
     def _meta(self, size: int) -> AttentionMetadata:
         return AttentionMetadata(slot_mapping=self.slots[:size], prefills=[], num_prefill_tokens=0,
                                  decode_block_tables=self.tables[:size], decode_key_mask=None,
-                                 decode_context_lens=self.lens[:size])
+                                 decode_context_lens=self.lens[:size], decode_backend="triton")
 
     def _forward(self, size: int) -> torch.Tensor:
         return self.model(self.input_ids[:size], self.positions[:size], self._meta(size), self.kv_caches)

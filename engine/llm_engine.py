@@ -62,7 +62,7 @@ class LLMEngine:
             model.compile_ops()
         self.runner = ModelRunner(model, self.hf_config, self.num_kv_blocks, config.block_size,
                                   self.device, self.dtype, config.seed, config.attention_backend,
-                                  graph_max_batch, self.max_model_len)
+                                  graph_max_batch, self.max_model_len, config.enforce_eager)
         self._requests: dict[str, _RequestState] = {}
         self.metrics = EngineMetrics(self.model_name, self.scheduler, self.kv)
 

@@ -13,6 +13,12 @@ from engine.sampler import Sampler, SamplingMetadata, logprobs_of
 from engine.scheduler import ScheduledSeq, SchedulerOutput
 
 
+# The compiled CPU decode attention pays ~0.2 ms a layer in dynamo's guards and calls; below
+# about this many key slots in the batch (sequences x padded context) the eager gather + SDPA is
+# cheaper (measured: batch 16 of ~180 tokens breaks even on the 2-core dev machine).
+COMPILED_DECODE_MIN_KEYS = 2048
+
+
 @dataclass
 class ModelRunnerOutput:
     sampled: dict[str, int] = field(default_factory=dict)  # seq_id -> next token
@@ -33,15 +39,15 @@ class _Batch:
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, hf_config, num_blocks: int, block_size: int,
                  device: torch.device, dtype: torch.dtype, seed: int, attention_backend: str = "auto",
-                 graph_max_batch: int = 0, max_model_len: int = 0) -> None:
+                 graph_max_batch: int = 0, max_model_len: int = 0, enforce_eager: bool = False) -> None:
         """graph_max_batch > 0: capture CUDA graphs for decode batches up to that size (CUDA + Triton only)."""
         self.model = model
         self.device = device
         self.block_size = block_size
         self.vocab_size = hf_config.vocab_size
         attn = model.layers[0].self_attn
-        self.decode_kernel = _use_triton_decode(attention_backend, device, attn, block_size)
-        use_graphs = graph_max_batch > 0 and self.decode_kernel
+        self.decode_backend = _decode_backend(attention_backend, device, attn, block_size, dtype, enforce_eager)
+        use_graphs = graph_max_batch > 0 and self.decode_backend == "triton"
         # With graphs, one block more than the pool hands out: padding rows of a graph write there.
         shape = (2, num_blocks + int(use_graphs), block_size, attn.num_kv_heads, attn.head_dim)
         self.kv_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in model.layers]
@@ -117,8 +123,13 @@ class ModelRunner:
         tables = self._tensor([s.block_ids + [0] * (width - len(s.block_ids)) for s in decodes])
         ctx = self._tensor([s.request.num_computed_tokens + 1 for s in decodes])
         meta.decode_block_tables = tables  # [B, width]
-        if self.decode_kernel:
+        meta.decode_backend = self.decode_backend
+        if self.decode_backend == "compiled" and len(decodes) * width * self.block_size < COMPILED_DECODE_MIN_KEYS:
+            meta.decode_backend = "torch"  # small batch: dynamo's per-call cost exceeds the gather it saves
+        if meta.decode_backend == "triton":
             meta.decode_context_lens = ctx.to(torch.int32)
+        elif meta.decode_backend == "compiled":
+            meta.decode_context_lens = ctx
         else:
             keys = torch.arange(width * self.block_size, device=self.device)
             meta.decode_key_mask = (keys[None, :] < ctx[:, None])[:, None, None, :]  # [B, 1, 1, L]
@@ -209,16 +220,32 @@ class ModelRunner:
         return g
 
 
-def _use_triton_decode(backend: str, device: torch.device, attn, block_size: int) -> bool:
-    """Whether decode attention runs in the Triton kernel ("auto": wherever it can)."""
+def _decode_backend(backend: str, device: torch.device, attn, block_size: int, dtype: torch.dtype,
+                    enforce_eager: bool) -> str:
+    """Which decode attention runs ("auto": the Triton kernel on CUDA, the compiled one on CPU,
+    each where it can; otherwise the plain-torch reference)."""
     if backend == "torch":
-        return False
-    available = device.type == "cuda" and importlib.util.find_spec("triton") is not None
-    if available:
-        from engine.kernels.paged_decode import supports
+        return "torch"
+    if device.type == "cuda":
+        triton = importlib.util.find_spec("triton") is not None
+        if triton:
+            from engine.kernels.paged_decode import supports
 
-        available = supports(attn.num_heads, attn.num_kv_heads, attn.head_dim, block_size)
-    if backend == "triton" and not available:
-        raise ValueError("attention_backend: 'triton' needs CUDA, the triton package, a power-of-two head_dim "
-                         "and block_size")
-    return available
+            triton = supports(attn.num_heads, attn.num_kv_heads, attn.head_dim, block_size)
+        if backend == "triton" and not triton:
+            raise ValueError("attention_backend: 'triton' needs CUDA, the triton package, a power-of-two head_dim "
+                             "and block_size")
+        if backend == "compiled":
+            raise ValueError("attention_backend: 'compiled' is the CPU kernel; use 'triton' or 'auto' on CUDA")
+        return "triton" if triton else "torch"
+    if backend == "triton":
+        raise ValueError("attention_backend: 'triton' needs CUDA")
+    if backend == "auto" and enforce_eager:
+        return "torch"
+    from engine.kernels import compiled_decode
+
+    compiled = compiled_decode.available(dtype)
+    if backend == "compiled" and not compiled:
+        raise ValueError("attention_backend: 'compiled' needs torch.compile to build CPU kernels here "
+                         "(a C++ compiler); see the warning above")
+    return "compiled" if compiled else "torch"

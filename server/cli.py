@@ -40,9 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reuse the KV blocks of prompt prefixes seen before")
     s.add_argument("--load-format", choices=LOAD_FORMATS, default=d.load_format, help="dummy = random weights, for benchmarks")
     s.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default=d.attention_backend,
-                   help="decode attention: auto = the Triton paged kernel on CUDA where Triton is installed")
+                   help="decode attention: auto = the Triton paged kernel on CUDA where Triton is installed, "
+                        "the torch.compile'd paged kernel on CPU where a C++ compiler is; torch = the reference")
     s.add_argument("--enforce-eager", action="store_true",
-                   help="CUDA: no CUDA graphs and no torch.compile fusion (faster start, slower decode)")
+                   help="no torch.compile and no CUDA graphs (faster start, slower decode)")
     s.add_argument("--seed", type=int, default=d.seed, help="seed of the shared sampling generator")
     s.add_argument("--api-key", default=os.environ.get("KVSERVE_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: env KVSERVE_API_KEY, else open)")
@@ -143,4 +144,5 @@ def describe(engine) -> str:
     return (f"model={engine.model_name} device={engine.device} dtype={str(engine.dtype).removeprefix('torch.')} "
             f"kv_blocks={engine.num_kv_blocks} x {c.block_size} tokens = {engine.num_kv_blocks * c.block_size} tokens "
             f"max_model_len={engine.max_model_len} max_num_seqs={c.max_num_seqs} "
-            f"prefix_caching={'on' if c.enable_prefix_caching else 'off'}")
+            f"prefix_caching={'on' if c.enable_prefix_caching else 'off'} "
+            f"decode_attention={engine.runner.decode_backend}")

@@ -78,3 +78,15 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
 @pytest.fixture(scope="session")
 def hf_reference(hf_smollm2, reference_prompts):
     return [hf_greedy(hf_smollm2, p, MAX_NEW_TOKENS) for p in reference_prompts]
+
+
+def random_decode_batch(batch, heads, kv_heads, head_dim, block_size, dtype, device, max_len=300):
+    """A decode step's inputs for a paged-attention kernel: q [batch, heads, D], a KV pool, block
+    tables of distinct random blocks, context lengths in 1..max_len - 1."""
+    num_blocks = batch * (max_len // block_size + 1) + 3
+    kv = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, device=device).to(dtype)
+    lens = torch.randint(1, max_len, (batch,), device=device, dtype=torch.int32)
+    width = int((lens.max().item() + block_size - 1) // block_size)
+    tables = torch.randperm(num_blocks, device=device)[:batch * width].view(batch, width)
+    q = torch.randn(batch, heads, head_dim, device=device).to(dtype)
+    return q, kv, tables, lens

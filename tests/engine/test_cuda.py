@@ -7,7 +7,7 @@ import torch
 
 from engine import LLM, SamplingParams
 from engine.attention import _decode
-from tests.conftest import hf_greedy
+from tests.conftest import hf_greedy, random_decode_batch
 from tests.engine.test_models import TINY
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -22,16 +22,6 @@ def tokenizer(request):
     return AutoTokenizer.from_pretrained(path)
 
 
-def _random_decode_batch(batch, heads, kv_heads, head_dim, block_size, dtype, max_len=300):
-    num_blocks = batch * (max_len // block_size + 1) + 3
-    kv = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, device="cuda").to(dtype)
-    lens = torch.randint(1, max_len, (batch,), device="cuda", dtype=torch.int32)
-    width = int((lens.max().item() + block_size - 1) // block_size)
-    tables = torch.randperm(num_blocks, device="cuda")[:batch * width].view(batch, width)  # distinct blocks
-    q = torch.randn(batch, heads, head_dim, device="cuda").to(dtype)
-    return q, kv, tables, lens
-
-
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [(8, 2, 64, 16), (9, 3, 64, 16), (32, 8, 128, 16),
                                                                   (4, 4, 32, 16), (16, 1, 64, 32)])
@@ -39,7 +29,7 @@ def test_triton_decode_matches_reference(dtype, tol, heads, kv_heads, head_dim, 
     from engine.kernels.paged_decode import paged_decode
 
     for trial in range(3):  # fresh inputs each time
-        q, kv, tables, lens = _random_decode_batch(7, heads, kv_heads, head_dim, block_size, dtype)
+        q, kv, tables, lens = random_decode_batch(7, heads, kv_heads, head_dim, block_size, dtype, "cuda")
         keys = torch.arange(tables.shape[1] * block_size, device="cuda")
         mask = (keys[None, :] < lens[:, None])[:, None, None, :]
         ref = _decode(q.double(), kv.double(), tables, mask, head_dim ** -0.5)  # float64 reference
