@@ -15,8 +15,9 @@ from engine.scheduler import ScheduledSeq, SchedulerOutput
 
 # The compiled CPU decode attention pays ~0.2 ms a layer in dynamo's guards and calls; below
 # about this many key slots in the batch (sequences x padded context) the eager gather + SDPA is
-# cheaper (measured: batch 16 of ~180 tokens breaks even on the 2-core dev machine).
-COMPILED_DECODE_MIN_KEYS = 2048
+# cheaper. Measured on the 2-core dev machine: float32 broke even at 16 sequences of ~180 tokens;
+# bfloat16, whose CPU SDPA is slow, already gained at 4 (768 slots) and lost at 1.
+COMPILED_DECODE_MIN_KEYS = {torch.float32: 2048, torch.bfloat16: 512, torch.float16: 512}
 
 
 @dataclass
@@ -47,6 +48,7 @@ class ModelRunner:
         self.vocab_size = hf_config.vocab_size
         attn = model.layers[0].self_attn
         self.decode_backend = _decode_backend(attention_backend, device, attn, block_size, dtype, enforce_eager)
+        self.compiled_min_keys = COMPILED_DECODE_MIN_KEYS.get(dtype, 512)
         use_graphs = graph_max_batch > 0 and self.decode_backend == "triton"
         # With graphs, one block more than the pool hands out: padding rows of a graph write there.
         shape = (2, num_blocks + int(use_graphs), block_size, attn.num_kv_heads, attn.head_dim)
@@ -124,7 +126,7 @@ class ModelRunner:
         ctx = self._tensor([s.request.num_computed_tokens + 1 for s in decodes])
         meta.decode_block_tables = tables  # [B, width]
         meta.decode_backend = self.decode_backend
-        if self.decode_backend == "compiled" and len(decodes) * width * self.block_size < COMPILED_DECODE_MIN_KEYS:
+        if self.decode_backend == "compiled" and len(decodes) * width * self.block_size < self.compiled_min_keys:
             meta.decode_backend = "torch"  # small batch: dynamo's per-call cost exceeds the gather it saves
         if meta.decode_backend == "triton":
             meta.decode_context_lens = ctx.to(torch.int32)

@@ -35,7 +35,7 @@ def test_engine_with_compiled_decode_matches_hf(smollm2_dir, reference_prompts, 
     calls = []
     kernel = compiled_decode.paged_decode
     monkeypatch.setattr(compiled_decode, "paged_decode", lambda *a: calls.append(a[2].shape[0]) or kernel(*a))
-    monkeypatch.setattr(engine.model_runner, "COMPILED_DECODE_MIN_KEYS", 0)  # every decode step, even batch 1
+    monkeypatch.setitem(engine.model_runner.COMPILED_DECODE_MIN_KEYS, torch.float32, 0)  # every step, even batch 1
     # a pool too small for all: preempted requests recompute, with prefills and decodes in one step
     engine = LLMEngine(EngineConfig(model=str(smollm2_dir), num_kv_blocks=40, max_num_batched_tokens=128))
     assert engine.runner.decode_backend == "compiled"
