@@ -7,7 +7,8 @@ concurrency C, max(C, 4) requests go out at once with at most C in flight. Every
 same prompts and none is asked to ignore EOS (transformers serve rejects `ignore_eos`); the
 random prompts make all of them run to 128 tokens, and the token counts that came back are
 what is counted. Systems:
-  kvserve             `kvserve serve` (float32, prefix caching on, as shipped)
+  kvserve             `kvserve serve` (float32, prefix caching on, as shipped: token-exact)
+  kvserve-bf16        `kvserve serve --dtype bfloat16` (opt-in, half the weight bytes; not token-exact)
   transformers-serve  benchmarks/peers/transformers_serve.sh (float32, continuous batching)
   llama.cpp           benchmarks/peers/llama_cpp.sh (Q4_1 GGUF, 64 parallel slots; needs `build`)
   hf-generate         benchmarks/peers/hf_generate.py (float32 generate() in static batches of C)
@@ -45,8 +46,9 @@ PORT = 8765
 
 
 def server_command(system: str) -> list[str] | None:
-    if system == "kvserve":
-        return [str(ROOT / ".venv/bin/kvserve"), "serve", "--port", str(PORT)]
+    if system in ("kvserve", "kvserve-bf16"):
+        dtype = ["--dtype", "bfloat16"] if system == "kvserve-bf16" else []
+        return [str(ROOT / ".venv/bin/kvserve"), "serve", "--port", str(PORT), *dtype]
     if system == "transformers-serve":
         return [str(HERE / "peers/transformers_serve.sh"), str(PORT)]
     if system == "llama.cpp":
@@ -213,7 +215,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--levels", default="1,4,16,32,64")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--systems", default="kvserve,llama.cpp,transformers-serve,hf-generate")
+    ap.add_argument("--systems", default="kvserve,kvserve-bf16,llama.cpp,transformers-serve,hf-generate")
     ap.add_argument("--input-len", type=int, default=64)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--out", default="benchmarks/results")

@@ -1,0 +1,121 @@
+"""CPU kernel choices behind the fast path, timed alone on SmolLM2-135M's shapes.
+
+    python benchmarks/cpu_kernels.py [--json out.json]
+
+1. Linear layers: the 121 linears of one decode step (30 layers x qkv, o, gate_up, down, plus
+   the LM head) at 1, 16 and 64 rows, per kernel: float32 and bfloat16 weights packed by oneDNN
+   (what the engine uses), and PyTorch's int8 weight-only kernel with float32 or bfloat16
+   activations. Each shape is timed alone, so a layer's small matrix stays in the CPU cache and
+   only the 113 MB LM head comes from DRAM: the sums are lower bounds for a real step.
+2. Decode attention for one layer: the eager gather + SDPA (engine/attention.py) against the
+   torch.compile'd paged kernel (engine/kernels/compiled_decode.py), float32 and bfloat16.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from engine.attention import _decode  # noqa: E402
+from engine.kernels import compiled_decode  # noqa: E402
+from engine.models.packed_linear import PackedLinear, onednn_available  # noqa: E402
+
+# (out, in) and how many a step runs
+LINEARS = {"qkv": ((960, 576), 30), "o": ((576, 576), 30), "gate_up": ((3072, 576), 30),
+           "down": ((576, 1536), 30), "lm_head": ((49152, 576), 1)}
+
+
+def median_ms(fn, reps: int = 20) -> float:
+    start = time.perf_counter()
+    fn()
+    if time.perf_counter() - start > 0.05:  # a slow kernel: fewer repeats
+        reps = 3
+    else:
+        fn(), fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2] * 1e3
+
+
+def linear_kernels(w: torch.Tensor) -> dict:
+    """name -> (function of x [M, in], the dtype x must have) for the weight w [out, in]."""
+    scale = w.abs().amax(1) / 127
+    w8 = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    kernels = {"float32 packed": (_packed(w, torch.float32), torch.float32),
+               "int8 weight-only, fp32 act": (
+                   lambda x: torch.ops.aten._weight_int8pack_mm(x, w8, scale), torch.float32),
+               "int8 weight-only, bf16 act": (
+                   lambda x: torch.ops.aten._weight_int8pack_mm(x, w8, scale.bfloat16()), torch.bfloat16)}
+    if onednn_available(torch.bfloat16):
+        kernels["bfloat16 packed"] = (_packed(w, torch.bfloat16), torch.bfloat16)
+    return kernels
+
+
+def _packed(w: torch.Tensor, dtype: torch.dtype) -> PackedLinear:
+    linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+    linear.weight.data = w.to(dtype)
+    return PackedLinear(linear)
+
+
+def bench_linears() -> dict:
+    totals: dict[str, dict[int, float]] = {}
+    for rows in (1, 16, 64):
+        for (shape, count) in LINEARS.values():
+            w = torch.randn(shape) * 0.05
+            for name, (fn, dtype) in linear_kernels(w).items():
+                x = torch.randn(rows, shape[1]).to(dtype)
+                totals.setdefault(name, {})[rows] = totals.get(name, {}).get(rows, 0.0) + count * median_ms(
+                    lambda: fn(x))
+    for name, by_rows in totals.items():
+        print(f"linears, {name}: " + ", ".join(f"{r} rows {ms:.1f} ms" for r, ms in by_rows.items()), flush=True)
+    return totals
+
+
+def bench_attention() -> dict:
+    heads, kv_heads, head_dim, bs = 9, 3, 64, 16
+    results = {}
+    compiled = compiled_decode.available(torch.float32) and compiled_decode.available(torch.bfloat16)
+    for dtype in (torch.float32, torch.bfloat16):
+        for batch, ctx in ((1, 80), (16, 180), (64, 180), (64, 400)):
+            width = -(-ctx // bs)
+            num_blocks = batch * width + 10
+            kv = torch.randn(2, num_blocks, bs, kv_heads, head_dim).to(dtype)
+            with torch.inference_mode():
+                tables = torch.randperm(num_blocks)[:batch * width].view(batch, width)
+                lens = torch.full((batch,), ctx)
+                mask = (torch.arange(width * bs)[None, :] < lens[:, None])[:, None, None, :]
+                q = torch.randn(batch, heads, head_dim).to(dtype)
+                row = {"eager gather + SDPA": median_ms(lambda: _decode(q, kv, tables, mask, head_dim ** -0.5))}
+                if compiled:
+                    row["compiled"] = median_ms(
+                        lambda: compiled_decode.paged_decode(q, kv, tables, lens, head_dim ** -0.5))
+            key = f"{str(dtype).removeprefix('torch.')} batch {batch} x {ctx} tokens"
+            results[key] = row
+            print(f"decode attention, one layer, {key}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in row.items()),
+                  flush=True)
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    result = {"threads": torch.get_num_threads(), "linears_ms_per_step": bench_linears(),
+              "decode_attention_ms_per_layer": bench_attention()}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
