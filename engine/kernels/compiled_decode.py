@@ -5,7 +5,7 @@ Eager PyTorch has to gather every sequence's blocks into a dense copy before att
 scaled_dot_product_attention, which reads it once per query head of a GQA group. At 64 sequences
 of ~180 tokens that is ~3.5 ms a layer, half of a SmolLM2 decode step on the 2-core dev machine.
 Written as broadcast-multiply-and-sum, inductor folds the block-table lookup into the loads of
-its reductions, so the pool is read in place and no copy is written (~0.9 ms; BENCHMARKS.md).
+its reductions, so the pool is read in place and no copy is written (2.0 ms; BENCHMARKS.md).
 
 Compiling needs a C++ compiler at run time; `available()` tries it once and the engine falls
 back to the eager path where it fails.
@@ -20,7 +20,7 @@ import torch
 log = logging.getLogger(__name__)
 
 
-def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
             context_lens: torch.Tensor, scale: float) -> torch.Tensor:
     """q [B, heads, D]; k_cache, v_cache [num_blocks, block_size, kv_heads, D]; block_tables [B, nb];
     context_lens [B] -> out [B, heads, D]. Accumulates in float32 whatever the cache dtype."""
@@ -40,7 +40,7 @@ def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block
 
 @functools.cache
 def _compiled():
-    return torch.compile(_decode, dynamic=True, fullgraph=True)
+    return torch.compile(_attend, dynamic=True, fullgraph=True)
 
 
 def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
@@ -72,7 +72,7 @@ def available(dtype: torch.dtype = torch.float32) -> bool:
         with torch.inference_mode():
             q = torch.rand(5, 6, 8, dtype=dtype)  # 5 sequences, 6 query heads
             tables, lens = torch.randint(0, 7, (5, 9)), torch.tensor([17, 3, 36, 1, 30])
-            want = _decode(q, kv[0], kv[1], tables, lens, 0.5)
+            want = _attend(q, kv[0], kv[1], tables, lens, 0.5)
             torch.testing.assert_close(paged_decode(q, kv, tables, lens, 0.5), want)
         return True
     except Exception as e:  # no compiler, no headers, a broken toolchain: the eager path still works
