@@ -48,7 +48,7 @@ class ModelRunner:
         self.vocab_size = hf_config.vocab_size
         attn = model.layers[0].self_attn
         self.decode_backend = _decode_backend(attention_backend, device, attn, block_size, dtype, enforce_eager)
-        self.compiled_min_keys = COMPILED_DECODE_MIN_KEYS.get(dtype, 512)
+        self.compiled_min_keys = COMPILED_DECODE_MIN_KEYS[dtype]
         use_graphs = graph_max_batch > 0 and self.decode_backend == "triton"
         # With graphs, one block more than the pool hands out: padding rows of a graph write there.
         shape = (2, num_blocks + int(use_graphs), block_size, attn.num_kv_heads, attn.head_dim)
