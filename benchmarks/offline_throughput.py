@@ -103,7 +103,7 @@ def main() -> None:
     prompts = make_prompts(AutoTokenizer.from_pretrained(model_dir), args.num_requests, args.input_len)
     lens = output_lens(args.num_requests, args.output_len, args.mixed)
     result = {"machine": f"{platform.machine()} {os.cpu_count()} cpus, torch threads {torch.get_num_threads()}",
-              "model": "SmolLM2-135M-Instruct (fp32)", "requests": args.num_requests,
+              "model": f"SmolLM2-135M-Instruct (kvserve {args.dtypes}; HF float32)", "requests": args.num_requests,
               "input_len": args.input_len, "output_lens": "16..256 mixed" if args.mixed else args.output_len}
     for dtype in args.dtypes.split(","):
         t, n = run_kvserve(model_dir, prompts, lens, args, dtype=dtype)
