@@ -2,13 +2,14 @@
 
     python benchmarks/offline_throughput.py [--num-requests 64] [--input-len 64] [--output-len 128]
                                             [--hf-batch-size 16] [--mixed] [--skip-hf] [--json out.json]
-                                            [--dtypes float32,bfloat16]
+                                            [--dtypes float32,bfloat16] [--attention-backends auto,torch]
 
 Every request gets a distinct ~input-len-token prompt cut from a fixed text. By default every
 request generates exactly --output-len tokens (EOS ignored, min_new_tokens in HF); with --mixed
 the lengths are spread over 16..256 with a fixed seed, and HF runs each static batch to the
 longest request in it (as a static batch must) while only the wanted tokens are counted.
-kvserve runs once per --dtypes entry (float32 is the token-exact default); HF runs in float32.
+kvserve runs once per --dtypes and --attention-backends pair (float32 and auto are the defaults;
+torch is the eager reference attention); HF runs in float32.
 """
 from __future__ import annotations
 
@@ -44,8 +45,9 @@ def output_lens(n: int, output_len: int, mixed: bool) -> list[int]:
 
 
 def run_kvserve(model_dir, prompts, lens, args, linear_backend: str = "auto",
-                dtype: str = "float32") -> tuple[float, int]:
-    llm = LLM(str(model_dir), max_num_seqs=args.max_num_seqs, linear_backend=linear_backend, dtype=dtype)
+                dtype: str = "float32", attention_backend: str = "auto") -> tuple[float, int]:
+    llm = LLM(str(model_dir), max_num_seqs=args.max_num_seqs, linear_backend=linear_backend, dtype=dtype,
+              attention_backend=attention_backend)
     params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in lens]
     llm.generate(prompts[:2], SamplingParams(temperature=0.0, max_tokens=4))  # warm-up
     start = time.perf_counter()
@@ -94,6 +96,7 @@ def main() -> None:
     ap.add_argument("--with-reference", action="store_true",
                     help="also run kvserve with linear_backend=torch (the plain nn.Linear reference path)")
     ap.add_argument("--dtypes", default="float32", help="comma-separated kvserve dtypes, each run in turn")
+    ap.add_argument("--attention-backends", default="auto", help="comma-separated kvserve attention backends")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()
 
@@ -106,11 +109,12 @@ def main() -> None:
               "model": f"SmolLM2-135M-Instruct (kvserve {args.dtypes}; HF float32)", "requests": args.num_requests,
               "input_len": args.input_len, "output_lens": "16..256 mixed" if args.mixed else args.output_len}
     for dtype in args.dtypes.split(","):
-        t, n = run_kvserve(model_dir, prompts, lens, args, dtype=dtype)
-        key = "kvserve" if dtype == "float32" else f"kvserve_{dtype}"
-        result[key] = {"seconds": round(t, 2), "tokens": n, "tok_per_s": round(n / t, 1)}
-        print(f"kvserve LLM.generate ({dtype}, max_num_seqs={args.max_num_seqs}): {n} tokens in {t:.1f} s "
-              f"= {n / t:.1f} tok/s")
+        for backend in args.attention_backends.split(","):
+            t, n = run_kvserve(model_dir, prompts, lens, args, dtype=dtype, attention_backend=backend)
+            key = "kvserve" + ("" if dtype == "float32" else f"_{dtype}") + ("" if backend == "auto" else f"_{backend}")
+            result[key] = {"seconds": round(t, 2), "tokens": n, "tok_per_s": round(n / t, 1)}
+            print(f"kvserve LLM.generate ({dtype}, attention {backend}, max_num_seqs={args.max_num_seqs}): "
+                  f"{n} tokens in {t:.1f} s = {n / t:.1f} tok/s")
     if args.with_reference:
         t, n = run_kvserve(model_dir, prompts, lens, args, linear_backend="torch")
         result["kvserve_reference_linear"] = {"seconds": round(t, 2), "tokens": n, "tok_per_s": round(n / t, 1)}
