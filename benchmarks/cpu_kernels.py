@@ -8,7 +8,9 @@
    activations. Each shape is timed alone, so a layer's small matrix stays in the CPU cache and
    only the 113 MB LM head comes from DRAM: the sums are lower bounds for a real step.
 2. Decode attention for one layer: the eager gather + SDPA (engine/attention.py) against the
-   torch.compile'd paged kernel (engine/kernels/compiled_decode.py), float32 and bfloat16.
+   C++ paged kernel (engine/kernels/cpu_decode.cpp), float32 and bfloat16.
+
+    python benchmarks/cpu_kernels.py --parts attention   # only the second
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from engine.attention import _decode  # noqa: E402
-from engine.kernels import compiled_decode  # noqa: E402
+from engine.kernels import cpu_decode  # noqa: E402
 from engine.models.packed_linear import PackedLinear, onednn_available  # noqa: E402
 
 # (out, in) and how many a step runs
@@ -83,7 +85,7 @@ def bench_linears() -> dict:
 def bench_attention() -> dict:
     heads, kv_heads, head_dim, bs = 9, 3, 64, 16
     results = {}
-    compiled = compiled_decode.available(torch.float32) and compiled_decode.available(torch.bfloat16)
+    built = cpu_decode.available(torch.float32) and cpu_decode.available(torch.bfloat16)
     for dtype in (torch.float32, torch.bfloat16):
         for batch, ctx in ((1, 80), (16, 180), (64, 180), (64, 400)):
             width = -(-ctx // bs)
@@ -95,9 +97,8 @@ def bench_attention() -> dict:
                 mask = (torch.arange(width * bs)[None, :] < lens[:, None])[:, None, None, :]
                 q = torch.randn(batch, heads, head_dim).to(dtype)
                 row = {"eager gather + SDPA": median_ms(lambda: _decode(q, kv, tables, mask, head_dim ** -0.5))}
-                if compiled:
-                    row["compiled"] = median_ms(
-                        lambda: compiled_decode.paged_decode(q, kv, tables, lens, head_dim ** -0.5))
+                if built:
+                    row["C++ paged"] = median_ms(lambda: cpu_decode.paged_decode(q, kv, tables, lens, head_dim ** -0.5))
             key = f"{str(dtype).removeprefix('torch.')} batch {batch} x {ctx} tokens"
             results[key] = row
             print(f"decode attention, one layer, {key}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in row.items()),
@@ -108,10 +109,15 @@ def bench_attention() -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--parts", default="linears,attention", help="comma-separated: linears, attention")
     args = ap.parse_args()
+    parts = args.parts.split(",")
     torch.manual_seed(0)
-    result = {"threads": torch.get_num_threads(), "linears_ms_per_step": bench_linears(),
-              "decode_attention_ms_per_layer": bench_attention()}
+    result = {"threads": torch.get_num_threads()}
+    if "linears" in parts:
+        result["linears_ms_per_step"] = bench_linears()
+    if "attention" in parts:
+        result["decode_attention_ms_per_layer"] = bench_attention()
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

@@ -30,7 +30,7 @@ class AttentionMetadata:
     decode_key_mask: torch.Tensor | None
     # [num_decodes] context lengths (int32 for Triton); set instead of the mask when a kernel decodes
     decode_context_lens: torch.Tensor | None = None
-    decode_backend: str = "torch"  # "torch" (gather + SDPA, the reference), "triton" or "compiled"
+    decode_backend: str = "torch"  # "torch" (gather + SDPA, the reference), "triton" (CUDA) or "cpp" (CPU)
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -65,7 +65,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
             if meta.decode_backend == "triton":
                 from engine.kernels.paged_decode import paged_decode
             else:
-                from engine.kernels.compiled_decode import paged_decode
+                from engine.kernels.cpu_decode import paged_decode
             out[p:] = paged_decode(q[p:], kv_cache, meta.decode_block_tables, meta.decode_context_lens, scale)
     return out
 

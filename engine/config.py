@@ -8,7 +8,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 LOAD_FORMATS = ("auto", "dummy")
 LINEAR_BACKENDS = ("auto", "torch", "onednn")
-ATTENTION_BACKENDS = ("auto", "torch", "triton", "compiled")
+ATTENTION_BACKENDS = ("auto", "torch", "triton", "cpp")
 
 # Default KV pool size when neither a block count nor a memory budget is given (CPU).
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
@@ -35,9 +35,9 @@ class EngineConfig:
     # "auto": oneDNN pre-packed weights for float32 on CPU, plain torch otherwise (the reference)
     linear_backend: str = "auto"
     # decode attention. "auto": the Triton paged kernel on CUDA where Triton is installed; on CPU
-    # the torch.compile'd paged kernel where a C++ compiler is at hand; plain torch otherwise
+    # the C++ paged kernel where a C++ compiler is at hand; plain torch otherwise
     attention_backend: str = "auto"
-    enforce_eager: bool = False  # True: no torch.compile, no CUDA graphs
+    enforce_eager: bool = False  # True: the reference paths only (no compiled kernels, no CUDA graphs)
     seed: int = 0
 
     def validate(self) -> "EngineConfig":

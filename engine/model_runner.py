@@ -13,13 +13,6 @@ from engine.sampler import Sampler, SamplingMetadata, logprobs_of
 from engine.scheduler import ScheduledSeq, SchedulerOutput
 
 
-# The compiled CPU decode attention pays ~0.2 ms a layer in dynamo's guards and calls; below
-# about this many key slots in the batch (sequences x padded context) the eager gather + SDPA is
-# cheaper. Measured on the 2-core dev machine: float32 broke even at 16 sequences of ~180 tokens;
-# bfloat16, whose CPU SDPA is slow, already gained at 4 (768 slots) and lost at 1.
-COMPILED_DECODE_MIN_KEYS = {torch.float32: 2048, torch.bfloat16: 512, torch.float16: 512}
-
-
 @dataclass
 class ModelRunnerOutput:
     sampled: dict[str, int] = field(default_factory=dict)  # seq_id -> next token
@@ -48,7 +41,6 @@ class ModelRunner:
         self.vocab_size = hf_config.vocab_size
         attn = model.layers[0].self_attn
         self.decode_backend = _decode_backend(attention_backend, device, attn, block_size, dtype, enforce_eager)
-        self.compiled_min_keys = COMPILED_DECODE_MIN_KEYS[dtype]
         use_graphs = graph_max_batch > 0 and self.decode_backend == "triton"
         # With graphs, one block more than the pool hands out: padding rows of a graph write there.
         shape = (2, num_blocks + int(use_graphs), block_size, attn.num_kv_heads, attn.head_dim)
@@ -126,11 +118,9 @@ class ModelRunner:
         ctx = self._tensor([s.request.num_computed_tokens + 1 for s in decodes])
         meta.decode_block_tables = tables  # [B, width]
         meta.decode_backend = self.decode_backend
-        if self.decode_backend == "compiled" and len(decodes) * width * self.block_size < self.compiled_min_keys:
-            meta.decode_backend = "torch"  # small batch: dynamo's per-call cost exceeds the gather it saves
         if meta.decode_backend == "triton":
             meta.decode_context_lens = ctx.to(torch.int32)
-        elif meta.decode_backend == "compiled":
+        elif meta.decode_backend == "cpp":
             meta.decode_context_lens = ctx
         else:
             keys = torch.arange(width * self.block_size, device=self.device)
@@ -224,8 +214,8 @@ class ModelRunner:
 
 def _decode_backend(backend: str, device: torch.device, attn, block_size: int, dtype: torch.dtype,
                     enforce_eager: bool) -> str:
-    """Which decode attention runs ("auto": the Triton kernel on CUDA, the compiled one on CPU,
-    each where it can; otherwise the plain-torch reference)."""
+    """Which decode attention runs ("auto": the Triton kernel on CUDA, the C++ one on CPU, each
+    where it can; otherwise the plain-torch reference)."""
     if backend == "torch":
         return "torch"
     if device.type == "cuda":
@@ -237,17 +227,17 @@ def _decode_backend(backend: str, device: torch.device, attn, block_size: int, d
         if backend == "triton" and not triton:
             raise ValueError("attention_backend: 'triton' needs CUDA, the triton package, a power-of-two head_dim "
                              "and block_size")
-        if backend == "compiled":
-            raise ValueError("attention_backend: 'compiled' is the CPU kernel; use 'triton' or 'auto' on CUDA")
+        if backend == "cpp":
+            raise ValueError("attention_backend: 'cpp' is the CPU kernel; use 'triton' or 'auto' on CUDA")
         return "triton" if triton else "torch"
     if backend == "triton":
         raise ValueError("attention_backend: 'triton' needs CUDA")
     if backend == "auto" and enforce_eager:
         return "torch"
-    from engine.kernels import compiled_decode
+    from engine.kernels import cpu_decode
 
-    compiled = compiled_decode.available(dtype)
-    if backend == "compiled" and not compiled:
-        raise ValueError("attention_backend: 'compiled' needs torch.compile to build CPU kernels here "
-                         "(a C++ compiler); see the warning above")
-    return "compiled" if compiled else "torch"
+    built = cpu_decode.available(dtype)
+    if backend == "cpp" and not built:
+        raise ValueError("attention_backend: 'cpp' needs a working C++ compiler to build the CPU kernel; "
+                         "see the warning above")
+    return "cpp" if built else "torch"

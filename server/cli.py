@@ -41,9 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--load-format", choices=LOAD_FORMATS, default=d.load_format, help="dummy = random weights, for benchmarks")
     s.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default=d.attention_backend,
                    help="decode attention: auto = the Triton paged kernel on CUDA where Triton is installed, "
-                        "the torch.compile'd paged kernel on CPU where a C++ compiler is; torch = the reference")
+                        "a C++ paged kernel on CPU where a C++ compiler is; torch = the reference")
     s.add_argument("--enforce-eager", action="store_true",
-                   help="no torch.compile and no CUDA graphs (faster start, slower decode)")
+                   help="no compiled kernels and no CUDA graphs (faster start, slower decode)")
     s.add_argument("--seed", type=int, default=d.seed, help="seed of the shared sampling generator")
     s.add_argument("--api-key", default=os.environ.get("KVSERVE_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: env KVSERVE_API_KEY, else open)")

@@ -1,1 +1,2 @@
-"""GPU kernels, imported only on CUDA when Triton is installed; everything has a PyTorch twin."""
+"""Paged decode attention kernels: Triton on CUDA, C++ on CPU; each is optional and has a PyTorch twin
+(engine/attention.py)."""

@@ -1,0 +1,108 @@
+// Paged decode attention for CPU: one new query token per sequence, read against that sequence's
+// blocks of the KV pool in place (no gathered copy), softmax and weighted sum accumulated in float32.
+// Built and loaded at run time by cpu_decode.py; registered as torch.ops.kvserve.paged_decode.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+// One sequence at a time (the unit of parallel work), all its heads together: a token's keys for
+// every KV head lie side by side in the pool, so each is read once, in one contiguous run.
+template <typename T>
+void decode(const T* q, const T* k_cache, const T* v_cache, const int64_t* block_tables,
+            const int64_t* context_lens, T* out, int64_t batch, int64_t heads, int64_t kv_heads,
+            int64_t head_dim, int64_t block_size, int64_t width, float scale) {
+  const int64_t group = heads / kv_heads, token_stride = kv_heads * head_dim;
+  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores, qf(heads * head_dim), acc(heads * head_dim), inv_sum(heads);
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t len = context_lens[b];
+      const int64_t* table = block_tables + b * width;
+      scores.resize(heads * len);  // [heads, len]
+      for (int64_t i = 0; i < heads * head_dim; ++i) qf[i] = static_cast<float>(q[b * heads * head_dim + i]) * scale;
+
+      for (int64_t t = 0; t < len; ++t) {
+        const T* k = k_cache + (table[t / block_size] * block_size + t % block_size) * token_stride;
+        for (int64_t h = 0; h < heads; ++h) {
+          const T* kh = k + (h / group) * head_dim;
+          const float* qh = qf.data() + h * head_dim;
+          float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+          for (int64_t d = 0; d < head_dim; ++d) dot += qh[d] * static_cast<float>(kh[d]);
+          scores[h * len + t] = dot;
+        }
+      }
+
+      for (int64_t h = 0; h < heads; ++h) {  // softmax numerators in place; the division comes last
+        float* s = scores.data() + h * len;
+        const float max = *std::max_element(s, s + len);
+        float sum = 0.f;
+        for (int64_t t = 0; t < len; ++t) sum += (s[t] = std::exp(s[t] - max));
+        inv_sum[h] = 1.f / sum;
+      }
+
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t t = 0; t < len; ++t) {
+        const T* v = v_cache + (table[t / block_size] * block_size + t % block_size) * token_stride;
+        for (int64_t h = 0; h < heads; ++h) {
+          const T* vh = v + (h / group) * head_dim;
+          const float p = scores[h * len + t];
+          float* a = acc.data() + h * head_dim;
+#pragma omp simd
+          for (int64_t d = 0; d < head_dim; ++d) a[d] += p * static_cast<float>(vh[d]);
+        }
+      }
+      for (int64_t h = 0; h < heads; ++h)
+        for (int64_t d = 0; d < head_dim; ++d)
+          out[(b * heads + h) * head_dim + d] = static_cast<T>(acc[h * head_dim + d] * inv_sum[h]);
+    }
+  });
+}
+
+// q [B, heads, D]; k_cache, v_cache [num_blocks, block_size, kv_heads, D]; block_tables [B, width]
+// int64; context_lens [B] int64, each in 1..width * block_size -> out [B, heads, D].
+at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                        const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(), "paged_decode: bad ranks");
+  TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+                  block_tables.is_contiguous() && context_lens.is_contiguous(), "paged_decode: inputs must be contiguous");
+  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
+              "paged_decode: q and the cache must share a dtype");
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && context_lens.scalar_type() == at::kLong,
+              "paged_decode: block tables and context lengths must be int64");
+  const int64_t batch = q.size(0), heads = q.size(1), head_dim = q.size(2);
+  const int64_t num_blocks = k_cache.size(0), block_size = k_cache.size(1), kv_heads = k_cache.size(2);
+  const int64_t width = block_tables.size(1);
+  TORCH_CHECK(k_cache.size(3) == head_dim && heads % kv_heads == 0, "paged_decode: head shapes disagree");
+  TORCH_CHECK(block_tables.size(0) == batch && context_lens.numel() == batch, "paged_decode: batch sizes disagree");
+  // Bad ids would read outside the pool: check every block a sequence will touch, before any work.
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  const int64_t* lens = context_lens.data_ptr<int64_t>();
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK(lens[b] >= 1 && lens[b] <= width * block_size, "paged_decode: context length out of range");
+    for (int64_t i = 0; i < (lens[b] + block_size - 1) / block_size; ++i)
+      TORCH_CHECK(tables[b * width + i] >= 0 && tables[b * width + i] < num_blocks, "paged_decode: block id out of range");
+  }
+  at::Tensor out = at::empty_like(q);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode", [&] {
+    decode<scalar_t>(q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(), tables, lens,
+                     out.data_ptr<scalar_t>(), batch, heads, kv_heads, head_dim, block_size, width,
+                     static_cast<float>(scale));
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(kvserve, m) {
+  m.def("paged_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor context_lens, "
+        "float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(kvserve, CPU, m) { m.impl("paged_decode", &paged_decode); }
