@@ -8,7 +8,7 @@
    activations. Each shape is timed alone, so a layer's small matrix stays in the CPU cache and
    only the 113 MB LM head comes from DRAM: the sums are lower bounds for a real step.
 2. Decode attention for one layer: the eager gather + SDPA (engine/attention.py) against the
-   C++ paged kernel (engine/kernels/cpu_decode.cpp), float32 and bfloat16.
+   C++ paged kernel (engine/kernels/cpu.cpp), float32 and bfloat16.
 
     python benchmarks/cpu_kernels.py --parts attention   # only the second
 """
@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from engine.attention import _decode  # noqa: E402
-from engine.kernels import cpu_decode  # noqa: E402
+from engine.kernels import cpu  # noqa: E402
 from engine.models.packed_linear import PackedLinear, onednn_available  # noqa: E402
 
 # (out, in) and how many a step runs
@@ -85,7 +85,7 @@ def bench_linears() -> dict:
 def bench_attention() -> dict:
     heads, kv_heads, head_dim, bs = 9, 3, 64, 16
     results = {}
-    built = cpu_decode.available(torch.float32) and cpu_decode.available(torch.bfloat16)
+    built = cpu.available(torch.float32) and cpu.available(torch.bfloat16)
     for dtype in (torch.float32, torch.bfloat16):
         for batch, ctx in ((1, 80), (16, 180), (64, 180), (64, 400)):
             width = -(-ctx // bs)
@@ -98,7 +98,7 @@ def bench_attention() -> dict:
                 q = torch.randn(batch, heads, head_dim).to(dtype)
                 row = {"eager gather + SDPA": median_ms(lambda: _decode(q, kv, tables, mask, head_dim ** -0.5))}
                 if built:
-                    row["C++ paged"] = median_ms(lambda: cpu_decode.paged_decode(q, kv, tables, lens, head_dim ** -0.5))
+                    row["C++ paged"] = median_ms(lambda: cpu.paged_decode(q, kv, tables, lens, head_dim ** -0.5))
             key = f"{str(dtype).removeprefix('torch.')} batch {batch} x {ctx} tokens"
             results[key] = row
             print(f"decode attention, one layer, {key}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in row.items()),

@@ -65,7 +65,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
             if meta.decode_backend == "triton":
                 from engine.kernels.paged_decode import paged_decode
             else:
-                from engine.kernels.cpu_decode import paged_decode
+                from engine.kernels.cpu import paged_decode
             out[p:] = paged_decode(q[p:], kv_cache, meta.decode_block_tables, meta.decode_context_lens, scale)
     return out
 

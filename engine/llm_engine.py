@@ -52,7 +52,7 @@ class LLMEngine:
         self.max_model_len = self._max_model_len()
         torch.manual_seed(config.seed)
         model = build_model(src, self.hf_config, self.max_model_len, self.dtype, self.device, config.load_format,
-                            config.linear_backend)
+                            config.linear_backend, config.enforce_eager)
         self.num_kv_blocks = self._num_kv_blocks()
         self.kv = KVCacheManager(self.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,

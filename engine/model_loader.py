@@ -208,7 +208,7 @@ def pick_dtype(dtype: str, hf_config, device: torch.device) -> torch.dtype:
 
 
 def build_model(src: ModelSource, hf_config, max_len: int, dtype: torch.dtype, device: torch.device,
-                load_format: str = "auto", linear_backend: str = "auto"):
+                load_format: str = "auto", linear_backend: str = "auto", enforce_eager: bool = False):
     """Our model of the checkpoint's shape, with its weights (or random ones for 'dummy')."""
     from engine.models.llama import LlamaForCausalLM
     from engine.models.packed_linear import onednn_available, pack_linears
@@ -225,7 +225,10 @@ def build_model(src: ModelSource, hf_config, max_len: int, dtype: torch.dtype, d
         raise ValueError("linear_backend: 'onednn' needs a CPU with oneDNN and float32 (or bfloat16 where the CPU "
                          "has native bf16 dot products)")
     if linear_backend != "torch" and packable:
-        pack_linears(model)
+        from engine.kernels import cpu
+
+        # "auto": the C++ kernel for decode steps of 1-3 rows where it builds
+        pack_linears(model, skinny=linear_backend == "auto" and not enforce_eager and cpu.available(dtype))
     return model
 
 

@@ -234,9 +234,9 @@ def _decode_backend(backend: str, device: torch.device, attn, block_size: int, d
         raise ValueError("attention_backend: 'triton' needs CUDA")
     if backend == "auto" and enforce_eager:
         return "torch"
-    from engine.kernels import cpu_decode
+    from engine.kernels import cpu
 
-    built = cpu_decode.available(dtype)
+    built = cpu.available(dtype)
     if backend == "cpp" and not built:
         raise ValueError("attention_backend: 'cpp' needs a working C++ compiler to build the CPU kernel; "
                          "see the warning above")

@@ -145,4 +145,13 @@ def describe(engine) -> str:
             f"kv_blocks={engine.num_kv_blocks} x {c.block_size} tokens = {engine.num_kv_blocks * c.block_size} tokens "
             f"max_model_len={engine.max_model_len} max_num_seqs={c.max_num_seqs} "
             f"prefix_caching={'on' if c.enable_prefix_caching else 'off'} "
-            f"decode_attention={engine.runner.decode_backend}")
+            f"linears={linear_kinds(engine.runner.model)} decode_attention={engine.runner.decode_backend}")
+
+
+def linear_kinds(model) -> str:
+    from engine.models.packed_linear import PackedLinear
+
+    packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    if not packed:
+        return "torch"
+    return "onednn+cpp" if packed[0].weight is not None else "onednn"

@@ -6,11 +6,16 @@ on the 2-core dev machine, all of SmolLM2's linears at 64 rows: 235 ms -> 115 ms
 (benchmarks/BENCHMARKS.md). bfloat16 weights are packed too where the CPU has native bf16 dot
 products (AVX512-BF16/AMX): half the bytes to stream, and the same kernels at a higher rate.
 The plain `nn.Linear` stays the reference path.
+
+At 1-3 rows (a decode step of a small batch) a C++ kernel streaming the plain weight is faster
+still (engine/kernels/cpu.py): there the layer keeps both forms, twice the weight memory.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from engine.kernels import cpu
 
 
 def onednn_available(dtype: torch.dtype = torch.float32) -> bool:
@@ -22,25 +27,34 @@ def onednn_available(dtype: torch.dtype = torch.float32) -> bool:
     return dtype == torch.float32
 
 
+# Up to this many rows the C++ kernel beats oneDNN's packed one (all of SmolLM2's linears, float32,
+# 2-core dev machine: 1 row 16 vs 25 ms, 2 rows 21 vs 28, 3 rows 22 vs 25, 4 rows a tie).
+SKINNY_MAX_ROWS = 3
+
+
 class PackedLinear(nn.Module):
-    def __init__(self, linear: nn.Linear, batch_hint: int = 64) -> None:
+    def __init__(self, linear: nn.Linear, skinny: bool = False, batch_hint: int = 64) -> None:
+        """skinny: also keep the plain weight, for the C++ kernel at up to SKINNY_MAX_ROWS rows."""
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         # The hint only picks the blocked format; any number of rows works with it.
         self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), batch_hint)
         self.bias = None if linear.bias is None else linear.bias.detach().clone()
+        self.weight = linear.weight.detach().contiguous() if skinny else None  # [out, in]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, in] -> [T, out], in the weight's dtype."""
+        if self.weight is not None and x.shape[0] <= SKINNY_MAX_ROWS:
+            return cpu.skinny_linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias, "none", [], "")
 
 
-def pack_linears(model: nn.Module) -> int:
+def pack_linears(model: nn.Module, skinny: bool = False) -> int:
     """Replace every CPU nn.Linear of a packable dtype by a PackedLinear; returns how many."""
     targets = [(name, m) for name, m in model.named_modules()
                if isinstance(m, nn.Linear) and m.weight.device.type == "cpu" and onednn_available(m.weight.dtype)]
     for name, linear in targets:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, PackedLinear(linear))
+        setattr(parent, attr, PackedLinear(linear, skinny))
     return len(targets)

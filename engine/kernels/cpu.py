@@ -1,15 +1,20 @@
-"""Paged decode attention for CPU, a C++ kernel (cpu_decode.cpp) built here at first use.
+"""CPU kernels in C++ (cpu.cpp), built here at first use: paged decode attention and a linear
+layer for a few rows.
 
-Eager PyTorch has to gather every sequence's blocks into a dense copy before attending
-(engine/attention.py `_decode`): the cache is read, the copy written, and the copy read again by
-scaled_dot_product_attention. The kernel reads each sequence's blocks in place, all heads of a
-token in one contiguous run, and keeps the scores of one sequence in a small float32 buffer.
-One layer, 32 sequences of 64-192 tokens, float32, 2-core dev machine: 0.35 ms against 0.71 ms
-for gather + SDPA (BENCHMARKS.md; `python benchmarks/cpu_kernels.py`).
+Decode attention: eager PyTorch has to gather every sequence's blocks into a dense copy before
+attending (engine/attention.py `_decode`): the cache is read, the copy written, and the copy read
+again by scaled_dot_product_attention. The kernel reads each sequence's blocks in place, all
+heads of a token in one contiguous run. One layer, 32 sequences of 64-192 tokens, float32, 2-core
+dev machine: 0.35 ms against 0.71 ms for gather + SDPA (BENCHMARKS.md).
+
+Skinny linear: at 1-3 rows a linear layer is a pass over its weight, and oneDNN's packed kernels
+stream it at ~20 GB/s here; one plain loop per weight row, the rows split between threads, reaches
+~30 GB/s: all of SmolLM2's linears at one row 25 -> 16 ms (BENCHMARKS.md). From 4 rows on oneDNN
+is as fast or faster (engine/models/packed_linear.py picks).
 
 The library is compiled once per source, torch version and CPU (`-march=native`) into the
 kvserve cache directory (~15 s) and loaded from there afterwards. Where no C++ compiler works,
-`available()` logs why and the engine stays on the eager path.
+`available()` logs why and the engine stays on the eager paths.
 """
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_decode.cpp")
+SOURCE = Path(__file__).with_name("cpu.cpp")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC"]
 
 
@@ -53,7 +58,7 @@ def _library() -> Path:
     key = hashlib.sha256(b"\0".join(s.encode() if isinstance(s, str) else s for s in (
         SOURCE.read_bytes(), torch.__version__, " ".join(FLAGS), os.environ.get("CXX", "c++"), _cpu_fingerprint()
     ))).hexdigest()[:16]
-    path = cache_root() / "kernels" / f"cpu_decode-{key}.so"
+    path = cache_root() / "kernels" / f"cpu-{key}.so"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         # build beside the target and rename: a second process building at once never loads half a file
@@ -71,7 +76,7 @@ def _library() -> Path:
 
 @functools.cache
 def _load() -> None:
-    torch.ops.load_library(str(_library()))  # registers torch.ops.kvserve.paged_decode
+    torch.ops.load_library(str(_library()))  # registers torch.ops.kvserve.*
 
 
 def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
@@ -81,9 +86,14 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
     return torch.ops.kvserve.paged_decode(q.contiguous(), kv_cache[0], kv_cache[1], block_tables, context_lens, scale)
 
 
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K] (M small); weight [N, K]; bias [N] -> [M, N]."""
+    return torch.ops.kvserve.skinny_linear(x.contiguous(), weight, bias)
+
+
 @functools.cache
 def available(dtype: torch.dtype = torch.float32) -> bool:
-    """Whether the kernel builds, loads and agrees with the eager path here; tried once per dtype."""
+    """Whether the kernels build, load and agree with the eager paths here; tried once per dtype."""
     from engine.attention import _decode
 
     try:
@@ -94,8 +104,11 @@ def available(dtype: torch.dtype = torch.float32) -> bool:
         mask = (torch.arange(36)[None, :] < lens[:, None])[:, None, None, :]
         want = _decode(q.float(), kv.float(), tables, mask, 0.5).to(dtype)
         torch.testing.assert_close(paged_decode(q, kv, tables, lens, 0.5), want)
+        x, w, b = torch.rand(3, 40, dtype=dtype), torch.rand(24, 40, dtype=dtype), torch.rand(24, dtype=dtype)
+        want = torch.nn.functional.linear(x.float(), w.float(), b.float()).to(dtype)
+        torch.testing.assert_close(skinny_linear(x, w, b), want)
         return True
-    except Exception as e:  # no compiler, no headers, a broken toolchain: the eager path still works
-        log.warning("C++ CPU decode attention unavailable (%s: %s); using the eager path",
+    except Exception as e:  # no compiler, no headers, a broken toolchain: the eager paths still work
+        log.warning("C++ CPU kernels unavailable (%s: %s); using the eager paths",
                     type(e).__name__, str(e).splitlines()[0] if str(e) else "")
         return False
