@@ -7,10 +7,13 @@
    (what the engine uses), and PyTorch's int8 weight-only kernel with float32 or bfloat16
    activations. Each shape is timed alone, so a layer's small matrix stays in the CPU cache and
    only the 113 MB LM head comes from DRAM: the sums are lower bounds for a real step.
-2. Decode attention for one layer: the eager gather + SDPA (engine/attention.py) against the
+2. The same linears as a decode step runs them: 30 layers of distinct weights in order (540 MB in
+   float32, so they stream from DRAM as in the engine), at 1-4 rows: oneDNN packed against the
+   C++ skinny kernel (engine/kernels/cpu.cpp), float32 and bfloat16.
+3. Decode attention for one layer: the eager gather + SDPA (engine/attention.py) against the
    C++ paged kernel (engine/kernels/cpu.cpp), float32 and bfloat16.
 
-    python benchmarks/cpu_kernels.py --parts attention   # only the second
+    python benchmarks/cpu_kernels.py --parts streamed,attention   # only the second and third
 """
 from __future__ import annotations
 
@@ -82,6 +85,27 @@ def bench_linears() -> dict:
     return totals
 
 
+def bench_linears_streamed() -> dict:
+    results = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        if not (onednn_available(dtype) and cpu.available(dtype)):
+            continue
+        packed = [PackedLinear(torch.nn.Linear(shape[1], shape[0], bias=False).to(dtype), skinny=True)
+                  for shape, count in LINEARS.values() for _ in range(count)]  # shape: (out, in)
+        for rows in (1, 2, 3, 4):
+            xs = {k: torch.randn(rows, k).to(dtype) for k in {m.in_features for m in packed}}
+            with torch.inference_mode():
+                onednn = median_ms(lambda: [torch.ops.mkldnn._linear_pointwise(
+                    xs[m.in_features], m.packed, None, "none", [], "") for m in packed], reps=10)
+                skinny = median_ms(lambda: [cpu.skinny_linear(xs[m.in_features], m.weight, None) for m in packed],
+                                   reps=10)
+            key = f"{str(dtype).removeprefix('torch.')} {rows} rows"
+            results[key] = {"oneDNN packed": onednn, "C++ skinny": skinny}
+            print(f"linears of one step, streamed, {key}: oneDNN packed {onednn:.1f} ms, C++ skinny {skinny:.1f} ms",
+                  flush=True)
+    return results
+
+
 def bench_attention() -> dict:
     heads, kv_heads, head_dim, bs = 9, 3, 64, 16
     results = {}
@@ -109,13 +133,16 @@ def bench_attention() -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", default=None)
-    ap.add_argument("--parts", default="linears,attention", help="comma-separated: linears, attention")
+    ap.add_argument("--parts", default="linears,streamed,attention",
+                    help="comma-separated: linears, streamed, attention")
     args = ap.parse_args()
     parts = args.parts.split(",")
     torch.manual_seed(0)
     result = {"threads": torch.get_num_threads()}
     if "linears" in parts:
         result["linears_ms_per_step"] = bench_linears()
+    if "streamed" in parts:
+        result["streamed_linears_ms_per_step"] = bench_linears_streamed()
     if "attention" in parts:
         result["decode_attention_ms_per_layer"] = bench_attention()
     if args.json:

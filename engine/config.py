@@ -33,7 +33,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     load_format: str = "auto"
     # "auto": oneDNN pre-packed weights on CPU (float32, or bfloat16 where the CPU has bf16 dot
-    # products) plus the C++ kernel for 1-3 rows; "onednn": the packed weights only; "torch": plain
+    # products) plus the C++ kernel for 1-2 rows; "onednn": the packed weights only; "torch": plain
     # nn.Linear everywhere (the reference)
     linear_backend: str = "auto"
     # decode attention. "auto": the Triton paged kernel on CUDA where Triton is installed; on CPU

@@ -227,7 +227,7 @@ def build_model(src: ModelSource, hf_config, max_len: int, dtype: torch.dtype, d
     if linear_backend != "torch" and packable:
         from engine.kernels import cpu
 
-        # "auto": the C++ kernel for decode steps of 1-3 rows where it builds
+        # "auto": the C++ kernel for decode steps of 1-2 rows where it builds
         pack_linears(model, skinny=linear_backend == "auto" and not enforce_eager and cpu.available(dtype))
     return model
 

@@ -7,13 +7,13 @@ again by scaled_dot_product_attention. The kernel reads each sequence's blocks i
 heads of a token in one contiguous run. One layer, 32 sequences of 64-192 tokens, float32, 2-core
 dev machine: 0.35 ms against 0.71 ms for gather + SDPA (BENCHMARKS.md).
 
-Skinny linear: at 1-3 rows a linear layer is a pass over its weight, and oneDNN's packed kernels
-stream it at ~20 GB/s here; one plain loop per weight row, the rows split between threads, reaches
-~30 GB/s: all of SmolLM2's linears at one row 25 -> 16 ms (BENCHMARKS.md). From 4 rows on oneDNN
-is as fast or faster (engine/models/packed_linear.py picks).
+Skinny linear: at a row or two a linear layer is a pass over its weight, and oneDNN's packed
+kernels stream it at ~20 GB/s here; one plain loop per weight row, the rows split between
+threads, reaches ~30 GB/s: all of SmolLM2's linears at one row 23 -> 15 ms (BENCHMARKS.md). From
+3 rows on oneDNN is as fast or faster (engine/models/packed_linear.py picks).
 
 The library is compiled once per source, torch version and CPU (`-march=native`) into the
-kvserve cache directory (~15 s) and loaded from there afterwards. Where no C++ compiler works,
+kvserve cache directory (~10 s) and loaded from there afterwards. Where no C++ compiler works,
 `available()` logs why and the engine stays on the eager paths.
 """
 from __future__ import annotations
@@ -91,9 +91,13 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return torch.ops.kvserve.skinny_linear(x.contiguous(), weight, bias)
 
 
-@functools.cache
 def available(dtype: torch.dtype = torch.float32) -> bool:
     """Whether the kernels build, load and agree with the eager paths here; tried once per dtype."""
+    return _probe(dtype)  # (a cache on this function would tell available() from available(float32))
+
+
+@functools.cache
+def _probe(dtype: torch.dtype) -> bool:
     from engine.attention import _decode
 
     try:

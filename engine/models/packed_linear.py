@@ -7,7 +7,7 @@ on the 2-core dev machine, all of SmolLM2's linears at 64 rows: 235 ms -> 115 ms
 products (AVX512-BF16/AMX): half the bytes to stream, and the same kernels at a higher rate.
 The plain `nn.Linear` stays the reference path.
 
-At 1-3 rows (a decode step of a small batch) a C++ kernel streaming the plain weight is faster
+At 1-2 rows (a decode step of one or two sequences) a C++ kernel streaming the plain weight is faster
 still (engine/kernels/cpu.py): there the layer keeps both forms, twice the weight memory.
 """
 from __future__ import annotations
@@ -27,9 +27,11 @@ def onednn_available(dtype: torch.dtype = torch.float32) -> bool:
     return dtype == torch.float32
 
 
-# Up to this many rows the C++ kernel beats oneDNN's packed one (all of SmolLM2's linears, float32,
-# 2-core dev machine: 1 row 16 vs 25 ms, 2 rows 21 vs 28, 3 rows 22 vs 25, 4 rows a tie).
-SKINNY_MAX_ROWS = 3
+# Up to this many rows the C++ kernel beats oneDNN's packed one: all of SmolLM2's linears in step
+# order, 2-core dev machine (benchmarks/cpu_kernels.py --parts streamed), ms, oneDNN / C++: float32
+# 1 row 23.3 / 15.3, 2 rows 26.9 / 19.5, 3 rows 21.1 / 22.2; bfloat16 14.4 / 9.2, 15.2 / 12.1,
+# 13.6 / 17.7.
+SKINNY_MAX_ROWS = 2
 
 
 class PackedLinear(nn.Module):
