@@ -45,11 +45,11 @@ def _cpu_fingerprint() -> str:
 
 
 def _compile_command(out: Path) -> list[str]:
-    from torch.utils.cpp_extension import include_paths, library_paths
-
+    # torch's own headers and libraries (not torch.utils.cpp_extension: it needs setuptools at run time)
+    torch_dir = Path(torch.__file__).parent
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
-    return [os.environ.get("CXX", "c++"), *FLAGS, abi, *(f"-I{p}" for p in include_paths()), str(SOURCE),
-            "-o", str(out), *(f"-L{p}" for p in library_paths()), "-lc10", "-ltorch_cpu"]
+    return [os.environ.get("CXX", "c++"), *FLAGS, abi, f"-I{torch_dir / 'include'}", str(SOURCE), "-o", str(out),
+            f"-L{torch_dir / 'lib'}", "-lc10", "-ltorch_cpu"]
 
 
 def _library() -> Path:
