@@ -9,7 +9,7 @@ dev machine: 0.35 ms against 0.71 ms for gather + SDPA (BENCHMARKS.md).
 
 Skinny linear: at a row or two a linear layer is a pass over its weight, and oneDNN's packed
 kernels stream it at ~20 GB/s here; one plain loop per weight row, the rows split between
-threads, reaches ~30 GB/s: all of SmolLM2's linears at one row 23 -> 15 ms (BENCHMARKS.md). From
+threads, reaches ~30 GB/s: all of SmolLM2's linears at one row 26 -> 17 ms (BENCHMARKS.md). From
 3 rows on oneDNN is as fast or faster (engine/models/packed_linear.py picks).
 
 The library is compiled once per source, torch version and CPU (`-march=native`) into the

@@ -7,8 +7,8 @@ on the 2-core dev machine, all of SmolLM2's linears at 64 rows: 235 ms -> 115 ms
 products (AVX512-BF16/AMX): half the bytes to stream, and the same kernels at a higher rate.
 The plain `nn.Linear` stays the reference path.
 
-At 1-2 rows (a decode step of one or two sequences) a C++ kernel streaming the plain weight is faster
-still (engine/kernels/cpu.py): there the layer keeps both forms, twice the weight memory.
+At 1-2 rows (a decode step of one or two sequences) a C++ kernel streaming the plain weight is
+faster still (engine/kernels/cpu.py); for it the layer keeps both forms, twice the weight memory.
 """
 from __future__ import annotations
 
@@ -28,9 +28,9 @@ def onednn_available(dtype: torch.dtype = torch.float32) -> bool:
 
 
 # Up to this many rows the C++ kernel beats oneDNN's packed one: all of SmolLM2's linears in step
-# order, 2-core dev machine (benchmarks/cpu_kernels.py --parts streamed), ms, oneDNN / C++: float32
-# 1 row 23.3 / 15.3, 2 rows 26.9 / 19.5, 3 rows 21.1 / 22.2; bfloat16 14.4 / 9.2, 15.2 / 12.1,
-# 13.6 / 17.7.
+# order, 2-core dev machine (benchmarks/cpu_kernels.py --parts streamed; two runs in BENCHMARKS.md),
+# ms, oneDNN / C++: float32 1 row 26.0 / 17.2, 2 rows 28.6 / 19.6, 3 rows 24.6 / 21.1 (the other
+# run 21.1 / 22.2); bfloat16 13.4 / 9.6, 14.5 / 11.1, 13.3 / 16.9.
 SKINNY_MAX_ROWS = 2
 
 
