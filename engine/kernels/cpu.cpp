@@ -76,7 +76,8 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
                         const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(), "paged_decode: bad ranks");
   TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous() &&
-                  block_tables.is_contiguous() && context_lens.is_contiguous(), "paged_decode: inputs must be contiguous");
+                  block_tables.is_contiguous() && context_lens.is_contiguous(),
+              "paged_decode: inputs must be contiguous");
   TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
               "paged_decode: q and the cache must share a dtype");
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && context_lens.scalar_type() == at::kLong,
@@ -91,8 +92,10 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
   const int64_t* lens = context_lens.data_ptr<int64_t>();
   for (int64_t b = 0; b < batch; ++b) {
     TORCH_CHECK(lens[b] >= 1 && lens[b] <= width * block_size, "paged_decode: context length out of range");
-    for (int64_t i = 0; i < (lens[b] + block_size - 1) / block_size; ++i)
-      TORCH_CHECK(tables[b * width + i] >= 0 && tables[b * width + i] < num_blocks, "paged_decode: block id out of range");
+    for (int64_t i = 0; i < (lens[b] + block_size - 1) / block_size; ++i) {
+      const int64_t id = tables[b * width + i];
+      TORCH_CHECK(id >= 0 && id < num_blocks, "paged_decode: block id out of range");
+    }
   }
   at::Tensor out = at::empty_like(q);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode", [&] {

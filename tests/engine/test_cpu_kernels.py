@@ -52,7 +52,8 @@ def test_cpu_decode_rejects_what_would_read_outside_the_pool(change, message):
 @needs_kernel
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
 @pytest.mark.parametrize("rows", [1, 2, 3, 7])
-@pytest.mark.parametrize("out_features,in_features,bias", [(960, 576, False), (37, 1539, True)])  # 1539: not a multiple of 16
+# 1539 inputs: not a multiple of the vector width
+@pytest.mark.parametrize("out_features,in_features,bias", [(960, 576, False), (37, 1539, True)])
 def test_skinny_linear_matches_reference(dtype, tol, rows, out_features, in_features, bias):
     x = torch.randn(rows, in_features).to(dtype)
     w = (torch.randn(out_features, in_features) * in_features ** -0.5).to(dtype)
