@@ -9,7 +9,7 @@ import signal
 import sys
 import time
 
-from engine.config import ATTENTION_BACKENDS, DTYPES, LOAD_FORMATS, EngineConfig, parse_bytes
+from engine.config import ATTENTION_BACKENDS, DTYPES, LINEAR_BACKENDS, LOAD_FORMATS, EngineConfig, parse_bytes
 from server.guard import ServerOptions
 
 
@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=d.enable_prefix_caching,
                    help="reuse the KV blocks of prompt prefixes seen before")
     s.add_argument("--load-format", choices=LOAD_FORMATS, default=d.load_format, help="dummy = random weights, for benchmarks")
+    s.add_argument("--linear-backend", choices=LINEAR_BACKENDS, default=d.linear_backend,
+                   help="CPU linear layers: auto = oneDNN pre-packed weights plus a C++ kernel for decode steps of "
+                        "1-2 sequences (holds the weights twice); onednn = packed only; torch = the reference")
     s.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default=d.attention_backend,
                    help="decode attention: auto = the Triton paged kernel on CUDA where Triton is installed, "
                         "a C++ paged kernel on CPU where a C++ compiler is; torch = the reference")
@@ -65,7 +68,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_prefill_tokens_while_decoding=args.max_prefill_tokens_while_decoding,
         num_kv_blocks=args.num_kv_blocks, kv_cache_memory=args.kv_cache_memory,
         gpu_memory_utilization=args.gpu_memory_utilization, load_format=args.load_format, seed=args.seed,
-        attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
+        linear_backend=args.linear_backend, attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
         enable_prefix_caching=args.enable_prefix_caching,
     ).validate()
 

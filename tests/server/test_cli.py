@@ -10,7 +10,7 @@ FLAGS = ["--model", "--host", "--port", "--served-model-name", "--dtype", "--dev
          "--max-num-seqs", "--max-num-batched-tokens", "--block-size", "--num-kv-blocks", "--kv-cache-memory",
          "--gpu-memory-utilization", "--load-format", "--seed", "--log-level", "--api-key", "--max-queue-len",
          "--max-request-body", "--shutdown-timeout", "--enable-prefix-caching", "--no-enable-prefix-caching",
-         "--max-prefill-tokens-while-decoding"]
+         "--max-prefill-tokens-while-decoding", "--linear-backend", "--attention-backend", "--enforce-eager"]
 
 
 def test_help_documents_every_flag():
@@ -30,6 +30,10 @@ def test_flags_become_engine_config():
     capped = build_parser().parse_args(["serve", "--max-prefill-tokens-while-decoding", "256"])
     assert engine_config(capped).max_prefill_tokens_while_decoding == 256
     assert not engine_config(build_parser().parse_args(["serve", "--no-enable-prefix-caching"])).enable_prefix_caching
+    kernels = engine_config(build_parser().parse_args(["serve", "--linear-backend", "onednn",
+                                                       "--attention-backend", "torch"]))
+    assert (kernels.linear_backend, kernels.attention_backend) == ("onednn", "torch")
+    assert (cfg.linear_backend, cfg.attention_backend) == ("auto", "auto")
 
 
 def test_invalid_value_names_the_field():
