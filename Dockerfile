@@ -7,9 +7,9 @@ ARG BASE_IMAGE=python:3.11-slim
 FROM ${BASE_IMAGE}
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 
-# make, g++ (torch.compile builds the CPU decode-attention kernel with it at start-up; without it
-# the server falls back to the slower eager path), and Python where the base has none (CUDA
-# bases); versions come with the base's release.
+# make, g++ (the server builds its C++ CPU kernels, engine/kernels/cpu.cpp, with it at first
+# start; without it it falls back to the slower eager paths), and Python where the base has none
+# (CUDA bases); versions come with the base's release.
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends make g++ \

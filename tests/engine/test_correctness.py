@@ -7,6 +7,7 @@ import torch
 from engine import LLM, SamplingParams
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
+from engine.models.packed_linear import PackedLinear, onednn_available
 from tests.conftest import MAX_NEW_TOKENS, PASSAGE, hf_greedy
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS)
@@ -27,7 +28,7 @@ def llm(smollm2_dir):
 
 
 def test_one_batch_matches_hf(llm, reference_prompts, hf_reference):
-    packed = any("Packed" in type(m).__name__ for m in llm.engine.runner.model.modules())
+    packed = any(isinstance(m, PackedLinear) for m in llm.engine.runner.model.modules())
     assert packed == (llm.engine.config.linear_backend == "auto" and torch.backends.mkldnn.is_available())
     outs = llm.generate(reference_prompts, GREEDY)
     _assert_same(_tokens(outs), hf_reference)
@@ -160,11 +161,10 @@ def test_bfloat16_is_as_close_to_float32_as_hf_bfloat16(smollm2_dir, hf_smollm2,
     # further off than HF's own bf16 model is (a layout or rotary bug is off by whole nats).
     from transformers import AutoModelForCausalLM
 
-    from engine.models.packed_linear import onednn_available
 
     hf16 = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.bfloat16).eval()
     llm = LLM(str(smollm2_dir), dtype="bfloat16")
-    packed = any("Packed" in type(m).__name__ for m in llm.engine.runner.model.modules())
+    packed = any(isinstance(m, PackedLinear) for m in llm.engine.runner.model.modules())
     assert packed == onednn_available(torch.bfloat16)
     prompts = [reference_prompts[i] for i in (4, 7, 10)]
     outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=24, logprobs=0, prompt_logprobs=0))
