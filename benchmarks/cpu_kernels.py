@@ -11,7 +11,8 @@
    float32, so they stream from DRAM as in the engine), at 1-4 rows: oneDNN packed against the
    C++ skinny kernel (engine/kernels/cpu.cpp), float32 and bfloat16.
 3. Decode attention for one layer: the eager gather + SDPA (engine/attention.py) against the
-   C++ paged kernel (engine/kernels/cpu.cpp), float32 and bfloat16.
+   C++ paged kernel (engine/kernels/cpu.cpp), float32 and bfloat16, over 30 layers' pools in
+   turn so the cache is read from DRAM as in a step.
 
     python benchmarks/cpu_kernels.py --parts streamed,attention   # only the second and third
 """
@@ -106,23 +107,28 @@ def bench_linears_streamed() -> dict:
     return results
 
 
-def bench_attention() -> dict:
+def bench_attention(layers: int = 30) -> dict:
+    """Per layer, timed over `layers` distinct pools in turn as a step reads them: the KV cache
+    comes from DRAM, as in the engine, not from the CPU cache that one small pool would fit in."""
     heads, kv_heads, head_dim, bs = 9, 3, 64, 16
     results = {}
     built = cpu.available(torch.float32) and cpu.available(torch.bfloat16)
     for dtype in (torch.float32, torch.bfloat16):
-        for batch, ctx in ((1, 80), (16, 180), (64, 180), (64, 400)):
+        for batch, ctx in ((1, 80), (1, 1000), (16, 180), (64, 180), (64, 400)):
             width = -(-ctx // bs)
-            num_blocks = batch * width + 10
-            kv = torch.randn(2, num_blocks, bs, kv_heads, head_dim).to(dtype)
+            num_blocks = 2 * batch * width  # half of the pool unused: the blocks of a sequence lie scattered
             with torch.inference_mode():
-                tables = torch.randperm(num_blocks)[:batch * width].view(batch, width)
+                step = [(torch.randn(batch, heads, head_dim).to(dtype),
+                         torch.randn(2, num_blocks, bs, kv_heads, head_dim).to(dtype),
+                         torch.randperm(num_blocks)[:batch * width].view(batch, width)) for _ in range(layers)]
                 lens = torch.full((batch,), ctx)
                 mask = (torch.arange(width * bs)[None, :] < lens[:, None])[:, None, None, :]
-                q = torch.randn(batch, heads, head_dim).to(dtype)
-                row = {"eager gather + SDPA": median_ms(lambda: _decode(q, kv, tables, mask, head_dim ** -0.5))}
+                scale = head_dim ** -0.5
+                row = {"eager gather + SDPA": median_ms(
+                    lambda: [_decode(q, kv, tables, mask, scale) for q, kv, tables in step], reps=7) / layers}
                 if built:
-                    row["C++ paged"] = median_ms(lambda: cpu.paged_decode(q, kv, tables, lens, head_dim ** -0.5))
+                    row["C++ paged"] = median_ms(
+                        lambda: [cpu.paged_decode(q, kv, tables, lens, scale) for q, kv, tables in step], reps=7) / layers
             key = f"{str(dtype).removeprefix('torch.')} batch {batch} x {ctx} tokens"
             results[key] = row
             print(f"decode attention, one layer, {key}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in row.items()),

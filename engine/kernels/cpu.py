@@ -32,7 +32,11 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu.cpp")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC"]
+# Floating-point reassociation: without it the compiler ends every vectorised dot product with 16
+# scalar adds in lane order (bf16 decode attention 0.65 -> 0.43 ms a layer; both kernels are
+# tested against float64 references with tolerances, not bitwise).
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC",
+         "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"]
 
 
 def _cpu_fingerprint() -> str:
