@@ -127,8 +127,8 @@ def bench_attention(layers: int = 30) -> dict:
                 row = {"eager gather + SDPA": median_ms(
                     lambda: [_decode(q, kv, tables, mask, scale) for q, kv, tables in step], reps=7) / layers}
                 if built:
-                    row["C++ paged"] = median_ms(
-                        lambda: [cpu.paged_decode(q, kv, tables, lens, scale) for q, kv, tables in step], reps=7) / layers
+                    row["C++ paged"] = median_ms(lambda: [cpu.paged_decode(q, kv, tables, lens, scale)
+                                                          for q, kv, tables in step], reps=7) / layers
             key = f"{str(dtype).removeprefix('torch.')} batch {batch} x {ctx} tokens"
             results[key] = row
             print(f"decode attention, one layer, {key}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in row.items()),

@@ -59,7 +59,7 @@ class LLMEngine:
                                    config.max_prefill_tokens_while_decoding)
         graph_max_batch = 0 if config.enforce_eager or self.device.type != "cuda" else config.max_num_seqs
         if graph_max_batch:
-            model.compile_ops()
+            model.use_ops("compiled")
         self.runner = ModelRunner(model, self.hf_config, self.num_kv_blocks, config.block_size,
                                   self.device, self.dtype, config.seed, config.attention_backend,
                                   graph_max_batch, self.max_model_len, config.enforce_eager)

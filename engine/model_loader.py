@@ -210,6 +210,7 @@ def pick_dtype(dtype: str, hf_config, device: torch.device) -> torch.dtype:
 def build_model(src: ModelSource, hf_config, max_len: int, dtype: torch.dtype, device: torch.device,
                 load_format: str = "auto", linear_backend: str = "auto", enforce_eager: bool = False):
     """Our model of the checkpoint's shape, with its weights (or random ones for 'dummy')."""
+    from engine.kernels import cpu
     from engine.models.llama import LlamaForCausalLM
     from engine.models.packed_linear import onednn_available, pack_linears
 
@@ -224,11 +225,12 @@ def build_model(src: ModelSource, hf_config, max_len: int, dtype: torch.dtype, d
     if linear_backend == "onednn" and not packable:
         raise ValueError("linear_backend: 'onednn' needs a CPU with oneDNN and float32 (or bfloat16 where the CPU "
                          "has native bf16 dot products)")
+    cpp_kernels = device.type == "cpu" and not enforce_eager and cpu.available(dtype)
     if linear_backend != "torch" and packable:
-        from engine.kernels import cpu
-
         # "auto": the C++ kernel for decode steps of 1-2 rows where it builds
-        pack_linears(model, skinny=linear_backend == "auto" and not enforce_eager and cpu.available(dtype))
+        pack_linears(model, skinny=linear_backend == "auto" and cpp_kernels)
+    if cpp_kernels:
+        model.use_ops("cpp")
     return model
 
 

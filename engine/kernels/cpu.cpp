@@ -13,9 +13,31 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 namespace {
+
+// e^x in a form the compiler vectorises (std::exp is a scalar call): x = n ln2 + r, |r| <= ln2 / 2,
+// e^r by Cephes' expf polynomial (within ~1 ulp, as PyTorch's vectorised exp), 2^n put in the
+// exponent bits. fma throughout: the build allows reassociation, which must not touch the range
+// reduction. x is clamped to where 2^n stays a normal float (e^-87 ~ 1.6e-38, e^88 ~ 1.7e38).
+inline float exp_approx(float x) {
+  x = std::min(std::max(x, -87.f), 88.f);
+  const float n = std::nearbyint(x * 1.44269504f);
+  float r = std::fma(n, -0.693359375f, x);  // ln 2 in two parts, the first exact in few bits
+  r = std::fma(n, 2.12194440e-4f, r);
+  float p = std::fma(1.9875691500e-4f, r, 1.3981999507e-3f);
+  p = std::fma(p, r, 8.3334519073e-3f);
+  p = std::fma(p, r, 4.1665795894e-2f);
+  p = std::fma(p, r, 1.6666665459e-1f);
+  p = std::fma(p, r, 5.0000001201e-1f);
+  p = std::fma(p, r * r, r + 1.f);
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
 
 // Start loading `bytes` from p ahead of use. A sequence's blocks lie anywhere in the pool, so the
 // hardware prefetcher, which follows sequential addresses, loses the stream at every block edge:
@@ -62,7 +84,7 @@ void decode(const T* q, const T* k_cache, const T* v_cache, const int64_t* block
         float* s = scores.data() + h * len;
         const float max = *std::max_element(s, s + len);
         float sum = 0.f;
-        for (int64_t t = 0; t < len; ++t) sum += (s[t] = std::exp(s[t] - max));
+        for (int64_t t = 0; t < len; ++t) sum += (s[t] = exp_approx(s[t] - max));
         inv_sum[h] = 1.f / sum;
       }
 
@@ -119,7 +141,9 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
   }
   at::Tensor out = at::empty_like(q);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode", [&] {
-    auto* kernel = head_dim == 64 ? decode<scalar_t, 64> : head_dim == 128 ? decode<scalar_t, 128> : decode<scalar_t, 0>;
+    auto* kernel = head_dim == 64    ? decode<scalar_t, 64>
+                   : head_dim == 128 ? decode<scalar_t, 128>
+                                     : decode<scalar_t, 0>;
     kernel(q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(), tables, lens,
            out.data_ptr<scalar_t>(), batch, heads, kv_heads, head_dim, block_size, width, static_cast<float>(scale));
   });
@@ -162,15 +186,156 @@ at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& weight, const c1
   return y;
 }
 
+// The element-wise pieces of a layer, each one pass instead of five to ten eager kernels. They
+// round to T exactly where transformers' eager code does (each op's result is stored in the model
+// dtype), so bfloat16 agrees with it as well as float32; the arithmetic in between is float32.
+template <typename T>
+inline T round_to(float x) { return static_cast<T>(x); }
+
+// Rows of at least this many elements each are split between threads; below, one thread does all
+// (a parallel region costs a few microseconds, more than a decode step's rows take).
+constexpr int64_t kParallelElems = 1 << 15;
+
+inline int64_t grain(int64_t row_elems) {
+  return std::max<int64_t>(1, kParallelElems / std::max<int64_t>(row_elems, 1));
+}
+
+// x [T, H] (+ residual [T, H]) -> out = rms_norm(x + residual) * weight and, if wanted, sum = x + residual.
+template <typename T>
+void rms_norm_rows(const T* x, const T* residual, const T* weight, T* out, T* sum, int64_t rows, int64_t hidden,
+                   float eps) {
+  at::parallel_for(0, rows, grain(hidden), [&](int64_t begin, int64_t end) {
+    std::vector<float> h(hidden);
+    for (int64_t r = begin; r < end; ++r) {
+      const T* xr = x + r * hidden;
+      float squares = 0.f;
+      for (int64_t i = 0; i < hidden; ++i) {
+        const float v = residual ? static_cast<float>(round_to<T>(static_cast<float>(xr[i]) +
+                                                                  static_cast<float>(residual[r * hidden + i])))
+                                 : static_cast<float>(xr[i]);
+        h[i] = v;
+        squares += v * v;
+      }
+      const float inv_rms = 1.f / std::sqrt(squares / hidden + eps);
+      for (int64_t i = 0; i < hidden; ++i) {
+        if (sum) sum[r * hidden + i] = static_cast<T>(h[i]);
+        const float normed = static_cast<float>(round_to<T>(h[i] * inv_rms));
+        out[r * hidden + i] = round_to<T>(static_cast<float>(weight[i]) * normed);
+      }
+    }
+  });
+}
+
+// x [T, H] and weight [H] contiguous, of one dtype; a residual shaped like x.
+void check_norm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor* residual) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && weight.is_contiguous() && weight.numel() == x.size(1) &&
+                  weight.scalar_type() == x.scalar_type(), "rms_norm: x [T, H] and weight [H] of one dtype");
+  TORCH_CHECK(!residual || (residual->sizes() == x.sizes() && residual->is_contiguous() &&
+                            residual->scalar_type() == x.scalar_type()), "rms_norm: bad residual");
+}
+
+at::Tensor norm_into(const at::Tensor& x, const at::Tensor& weight, const at::Tensor* residual, at::Tensor* sum,
+                     double eps) {
+  at::Tensor out = at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rms_norm", [&] {
+    rms_norm_rows<scalar_t>(x.data_ptr<scalar_t>(), residual ? residual->data_ptr<scalar_t>() : nullptr,
+                            weight.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                            sum ? sum->data_ptr<scalar_t>() : nullptr, x.size(0), x.size(1), static_cast<float>(eps));
+  });
+  return out;
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  check_norm(x, weight, nullptr);
+  return norm_into(x, weight, nullptr, nullptr, eps);
+}
+
+// -> (x + residual, rms_norm(x + residual))
+std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& residual,
+                                                const at::Tensor& weight, double eps) {
+  check_norm(x, weight, &residual);
+  at::Tensor sum = at::empty_like(x);
+  at::Tensor out = norm_into(x, weight, &residual, &sum, eps);
+  return {sum, out};
+}
+
+// One head [D] rotated: x * cos + rotate_half(x) * sin, rotate_half(x) = (-x[D/2:], x[:D/2]).
+template <typename T>
+inline void rope_head(const T* x, const T* cos, const T* sin, T* out, int64_t head_dim) {
+  const int64_t half = head_dim / 2;
+  auto term = [](float a, T b) { return static_cast<float>(round_to<T>(a * static_cast<float>(b))); };
+  for (int64_t d = 0; d < half; ++d)  // two loops, not one with a branch: each vectorises
+    out[d] = round_to<T>(term(static_cast<float>(x[d]), cos[d]) + term(-static_cast<float>(x[d + half]), sin[d]));
+  for (int64_t d = half; d < head_dim; ++d)
+    out[d] = round_to<T>(term(static_cast<float>(x[d]), cos[d]) + term(static_cast<float>(x[d - half]), sin[d]));
+}
+
+// qkv [T, (heads + 2 kv_heads) * D]; cos, sin [T, D] -> q [T, heads, D], k [T, kv_heads, D], rotated.
+std::tuple<at::Tensor, at::Tensor> rope_qk(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                                           int64_t heads, int64_t kv_heads) {
+  TORCH_CHECK(qkv.dim() == 2 && cos.dim() == 2 && cos.sizes() == sin.sizes() && cos.size(0) == qkv.size(0),
+              "rope_qk: qkv [T, (heads + 2 kv_heads) * D] and cos, sin [T, D]");
+  const int64_t tokens = qkv.size(0), head_dim = cos.size(1), width = qkv.size(1);
+  TORCH_CHECK(head_dim % 2 == 0 && width == (heads + 2 * kv_heads) * head_dim, "rope_qk: head shapes disagree");
+  TORCH_CHECK(qkv.is_contiguous() && cos.is_contiguous() && sin.is_contiguous() &&
+                  cos.scalar_type() == qkv.scalar_type() && sin.scalar_type() == qkv.scalar_type(),
+              "rope_qk: inputs must be contiguous and of one dtype");
+  at::Tensor q = at::empty({tokens, heads, head_dim}, qkv.options());
+  at::Tensor k = at::empty({tokens, kv_heads, head_dim}, qkv.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(), "rope_qk", [&] {
+    const scalar_t *in = qkv.data_ptr<scalar_t>(), *c = cos.data_ptr<scalar_t>(), *s = sin.data_ptr<scalar_t>();
+    scalar_t *q_out = q.data_ptr<scalar_t>(), *k_out = k.data_ptr<scalar_t>();
+    at::parallel_for(0, tokens, grain(width), [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t)
+        for (int64_t h = 0; h < heads + kv_heads; ++h)  // q's heads, then k's
+          rope_head(in + t * width + h * head_dim, c + t * head_dim, s + t * head_dim,
+                    h < heads ? q_out + (t * heads + h) * head_dim : k_out + (t * kv_heads + h - heads) * head_dim,
+                    head_dim);
+    });
+  });
+  return {q, k};
+}
+
+// gate_up [T, 2 I] -> silu(gate) * up [T, I].
+at::Tensor silu_mul(const at::Tensor& gate_up) {
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.size(1) % 2 == 0 && gate_up.is_contiguous(),
+              "silu_mul: gate_up [T, 2 I], contiguous");
+  const int64_t tokens = gate_up.size(0), inter = gate_up.size(1) / 2;
+  at::Tensor out = at::empty({tokens, inter}, gate_up.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gate_up.scalar_type(), "silu_mul", [&] {
+    const scalar_t* in = gate_up.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, tokens, grain(2 * inter), [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const scalar_t *gate = in + t * 2 * inter, *up = gate + inter;
+        for (int64_t i = 0; i < inter; ++i) {
+          const float g = static_cast<float>(gate[i]);
+          const float act = static_cast<float>(round_to<scalar_t>(g / (1.f + exp_approx(-g))));
+          o[t * inter + i] = round_to<scalar_t>(act * static_cast<float>(up[i]));
+        }
+      }
+    });
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(kvserve, m) {
   m.def("paged_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor context_lens, "
         "float scale) -> Tensor");
   m.def("skinny_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)");
+  m.def("rope_qk(Tensor qkv, Tensor cos, Tensor sin, int heads, int kv_heads) -> (Tensor, Tensor)");
+  m.def("silu_mul(Tensor gate_up) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(kvserve, CPU, m) {
   m.impl("paged_decode", &paged_decode);
   m.impl("skinny_linear", &skinny_linear);
+  m.impl("rms_norm", &rms_norm);
+  m.impl("add_rms_norm", &add_rms_norm);
+  m.impl("rope_qk", &rope_qk);
+  m.impl("silu_mul", &silu_mul);
 }

@@ -46,15 +46,22 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 class Ops:
     """A layer's element-wise pieces. Eager they are the reference (five to ten small kernels
-    each); compiled (CUDA) each becomes one fused kernel, which matters when a decode step of a
-    small batch is mostly kernel launches."""
+    each). "compiled" (CUDA): torch.compile fuses each into one kernel, which matters when a decode
+    step of a small batch is mostly kernel launches. "cpp" (CPU): the C++ kernels of
+    engine/kernels/cpu.cpp, one pass each, rounding where the eager code rounds."""
 
-    def __init__(self, compiled: bool = False) -> None:
-        def wrap(fn):
-            return torch.compile(fn, dynamic=True, fullgraph=True) if compiled else fn
-
-        self.rms_norm, self.add_rms_norm = wrap(rms_norm), wrap(add_rms_norm)
-        self.rope_qkv, self.silu_mul = wrap(rope_qkv), wrap(silu_mul)
+    def __init__(self, kind: str = "eager") -> None:
+        if kind == "cpp":
+            from engine.kernels import cpu
+            fns = [cpu.rms_norm, cpu.add_rms_norm, cpu.rope_qkv, cpu.silu_mul]
+        else:
+            fns = [rms_norm, add_rms_norm, rope_qkv, silu_mul]
+        if kind == "compiled":
+            fns = [torch.compile(fn, dynamic=True, fullgraph=True) for fn in fns]
+        elif kind not in ("eager", "cpp"):
+            raise ValueError(f"unknown ops kind {kind!r}")
+        self.kind = kind
+        self.rms_norm, self.add_rms_norm, self.rope_qkv, self.silu_mul = fns
 
 
 EAGER_OPS = Ops()
@@ -179,9 +186,9 @@ class LlamaForCausalLM(nn.Module):
             h = layer(h, cos, sin, meta, kv_cache)
         return self.norm(h)
 
-    def compile_ops(self) -> None:
-        """Fuse the element-wise pieces with torch.compile (used on CUDA)."""
-        ops = Ops(compiled=True)
+    def use_ops(self, kind: str) -> None:
+        """Switch every layer's element-wise pieces to `kind` (see Ops)."""
+        ops = Ops(kind)
         for module in self.modules():
             if hasattr(module, "ops"):
                 module.ops = ops

@@ -1,6 +1,6 @@
-"""The C++ CPU kernels (paged decode attention, skinny linear): against float64 references, their
-input checks, the engine using them token-equal to transformers' generate(), and the eager
-fallback where they cannot be built."""
+"""The C++ CPU kernels (paged decode attention, skinny linear, the element-wise pieces): against
+references, their input checks, the engine using them token-equal to transformers' generate(),
+and the eager fallback where they cannot be built."""
 import functools
 
 import pytest
@@ -10,6 +10,7 @@ from engine.attention import _decode
 from engine.config import EngineConfig
 from engine.kernels import cpu
 from engine.llm_engine import LLMEngine
+from engine.models import llama
 from engine.models.packed_linear import SKINNY_MAX_ROWS, PackedLinear
 from tests.conftest import random_decode_batch
 from tests.engine.test_correctness import GREEDY, _assert_same, _run_staggered
@@ -76,6 +77,65 @@ def test_skinny_linear_rejects_mismatched_inputs():
         cpu.skinny_linear(x, w, torch.randn(5))
 
 
+def _elementwise_inputs(tokens: int, dtype: torch.dtype) -> dict:
+    """SmolLM2's shapes: hidden 576, 9 query and 3 KV heads of 64, intermediate 1536."""
+    cfg = type("Cfg", (), {"rope_parameters": {"rope_theta": 100000.0}, "head_dim": 64})()
+    cos, sin = llama.rope_tables(cfg, 2048)
+    positions = torch.randint(0, 2048, (tokens,))
+    return {"h": torch.randn(tokens, 576).to(dtype), "delta": torch.randn(tokens, 576).to(dtype),
+            "w": (torch.rand(576) + 0.5).to(dtype), "qkv": torch.randn(tokens, 960).to(dtype),
+            "cos": cos[positions].to(dtype).unsqueeze(1), "sin": sin[positions].to(dtype).unsqueeze(1),
+            "gate_up": (torch.randn(tokens, 3072) * 4).to(dtype)}
+
+
+def _elementwise(impl, x: dict) -> list[torch.Tensor]:
+    """Every output of the four pieces, computed by `impl` (the eager module or the kernels)."""
+    return [impl.rms_norm(x["h"], x["w"], 1e-5), *impl.add_rms_norm(x["h"], x["delta"], x["w"], 1e-5),
+            *impl.rope_qkv(x["qkv"], x["cos"], x["sin"], 9, 3, 64), impl.silu_mul(x["gate_up"])]
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tokens", [1, 3, 300])  # 300: split between threads
+def test_elementwise_kernels_match_eager(dtype, tokens):
+    x = _elementwise_inputs(tokens, dtype)
+    # within a few units of rounding of the dtype: the kernels round where the eager code does, and
+    # only float32 sums (the norm's) and exp differ in their last bits
+    eps = torch.finfo(dtype).eps
+    for got, want in zip(_elementwise(cpu, x), _elementwise(llama, x), strict=True):
+        assert got.shape == want.shape and got.dtype == dtype
+        torch.testing.assert_close(got, want, rtol=4 * eps, atol=eps)
+    if dtype == torch.float32:  # and close to the exact values, not merely to the eager float32 ones
+        exact = _elementwise(llama, {k: v.double() for k, v in x.items()})
+        for got, want in zip(_elementwise(cpu, x), exact, strict=True):
+            torch.testing.assert_close(got.double(), want, rtol=2e-6, atol=1e-6)
+
+
+@needs_kernel
+def test_silu_holds_its_accuracy_over_the_whole_range():
+    # the kernel's own vectorised exp: wide inputs, where e^-x overflows or underflows
+    g = torch.cat([torch.linspace(-120, 120, 400_001), torch.tensor([0.0, -1e-30, 1e-30, 88.5, -88.5])])
+    out = cpu.silu_mul(torch.cat([g, torch.ones_like(g)]).view(1, -1))[0].double()  # gate g, up 1
+    want = torch.nn.functional.silu(g.double())
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, want, rtol=5e-7, atol=1e-30)
+
+
+@needs_kernel
+def test_elementwise_kernels_reject_mismatched_inputs():
+    x = _elementwise_inputs(2, torch.float32)
+    with pytest.raises(RuntimeError, match="rms_norm"):
+        cpu.rms_norm(x["h"], x["w"][:10], 1e-5)
+    with pytest.raises(RuntimeError, match="bad residual"):
+        cpu.add_rms_norm(x["h"], x["delta"][:1], x["w"], 1e-5)
+    with pytest.raises(RuntimeError, match="head shapes disagree"):
+        cpu.rope_qkv(x["qkv"], x["cos"], x["sin"], 9, 2, 64)
+    with pytest.raises(RuntimeError, match="one dtype"):
+        cpu.rope_qkv(x["qkv"], x["cos"].double(), x["sin"], 9, 3, 64)
+    with pytest.raises(RuntimeError, match="silu_mul"):
+        cpu.silu_mul(x["gate_up"][:, :-1])
+
+
 @needs_kernel
 def test_engine_with_cpu_kernels_matches_hf(smollm2_dir, reference_prompts, hf_reference, monkeypatch):
     calls, linear_rows = [], set()
@@ -86,6 +146,7 @@ def test_engine_with_cpu_kernels_matches_hf(smollm2_dir, reference_prompts, hf_r
     engine = LLMEngine(EngineConfig(model=str(smollm2_dir), num_kv_blocks=40, max_num_batched_tokens=128))
     assert engine.runner.decode_backend == "cpp"  # the defaults on CPU where the kernels build
     assert all(m.weight is not None for m in engine.runner.model.modules() if isinstance(m, PackedLinear))
+    assert all(m.ops.kind == "cpp" for m in engine.runner.model.modules() if hasattr(m, "ops"))
     done = _run_staggered(engine, reference_prompts, GREEDY, every=2)
     _assert_same([done[str(i)][0] for i in range(len(reference_prompts))], hf_reference)
     assert engine.scheduler.num_preemptions > 0
@@ -103,6 +164,7 @@ def test_engine_falls_back_to_eager_without_a_compiler(smollm2_dir, monkeypatch,
         engine = LLMEngine(EngineConfig(model=str(smollm2_dir), num_kv_blocks=8))
     assert engine.runner.decode_backend == "torch"
     assert all(m.weight is None for m in engine.runner.model.modules() if isinstance(m, PackedLinear))
+    assert all(m.ops.kind == "eager" for m in engine.runner.model.modules() if hasattr(m, "ops"))
     assert "no-such-compiler" in caplog.text
     with pytest.raises(ValueError, match="'cpp' needs a working C\\+\\+ compiler"):
         LLMEngine(EngineConfig(model=str(smollm2_dir), num_kv_blocks=8, attention_backend="cpp"))
