@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 namespace {
@@ -46,8 +47,14 @@ inline void prefetch(const void* p, int64_t bytes) {
   for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(static_cast<const char*>(p) + off);
 }
 
-// One sequence at a time (the unit of parallel work), all its heads together: a token's keys for
-// every KV head lie side by side in the pool, so each is read once, in one contiguous run.
+// Work items are (sequence, stretch of its blocks): whole sequences when there are at least as many
+// as threads, else each sequence cut into stretches of at least kMinSplitBlocks blocks, so one long
+// sequence is not left to one core. An item handles all heads together: a token's keys for every
+// KV head lie side by side in the pool, so each is read once, in one contiguous run. It leaves an
+// unnormalised partial per head (max score m, sum of e^(s - m), sum of e^(s - m) v), and the
+// partials of a sequence are merged at the end, as flash-decoding does.
+constexpr int64_t kMinSplitBlocks = 8;
+
 // kHeadDim: head_dim as a compile-time constant for the common sizes (0: known at run time only).
 template <typename T, int kHeadDim>
 void decode(const T* q, const T* k_cache, const T* v_cache, const int64_t* block_tables,
@@ -56,18 +63,45 @@ void decode(const T* q, const T* k_cache, const T* v_cache, const int64_t* block
   const int64_t head_dim = kHeadDim ? kHeadDim : head_dim_arg;
   const int64_t group = heads / kv_heads, token_stride = kv_heads * head_dim, block_stride = block_size * token_stride;
   const int64_t row_bytes = token_stride * sizeof(T);
-  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores, qf(heads * head_dim), acc(heads * head_dim), inv_sum(heads);
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t len = context_lens[b], blocks = (len + block_size - 1) / block_size;
+  const int64_t max_blocks = (*std::max_element(context_lens, context_lens + batch) + block_size - 1) / block_size;
+  const int64_t threads = at::get_num_threads();
+  const int64_t splits = batch >= threads ? 1
+                         : std::max<int64_t>(1, std::min((threads + batch - 1) / batch, max_blocks / kMinSplitBlocks));
+  const int64_t per_split = (max_blocks + splits - 1) / splits;
+  const int64_t part = heads * (head_dim + 2);  // one partial: acc [heads, D], then max [heads], sum [heads]
+  std::vector<float> partials(batch * splits * part);
+
+  auto stretch = [&](int64_t item) {  // -> its blocks [first, last) of its sequence
+    const int64_t blocks = (context_lens[item / splits] + block_size - 1) / block_size;
+    const int64_t first = item % splits * per_split;
+    return std::make_pair(first, std::min(first + per_split, blocks));
+  };
+  auto first_key_block = [&](int64_t item) -> const T* {
+    const auto [first, last] = stretch(item);
+    return first < last ? k_cache + block_tables[item / splits * width + first] * block_stride : nullptr;
+  };
+
+  at::parallel_for(0, batch * splits, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores, qf(heads * head_dim);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / splits, len = context_lens[b];
+      const auto [first, last] = stretch(item);
+      float* acc = partials.data() + item * part;
+      float *max = acc + heads * head_dim, *sum = max + heads;
+      std::fill(acc, acc + part, 0.f);
+      if (first >= last) {  // a short sequence's empty stretch: weighs nothing in the merge
+        std::fill(max, max + heads, -std::numeric_limits<float>::infinity());
+        continue;
+      }
       const int64_t* table = block_tables + b * width;
-      scores.resize(heads * len);  // [heads, len]
+      const int64_t t0 = first * block_size, n = std::min(last * block_size, len) - t0;  // tokens t0 .. t0 + n
+      scores.resize(heads * n);  // [heads, n]
       for (int64_t i = 0; i < heads * head_dim; ++i) qf[i] = static_cast<float>(q[b * heads * head_dim + i]) * scale;
 
-      for (int64_t i = 0; i < blocks; ++i) {
+      for (int64_t i = first; i < last; ++i) {
         const T* block = k_cache + table[i] * block_stride;
-        const T* next = i + 1 < blocks ? k_cache + table[i + 1] * block_stride : v_cache + table[0] * block_stride;
-        for (int64_t j = 0, t = i * block_size; j < block_size && t < len; ++j, ++t) {
+        const T* next = i + 1 < last ? k_cache + table[i + 1] * block_stride : v_cache + table[first] * block_stride;
+        for (int64_t j = 0, t = i * block_size - t0; j < block_size && t < n; ++j, ++t) {
           prefetch(next + j * token_stride, row_bytes);
           for (int64_t h = 0; h < heads; ++h) {
             const T* k = block + j * token_stride + (h / group) * head_dim;
@@ -75,39 +109,55 @@ void decode(const T* q, const T* k_cache, const T* v_cache, const int64_t* block
             float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
             for (int64_t d = 0; d < head_dim; ++d) dot += qh[d] * static_cast<float>(k[d]);
-            scores[h * len + t] = dot;
+            scores[h * n + t] = dot;
           }
         }
       }
 
-      for (int64_t h = 0; h < heads; ++h) {  // softmax numerators in place; the division comes last
-        float* s = scores.data() + h * len;
-        const float max = *std::max_element(s, s + len);
-        float sum = 0.f;
-        for (int64_t t = 0; t < len; ++t) sum += (s[t] = exp_approx(s[t] - max));
-        inv_sum[h] = 1.f / sum;
+      for (int64_t h = 0; h < heads; ++h) {  // softmax numerators in place
+        float* s = scores.data() + h * n;
+        const float top = max[h] = *std::max_element(s, s + n);
+        float total = 0.f;  // a local, not sum[h]: the compiler cannot tell sum from s, and would not vectorise
+        for (int64_t t = 0; t < n; ++t) total += (s[t] = exp_approx(s[t] - top));
+        sum[h] = total;
       }
 
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t i = 0; i < blocks; ++i) {
+      for (int64_t i = first; i < last; ++i) {
         const T* block = v_cache + table[i] * block_stride;
-        const T* next = i + 1 < blocks ? v_cache + table[i + 1] * block_stride
-                        : b + 1 < end   ? k_cache + block_tables[(b + 1) * width] * block_stride  // the next sequence
-                                        : nullptr;
-        for (int64_t j = 0, t = i * block_size; j < block_size && t < len; ++j, ++t) {
+        const T* next = i + 1 < last ? v_cache + table[i + 1] * block_stride
+                        : item + 1 < end ? first_key_block(item + 1)  // the next item's
+                                         : nullptr;
+        for (int64_t j = 0, t = i * block_size - t0; j < block_size && t < n; ++j, ++t) {
           if (next) prefetch(next + j * token_stride, row_bytes);
           for (int64_t h = 0; h < heads; ++h) {
             const T* v = block + j * token_stride + (h / group) * head_dim;
-            const float p = scores[h * len + t];
-            float* a = acc.data() + h * head_dim;
+            const float p = scores[h * n + t];
+            float* a = acc + h * head_dim;
 #pragma omp simd
             for (int64_t d = 0; d < head_dim; ++d) a[d] += p * static_cast<float>(v[d]);
           }
         }
       }
-      for (int64_t h = 0; h < heads; ++h)
-        for (int64_t d = 0; d < head_dim; ++d)
-          out[(b * heads + h) * head_dim + d] = static_cast<T>(acc[h * head_dim + d] * inv_sum[h]);
+    }
+  });
+
+  // merge: weigh each partial by e^(its max - the overall max)
+  at::parallel_for(0, batch, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> o(head_dim);
+    for (int64_t b = begin; b < end; ++b) {
+      const float* mine = partials.data() + b * splits * part;
+      for (int64_t h = 0; h < heads; ++h) {
+        float top = -std::numeric_limits<float>::infinity(), total = 0.f;
+        for (int64_t sp = 0; sp < splits; ++sp) top = std::max(top, mine[sp * part + heads * head_dim + h]);
+        std::fill(o.begin(), o.end(), 0.f);
+        for (int64_t sp = 0; sp < splits; ++sp) {
+          const float* acc = mine + sp * part;
+          const float w = splits == 1 ? 1.f : std::exp(acc[heads * head_dim + h] - top);
+          total += w * acc[heads * head_dim + heads + h];
+          for (int64_t d = 0; d < head_dim; ++d) o[d] += w * acc[h * head_dim + d];
+        }
+        for (int64_t d = 0; d < head_dim; ++d) out[(b * heads + h) * head_dim + d] = static_cast<T>(o[d] / total);
+      }
     }
   });
 }

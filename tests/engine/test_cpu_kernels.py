@@ -35,6 +35,27 @@ def test_cpu_decode_matches_reference(dtype, tol, batch, max_len, heads, kv_head
 
 
 @needs_kernel
+@pytest.mark.parametrize("batch", [1, 3])
+def test_cpu_decode_splits_long_sequences_between_threads(batch):
+    # fewer sequences than threads: each is cut into stretches whose partials are merged; with 3
+    # sequences of which one is short, some stretches are empty
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        for trial in range(3):
+            kv = torch.randn(2, batch * 70 + 3, 16, 3, 64)
+            tables = torch.randperm(batch * 70 + 3)[:batch * 70].view(batch, 70)
+            lens = torch.tensor([1100, 5, 700][:batch])  # 1100: 69 blocks, four stretches at batch 1, two at 3
+            q = torch.randn(batch, 9, 64)
+            mask = (torch.arange(tables.shape[1] * 16)[None, :] < lens[:, None])[:, None, None, :]
+            ref = _decode(q.double(), kv.double(), tables, mask, 0.125)
+            out = cpu.paged_decode(q, kv, tables, lens, 0.125)
+            assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-5, trial
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_kernel
 @pytest.mark.parametrize("change,message", [
     (lambda t, lens: t.__setitem__((0, 0), 10_000), "block id out of range"),
     (lambda t, lens: t.__setitem__((1, 0), -1), "block id out of range"),
