@@ -13,6 +13,11 @@
 3. Decode attention for one layer: the eager gather + SDPA (engine/attention.py) against the
    C++ paged kernel (engine/kernels/cpu.cpp), float32 and bfloat16, over 30 layers' pools in
    turn so the cache is read from DRAM as in a step.
+4. The element-wise pieces of a step (30 layers x RMSNorm, add + RMSNorm, RoPE, SiLU-and-multiply)
+   at 1, 32 and 256 rows: eager (engine/models/llama.py) against the C++ kernels.
+5. Whole decode steps of the engine on the bundled model at batch 1 and 32, eager against C++
+   element-wise pieces, alternated every 8 steps in one process (so drift and the sequences'
+   growing context hit both alike).
 
     python benchmarks/cpu_kernels.py --parts streamed,attention   # only the second and third
 """
@@ -136,11 +141,64 @@ def bench_attention(layers: int = 30) -> dict:
     return results
 
 
+def bench_elementwise() -> dict:
+    from engine.models.llama import Ops
+
+    results = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        for rows in (1, 32, 256):
+            h, w = torch.randn(rows, 576).to(dtype), torch.rand(576).to(dtype)
+            qkv, gate_up = torch.randn(rows, 960).to(dtype), torch.randn(rows, 3072).to(dtype)
+            cos, sin = torch.randn(rows, 1, 64).to(dtype), torch.randn(rows, 1, 64).to(dtype)
+            row = {}
+            for kind in ("eager", "cpp"):
+                ops = Ops(kind)
+
+                def step():
+                    for _ in range(30):
+                        ops.rms_norm(h, w, 1e-5), ops.add_rms_norm(h, h, w, 1e-5)
+                        ops.rope_qkv(qkv, cos, sin, 9, 3, 64), ops.silu_mul(gate_up)
+                with torch.inference_mode():
+                    row[kind] = median_ms(step)
+            key = f"{str(dtype).removeprefix('torch.')} {rows} rows"
+            results[key] = row
+            print(f"element-wise pieces of one step, {key}: eager {row['eager']:.2f} ms, C++ {row['cpp']:.2f} ms",
+                  flush=True)
+    return results
+
+
+def bench_steps(rounds: int = 12) -> dict:
+    from engine import LLM, SamplingParams
+    from engine.model_loader import bundled_model_dir
+
+    results = {}
+    for batch in (1, 32):
+        llm = LLM(str(bundled_model_dir()), max_num_seqs=64)
+        engine, tokenizer = llm.engine, llm.get_tokenizer()
+        ids = tokenizer.encode("A river runs through the valley, past orchards and old stone mills. " * 8)[:63]
+        for i in range(batch):
+            engine.add_request(str(i), [i + 5] + ids, SamplingParams(temperature=0.0, max_tokens=1000, ignore_eos=True))
+        engine.step()  # the prefills
+        times: dict[str, list[float]] = {"eager": [], "cpp": []}
+        for _ in range(rounds):
+            for kind, samples in times.items():
+                engine.runner.model.use_ops(kind)
+                for _ in range(8):
+                    start = time.perf_counter()
+                    engine.step()
+                    samples.append((time.perf_counter() - start) * 1e3)
+        results[f"batch {batch}"] = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+        print(f"decode step, batch {batch}, element-wise pieces eager {results[f'batch {batch}']['eager']:.1f} ms, "
+              f"C++ {results[f'batch {batch}']['cpp']:.1f} ms", flush=True)
+        del llm, engine
+    return results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", default=None)
-    ap.add_argument("--parts", default="linears,streamed,attention",
-                    help="comma-separated: linears, streamed, attention")
+    ap.add_argument("--parts", default="linears,streamed,attention,elementwise,steps",
+                    help="comma-separated: linears, streamed, attention, elementwise, steps")
     args = ap.parse_args()
     parts = args.parts.split(",")
     torch.manual_seed(0)
@@ -151,6 +209,10 @@ def main() -> None:
         result["streamed_linears_ms_per_step"] = bench_linears_streamed()
     if "attention" in parts:
         result["decode_attention_ms_per_layer"] = bench_attention()
+    if "elementwise" in parts:
+        result["elementwise_ms_per_step"] = bench_elementwise()
+    if "steps" in parts:
+        result["decode_step_ms_elementwise_eager_vs_cpp"] = bench_steps()
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
