@@ -17,7 +17,8 @@ threads, reaches ~30 GB/s: all of SmolLM2's linears at one row 26 -> 17 ms (BENC
 Element-wise pieces (engine/models/llama.py Ops "cpp"): each one pass over its rows where eager
 PyTorch runs five to ten kernels and allocates between them; they round to the model dtype where
 the eager code does (bfloat16 results agree bit for bit in the tests' runs). A decode step, one
-process alternating eager and C++: batch 1 27.3 -> 24.3 ms, batch 32 88.6 -> 82.9 ms.
+process alternating eager and C++ (benchmarks/cpu_kernels.py --parts steps): batch 1 22.4 -> 19.6
+ms, batch 32 90.1 -> 86.8 ms.
 
 The library is compiled once per source, torch version and CPU (`-march=native`) into the
 kvserve cache directory (~10 s) and loaded from there afterwards. Where no C++ compiler works,
