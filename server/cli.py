@@ -148,7 +148,8 @@ def describe(engine) -> str:
             f"kv_blocks={engine.num_kv_blocks} x {c.block_size} tokens = {engine.num_kv_blocks * c.block_size} tokens "
             f"max_model_len={engine.max_model_len} max_num_seqs={c.max_num_seqs} "
             f"prefix_caching={'on' if c.enable_prefix_caching else 'off'} "
-            f"linears={linear_kinds(engine.runner.model)} decode_attention={engine.runner.decode_backend}")
+            f"linears={linear_kinds(engine.runner.model)} decode_attention={engine.runner.decode_backend} "
+            f"elementwise={engine.runner.model.norm.ops.kind}")
 
 
 def linear_kinds(model) -> str:
