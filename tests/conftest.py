@@ -80,6 +80,16 @@ def hf_reference(hf_smollm2, reference_prompts):
     return [hf_greedy(hf_smollm2, p, MAX_NEW_TOKENS) for p in reference_prompts]
 
 
+def decode_reference(q, kv, tables, lens, scale):
+    """The eager decode attention (engine/attention.py `_decode`) in float64, masked to each
+    sequence's context length: what a paged-decode kernel is checked against."""
+    from engine.attention import _decode
+
+    keys = torch.arange(tables.shape[1] * kv.shape[2], device=q.device)  # kv [2, blocks, block_size, ...]
+    mask = (keys[None, :] < lens[:, None])[:, None, None, :]
+    return _decode(q.double(), kv.double(), tables, mask, scale)
+
+
 def random_decode_batch(batch, heads, kv_heads, head_dim, block_size, dtype, device, max_len=300):
     """A decode step's inputs for a paged-attention kernel: q [batch, heads, D], a KV pool, block
     tables of distinct random blocks, context lengths in 1..max_len - 1."""

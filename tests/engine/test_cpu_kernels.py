@@ -6,14 +6,13 @@ import functools
 import pytest
 import torch
 
-from engine.attention import _decode
 from engine.config import EngineConfig
 from engine.kernels import cpu
 from engine.llm_engine import LLMEngine
 from engine.models import llama
 from engine.models.packed_linear import SKINNY_MAX_ROWS, PackedLinear
 from server.cli import describe
-from tests.conftest import random_decode_batch
+from tests.conftest import decode_reference, random_decode_batch
 from tests.engine.test_correctness import GREEDY, _assert_same, _run_staggered
 
 needs_kernel = pytest.mark.skipif(not cpu.available(), reason="the C++ kernel cannot be built here")
@@ -26,9 +25,7 @@ needs_kernel = pytest.mark.skipif(not cpu.available(), reason="the C++ kernel ca
 def test_cpu_decode_matches_reference(dtype, tol, batch, max_len, heads, kv_heads, head_dim):
     for trial in range(3):  # fresh inputs each time
         q, kv, tables, lens = random_decode_batch(batch, heads, kv_heads, head_dim, 16, dtype, "cpu", max_len)
-        keys = torch.arange(tables.shape[1] * 16)
-        mask = (keys[None, :] < lens[:, None])[:, None, None, :]
-        ref = _decode(q.double(), kv.double(), tables, mask, head_dim ** -0.5)  # float64 reference
+        ref = decode_reference(q, kv, tables, lens, head_dim ** -0.5)
         out = cpu.paged_decode(q, kv, tables, lens.long(), head_dim ** -0.5)
         assert out.shape == q.shape and out.dtype == dtype
         err = ((out.double() - ref).norm() / ref.norm()).item()
@@ -48,8 +45,7 @@ def test_cpu_decode_splits_long_sequences_between_threads(batch):
             tables = torch.randperm(batch * 70 + 3)[:batch * 70].view(batch, 70)
             lens = torch.tensor([1100, 5, 700][:batch])  # 1100: 69 blocks, four stretches at batch 1, two at 3
             q = torch.randn(batch, 9, 64)
-            mask = (torch.arange(tables.shape[1] * 16)[None, :] < lens[:, None])[:, None, None, :]
-            ref = _decode(q.double(), kv.double(), tables, mask, 0.125)
+            ref = decode_reference(q, kv, tables, lens, 0.125)
             out = cpu.paged_decode(q, kv, tables, lens, 0.125)
             assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-5, trial
     finally:

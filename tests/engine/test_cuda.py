@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
-from engine.attention import _decode
-from tests.conftest import hf_greedy, random_decode_batch
+from tests.conftest import decode_reference, hf_greedy, random_decode_batch
 from tests.engine.test_models import TINY
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -30,9 +29,7 @@ def test_triton_decode_matches_reference(dtype, tol, heads, kv_heads, head_dim, 
 
     for trial in range(3):  # fresh inputs each time
         q, kv, tables, lens = random_decode_batch(7, heads, kv_heads, head_dim, block_size, dtype, "cuda")
-        keys = torch.arange(tables.shape[1] * block_size, device="cuda")
-        mask = (keys[None, :] < lens[:, None])[:, None, None, :]
-        ref = _decode(q.double(), kv.double(), tables, mask, head_dim ** -0.5)  # float64 reference
+        ref = decode_reference(q, kv, tables, lens, head_dim ** -0.5)
         out = paged_decode(q, kv, tables, lens, head_dim ** -0.5)
         assert torch.isfinite(out).all()
         err = ((out.double() - ref).norm() / ref.norm()).item()
