@@ -12,6 +12,9 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -238,6 +241,180 @@ at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& weight, const c1
   return y;
 }
 
+// gguf_linear: x [M, K] float32 times a weight kept in its GGUF blocks (Q4_0, Q4_1, Q8_0: 32
+// weights along K share a scale d, and for Q4_1 a minimum m; a weight is d * q + m). Each group of
+// 32 output rows is dequantised in registers to exactly the float32 values transformers makes of
+// the file (d * q is exact in float32, so the one rounding is that of + m, fused or not), then
+// multiplied in float32. The model's arithmetic is unchanged; what changes is the 5-9 bits a weight
+// costs to stream instead of 32 (engine/models/gguf_linear.py repacks the blocks for this kernel).
+//
+// Repacked layout, per group of 32 output rows and block of 32 inputs (k):
+//   4-bit: 16 pairs of k x 32 rows, one byte each (low nibble k even, high k odd); scales [2][32]: d, m
+//   8-bit: 32 k x 32 rows, int8; scales [1][32]: d
+// so that one k's weights for 32 rows are contiguous, the layout a broadcast-x micro-kernel wants.
+#if defined(__AVX512F__)
+constexpr int kLanes = 16, kTileRows = 12;  // 12 x 2 accumulators + 2 weight vectors of 32 registers
+#elif defined(__AVX2__)
+constexpr int kLanes = 8, kTileRows = 2;  // 2 x 4 accumulators + 4 weight vectors of 16
+#else
+constexpr int kLanes = 4, kTileRows = 2;
+#endif
+typedef float vf __attribute__((vector_size(kLanes * sizeof(float))));
+typedef float v16f __attribute__((vector_size(16 * sizeof(float))));
+typedef int32_t v16i __attribute__((vector_size(16 * sizeof(int32_t))));
+constexpr int64_t kQBlock = 32, kQGroup = 32, kGroupVecs = kQGroup / kLanes;
+
+// 16 bytes widened to 16 int32 lanes (GCC's generic conversion of a byte vector goes through scalars)
+template <bool kSigned>
+inline v16i widen(const uint8_t* p) {
+  v16i out;
+#if defined(__AVX512F__)
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m512i w = kSigned ? _mm512_cvtepi8_epi32(b) : _mm512_cvtepu8_epi32(b);
+  std::memcpy(&out, &w, sizeof out);
+#elif defined(__AVX2__)
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)), b8 = _mm_srli_si128(b, 8);
+  const __m256i lo = kSigned ? _mm256_cvtepi8_epi32(b) : _mm256_cvtepu8_epi32(b);
+  const __m256i hi = kSigned ? _mm256_cvtepi8_epi32(b8) : _mm256_cvtepu8_epi32(b8);
+  std::memcpy(&out, &lo, sizeof lo);
+  std::memcpy(reinterpret_cast<char*>(&out) + sizeof lo, &hi, sizeof hi);
+#else
+  for (int i = 0; i < 16; ++i) out[i] = kSigned ? static_cast<int8_t>(p[i]) : p[i];
+#endif
+  return out;
+}
+
+template <typename V>
+inline V load_vec(const float* p) {
+  V v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+template <typename V>
+inline void store_vec(float* p, V v) { std::memcpy(p, &v, sizeof v); }
+
+// Block b of a group -> out [32 k][32 rows] float32.
+template <bool kFour>
+inline void dequant_block(const uint8_t* q, const float* scales, float* out, int64_t b) {
+  const float* s = scales + b * (kFour ? 2 : 1) * kQGroup;
+  const v16f d0 = load_vec<v16f>(s), d1 = load_vec<v16f>(s + 16);
+  if constexpr (kFour) {
+    const v16f m0 = load_vec<v16f>(s + 32), m1 = load_vec<v16f>(s + 48);
+    const uint8_t* qb = q + b * kQBlock * kQGroup / 2;
+    for (int j = 0; j < kQBlock / 2; ++j) {
+      const v16i a = widen<false>(qb + j * kQGroup), c = widen<false>(qb + j * kQGroup + 16);
+      float* even = out + 2 * j * kQGroup;
+      store_vec(even, d0 * __builtin_convertvector(a & 15, v16f) + m0);
+      store_vec(even + 16, d1 * __builtin_convertvector(c & 15, v16f) + m1);
+      store_vec(even + kQGroup, d0 * __builtin_convertvector(a >> 4, v16f) + m0);
+      store_vec(even + kQGroup + 16, d1 * __builtin_convertvector(c >> 4, v16f) + m1);
+    }
+  } else {
+    const uint8_t* qb = q + b * kQBlock * kQGroup;
+    for (int j = 0; j < kQBlock; ++j) {
+      store_vec(out + j * kQGroup, d0 * __builtin_convertvector(widen<true>(qb + j * kQGroup), v16f));
+      store_vec(out + j * kQGroup + 16, d1 * __builtin_convertvector(widen<true>(qb + j * kQGroup + 16), v16f));
+    }
+  }
+}
+
+// acc [R][32] += x rows [R] (row stride k_in, from column k0) times w [n][32], k0 .. k0 + n
+template <int R>
+inline void multiply(vf (&acc)[R][kGroupVecs], const float* x, int64_t k_in, int64_t k0, const float* w, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) {
+    vf wk[kGroupVecs];
+    for (int v = 0; v < kGroupVecs; ++v) wk[v] = load_vec<vf>(w + k * kQGroup + v * kLanes);
+    for (int r = 0; r < R; ++r) {
+      const vf xr = vf{} + x[r * k_in + k0 + k];  // a broadcast
+      for (int v = 0; v < kGroupVecs; ++v) acc[r][v] += xr * wk[v];
+    }
+  }
+}
+
+// y [R rows, stride ldy][cols <= 32] = acc (+ bias [32], zero-padded)
+template <int R>
+inline void store_rows(const vf (&acc)[R][kGroupVecs], const float* bias, float* y, int64_t ldy, int64_t cols) {
+  for (int r = 0; r < R; ++r) {
+    alignas(64) float row[kQGroup];
+    for (int v = 0; v < kGroupVecs; ++v)
+      store_vec(row + v * kLanes, acc[r][v] + (bias ? load_vec<vf>(bias + v * kLanes) : vf{}));
+    std::memcpy(y + r * ldy, row, cols * sizeof(float));
+  }
+}
+
+// Rows x the group's weight, with R a compile-time constant (1 .. kTileRows) picked at run time.
+// panel: the whole group dequantised ([K][32], shared by several tiles of rows); nullptr: a block at
+// a time into an L1 buffer, the only pass over the weight when all rows fit one tile.
+template <bool kFour, int R>
+void tile(const float* x, int64_t rows, int64_t k_in, const uint8_t* q, const float* scales, const float* panel,
+          const float* bias, float* y, int64_t ldy, int64_t cols) {
+  if constexpr (R > 1) {
+    if (rows < R) return tile<kFour, R - 1>(x, rows, k_in, q, scales, panel, bias, y, ldy, cols);
+  }
+  vf acc[R][kGroupVecs] = {};
+  if (panel) {
+    multiply<R>(acc, x, k_in, 0, panel, k_in);
+  } else {
+    alignas(64) float block[kQBlock * kQGroup];
+    for (int64_t b = 0; b < k_in / kQBlock; ++b) {
+      dequant_block<kFour>(q, scales, block, b);
+      multiply<R>(acc, x, k_in, b * kQBlock, block, kQBlock);
+    }
+  }
+  store_rows<R>(acc, bias, y, ldy, cols);
+}
+
+template <bool kFour>
+void gguf_matmul(const float* x, const uint8_t* q, const float* scales, const float* bias, float* y, int64_t rows,
+                 int64_t n_out, int64_t k_in) {
+  const int64_t groups = (n_out + kQGroup - 1) / kQGroup, blocks = k_in / kQBlock;
+  const int64_t group_bytes = k_in * kQGroup / (kFour ? 2 : 1), group_scales = blocks * (kFour ? 2 : 1) * kQGroup;
+  const int64_t tiles = (rows + kTileRows - 1) / kTileRows;
+  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> panel(tiles > 1 ? k_in * kQGroup : 0);
+    alignas(64) float group_bias[kQGroup] = {};
+    for (int64_t g = begin; g < end; ++g) {
+      const int64_t n0 = g * kQGroup, cols = std::min(kQGroup, n_out - n0);
+      if (bias) std::memcpy(group_bias, bias + n0, cols * sizeof(float));
+      const uint8_t* qg = q + g * group_bytes;
+      const float* sg = scales + g * group_scales;
+      if (tiles > 1)
+        for (int64_t b = 0; b < blocks; ++b) dequant_block<kFour>(qg, sg, panel.data() + b * kQBlock * kQGroup, b);
+      for (int64_t t = 0, r = 0; t < tiles; ++t) {  // tiles of equal height: 16 rows as 8 + 8, not 12 + 4
+        const int64_t h = (rows - r) / (tiles - t);
+        tile<kFour, kTileRows>(x + r * k_in, h, k_in, qg, sg, tiles > 1 ? panel.data() : nullptr,
+                               bias ? group_bias : nullptr, y + r * n_out + n0, n_out, cols);
+        r += h;
+      }
+    }
+  });
+}
+
+// x [M, K] float32; q [groups, K / 32, 512 or 1024] uint8; scales [groups, K / 32, 2 or 1, 32] float32
+// (2: 4-bit with minimums, 1: 8-bit); bias [N] or None -> [M, N]
+at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales, int64_t n_out,
+                       const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "gguf_linear: x must be a "
+              "contiguous float32 matrix");
+  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kByte && q.is_contiguous() && scales.dim() == 4 &&
+              scales.scalar_type() == at::kFloat && scales.is_contiguous(), "gguf_linear: bad weight blocks");
+  const int64_t k_in = x.size(1), groups = q.size(0);
+  const bool four = scales.size(2) == 2;
+  const int64_t block_bytes = kQBlock * kQGroup / (four ? 2 : 1);
+  TORCH_CHECK(k_in % kQBlock == 0 && q.size(1) == k_in / kQBlock && q.size(2) == block_bytes &&
+              scales.size(0) == groups && scales.size(1) == q.size(1) && scales.size(3) == kQGroup &&
+              (groups - 1) * kQGroup < n_out && n_out <= groups * kQGroup, "gguf_linear: shapes disagree");
+  const bool has_bias = bias.has_value() && bias->defined();
+  TORCH_CHECK(!has_bias || (bias->is_contiguous() && bias->numel() == n_out && bias->scalar_type() == at::kFloat),
+              "gguf_linear: bad bias");
+  at::Tensor y = at::empty({x.size(0), n_out}, x.options());
+  (four ? gguf_matmul<true> : gguf_matmul<false>)(x.data_ptr<float>(), q.data_ptr<uint8_t>(), scales.data_ptr<float>(),
+                                                  has_bias ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>(),
+                                                  x.size(0), n_out, k_in);
+  return y;
+}
+
 // The element-wise pieces of a layer, each one pass instead of five to ten eager kernels. They
 // round to T exactly where transformers' eager code does (each op's result is stored in the model
 // dtype), so bfloat16 agrees with it as well as float32; the arithmetic in between is float32.
@@ -377,6 +554,7 @@ TORCH_LIBRARY(kvserve, m) {
   m.def("paged_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor context_lens, "
         "float scale) -> Tensor");
   m.def("skinny_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("gguf_linear(Tensor x, Tensor q, Tensor scales, int n_out, Tensor? bias) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)");
   m.def("rope_qk(Tensor qkv, Tensor cos, Tensor sin, int heads, int kv_heads) -> (Tensor, Tensor)");
@@ -386,6 +564,7 @@ TORCH_LIBRARY(kvserve, m) {
 TORCH_LIBRARY_IMPL(kvserve, CPU, m) {
   m.impl("paged_decode", &paged_decode);
   m.impl("skinny_linear", &skinny_linear);
+  m.impl("gguf_linear", &gguf_linear);
   m.impl("rms_norm", &rms_norm);
   m.impl("add_rms_norm", &add_rms_norm);
   m.impl("rope_qk", &rope_qk);

@@ -103,6 +103,13 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return torch.ops.kvserve.skinny_linear(x.contiguous(), weight, bias)
 
 
+def gguf_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, out_features: int,
+                bias: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K] float32; q, scales: GGUF blocks repacked by engine/models/gguf_linear.py; bias [N]
+    -> [M, N]."""
+    return torch.ops.kvserve.gguf_linear(x.contiguous(), q, scales, out_features, bias)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x [T, H]; weight [H] -> [T, H], as engine/models/llama.py rms_norm."""
     return torch.ops.kvserve.rms_norm(x.contiguous(), weight, eps)
@@ -150,11 +157,27 @@ def _probe(dtype: torch.dtype) -> bool:
         want = torch.nn.functional.linear(x.float(), w.float(), b.float()).to(dtype)
         torch.testing.assert_close(skinny_linear(x, w, b), want)
         _probe_elementwise(dtype)
+        if dtype == torch.float32:
+            _probe_gguf()
         return True
     except Exception as e:  # no compiler, no headers, a broken toolchain: the eager paths still work
         log.warning("C++ CPU kernels unavailable (%s: %s); using the eager paths",
                     type(e).__name__, str(e).splitlines()[0] if str(e) else "")
         return False
+
+
+def _probe_gguf() -> None:
+    from engine.models.gguf_linear import Blocks
+
+    x = torch.rand(13, 64)  # 13 rows: more than one tile of rows on every instruction set
+    for m in (torch.rand(40, 2), None):  # 4-bit with minimums, 8-bit
+        q = torch.randint(0, 16, (40, 64), dtype=torch.uint8) if m is not None else torch.randint(
+            -128, 128, (40, 64), dtype=torch.int8)
+        blocks = Blocks(q, torch.rand(40, 2), m)
+        w = blocks.dequantize().double()
+        error = (gguf_linear(x, *blocks.pack(), 40, None) - x.double() @ w.T).abs()
+        if not (error <= 1e-6 * (x.double() @ w.abs().T)).all():  # float32 sums of positive terms
+            raise AssertionError(f"gguf_linear disagrees with float64 by up to {error.max():.3g}")
 
 
 def _probe_elementwise(dtype: torch.dtype) -> None:

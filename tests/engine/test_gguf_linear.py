@@ -1,0 +1,103 @@
+"""Linear layers on a GGUF file's own blocks (engine/models/gguf_linear.py, the C++ gguf_linear
+kernel): parsing against the gguf package, the kernel against float64, and the swap in a model,
+which must happen only where the blocks reproduce the float32 weight bit for bit."""
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, quants
+
+from engine.kernels import cpu
+from engine.model_loader import bundled_gguf_path, iter_weights, load_hf_config, resolve_source
+from engine.models.gguf_linear import Blocks, GGUFLinear, read_gguf_blocks, use_gguf_linears
+from engine.models.llama import LlamaForCausalLM
+
+needs_kernel = pytest.mark.skipif(not cpu.available(), reason="the C++ kernel cannot be built here")
+KINDS = ["Q4_0", "Q4_1", "Q8_0"]
+
+
+def _quantized(kind: str, n: int, k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """-> (the gguf package's blocks of a random [n, k] matrix, its own dequantisation of them)"""
+    w = np.random.default_rng(seed).standard_normal((n, k)).astype(np.float32)
+    raw = quants.quantize(w, GGMLQuantizationType[kind])
+    return raw, quants.dequantize(raw, GGMLQuantizationType[kind])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_blocks_dequantize_as_the_gguf_package_does(kind):
+    raw, want = _quantized(kind, 40, 96)
+    blocks = Blocks.from_gguf(kind, raw, 40, 96)
+    assert torch.equal(blocks.dequantize(), torch.from_numpy(want))  # bit for bit
+    assert torch.equal(blocks.rows(torch.tensor([3, 0])).dequantize(), torch.from_numpy(want[[3, 0]]))
+
+
+def _reference(x: torch.Tensor, blocks: Blocks, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (x . W^T + bias in float64, the scale of its terms: |x| . |W|^T + |bias|)"""
+    w = blocks.dequantize().double()
+    b = torch.zeros(w.shape[0], dtype=torch.float64) if bias is None else bias.double()
+    return x.double() @ w.T + b, x.double().abs() @ w.abs().T + b.abs()
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("rows", [1, 2, 5, 12, 13, 16, 25, 100])  # one tile of rows, several, uneven ones
+@pytest.mark.parametrize("out_features,in_features,bias", [(96, 64, False), (70, 160, True)])  # 70: a partial group
+def test_gguf_linear_matches_float64(kind, rows, out_features, in_features, bias):
+    raw, _ = _quantized(kind, out_features, in_features, seed=rows)
+    blocks = Blocks.from_gguf(kind, raw, out_features, in_features)
+    b = torch.randn(out_features) if bias else None
+    x = torch.randn(rows, in_features)
+    got = GGUFLinear(blocks, b)(x)
+    want, scale = _reference(x, blocks, b)
+    assert got.shape == (rows, out_features) and got.dtype == torch.float32
+    assert ((got.double() - want).abs() <= 1e-6 * scale).all()  # float32 sums, in some order
+
+
+@needs_kernel
+def test_gguf_linear_rejects_mismatched_inputs():
+    raw, _ = _quantized("Q4_1", 64, 64)
+    q, scales = Blocks.from_gguf("Q4_1", raw, 64, 64).pack()
+    x = torch.randn(3, 64)
+    with pytest.raises(RuntimeError, match="shapes disagree"):
+        cpu.gguf_linear(torch.randn(3, 96), q, scales, 64, None)
+    with pytest.raises(RuntimeError, match="shapes disagree"):
+        cpu.gguf_linear(x, q, scales, 65, None)  # more outputs than the groups hold
+    with pytest.raises(RuntimeError, match="float32"):
+        cpu.gguf_linear(x.double(), q, scales, 64, None)
+    with pytest.raises(RuntimeError, match="bad bias"):
+        cpu.gguf_linear(x, q, scales, 64, torch.randn(63))
+
+
+def _float32_model(model_dir):
+    src = resolve_source(str(model_dir))
+    cfg = load_hf_config(src)
+    model = LlamaForCausalLM(cfg, 64)
+    model.load_weights(iter_weights(src))
+    return model.eval().requires_grad_(False), cfg
+
+
+@needs_kernel
+def test_bundled_model_swaps_every_linear_and_computes_the_same(smollm2_dir):
+    model, cfg = _float32_model(smollm2_dir)
+    assert resolve_source(None).gguf_origin == bundled_gguf_path()  # the converted directory knows its GGUF
+    x = torch.randn(5, cfg.hidden_size)
+    layer = model.layers[7].self_attn.qkv_proj  # q and k rows re-ordered as transformers loads them
+    want = layer(x)
+    swapped = use_gguf_linears(model, bundled_gguf_path(), cfg)
+    assert swapped == 4 * cfg.num_hidden_layers + 1  # qkv, o, gate_up, down in each layer, and lm_head
+    assert isinstance(model.layers[7].self_attn.qkv_proj, GGUFLinear) and isinstance(model.lm_head, GGUFLinear)
+    got = model.layers[7].self_attn.qkv_proj(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_layer_its_blocks_do_not_reproduce_stays_float32(smollm2_dir):
+    model, cfg = _float32_model(smollm2_dir)
+    model.layers[3].mlp.down_proj.weight.data[5, 7] += 1e-3  # no longer what the file holds
+    swapped = use_gguf_linears(model, bundled_gguf_path(), cfg)
+    assert swapped == 4 * cfg.num_hidden_layers
+    assert type(model.layers[3].mlp.down_proj) is torch.nn.Linear
+
+
+def test_read_gguf_blocks_finds_the_bundled_layers():
+    blocks = read_gguf_blocks(bundled_gguf_path())
+    assert blocks["blk.0.attn_q.weight"].q.shape == (576, 576) and blocks["blk.0.attn_q.weight"].m is not None
+    assert blocks["token_embd.weight"].q.shape == (49152, 576) and blocks["token_embd.weight"].m is None  # Q8_0
