@@ -32,8 +32,10 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
     load_format: str = "auto"
-    # "auto": oneDNN pre-packed weights on CPU (float32, or bfloat16 where the CPU has bf16 dot
-    # products) plus the C++ kernel for 1-2 rows; "onednn": the packed weights only; "torch": plain
+    # "auto", on CPU: float32 layers of a model converted from a GGUF multiply with its quantised
+    # blocks (a C++ kernel, lossless: used only where the blocks reproduce the float32 weight bit for
+    # bit); the rest use oneDNN pre-packed weights (float32, or bfloat16 where the CPU has bf16 dot
+    # products) plus the C++ kernel for 1-2 rows. "onednn": the packed weights only; "torch": plain
     # nn.Linear everywhere (the reference)
     linear_backend: str = "auto"
     # decode attention. "auto": the Triton paged kernel on CUDA where Triton is installed; on CPU

@@ -31,6 +31,13 @@ class ModelSource:
     path: Path  # a directory holding config.json or the .gguf file
     gguf_file: str | None = None  # file name inside `path` when loading from GGUF
     name: str = ""  # what the server calls the model by default
+    # The GGUF file the float32 weights were dequantised from (a .gguf model, or a directory
+    # converted from one): its quantised blocks can serve the linear layers directly.
+    gguf_origin: Path | None = None
+
+
+# Written into a directory converted from a GGUF file: {"gguf": "<path of that file>"}.
+GGUF_ORIGIN_FILE = "kvserve_gguf_origin.json"
 
 
 def cache_root() -> Path:
@@ -58,7 +65,21 @@ def bundled_model_dir() -> Path:
     if not (out / "config.json").exists():
         logger.info("converting %s to %s (once)", gguf.name, out)
         convert_gguf_to_hf_dir(gguf, out)
+    origin = out / GGUF_ORIGIN_FILE
+    if _gguf_origin(out) != gguf:  # directories converted before the file existed, or a moved package
+        fd, tmp = tempfile.mkstemp(dir=out)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"gguf": str(gguf)}, f)
+        os.replace(tmp, origin)
     return out
+
+
+def _gguf_origin(directory: Path) -> Path | None:
+    try:
+        path = Path(json.loads((directory / GGUF_ORIGIN_FILE).read_text())["gguf"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return path if path.is_file() else None
 
 
 def convert_gguf_to_hf_dir(gguf: Path, out: Path) -> None:
@@ -94,14 +115,15 @@ def convert_gguf_to_hf_dir(gguf: Path, out: Path) -> None:
 
 def resolve_source(model: str | None) -> ModelSource:
     if model is None:
-        return ModelSource(bundled_model_dir(), None, BUNDLED_NAME)
+        directory = bundled_model_dir()
+        return ModelSource(directory, None, BUNDLED_NAME, _gguf_origin(directory))
     path = Path(model).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        return ModelSource(path.parent, path.name, path.stem)
+        return ModelSource(path.parent, path.name, path.stem, path)
     if path.is_dir():
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model directory")
-        return ModelSource(path, None, path.name)
+        return ModelSource(path, None, path.name, _gguf_origin(path))
     if path.exists() or model.startswith((".", "/", "~")):
         raise FileNotFoundError(f"model {model!r}: expected a Hugging Face directory or a .gguf file")
     return ModelSource(_download_from_hub(model), None, model)
@@ -212,6 +234,7 @@ def build_model(src: ModelSource, hf_config, max_len: int, dtype: torch.dtype, d
     """Our model of the checkpoint's shape, with its weights (or random ones for 'dummy')."""
     from engine.kernels import cpu
     from engine.models.llama import LlamaForCausalLM
+    from engine.models.gguf_linear import use_gguf_linears
     from engine.models.packed_linear import onednn_available, pack_linears
 
     with torch.device(device):
@@ -226,8 +249,12 @@ def build_model(src: ModelSource, hf_config, max_len: int, dtype: torch.dtype, d
         raise ValueError("linear_backend: 'onednn' needs a CPU with oneDNN and float32 (or bfloat16 where the CPU "
                          "has native bf16 dot products)")
     cpp_kernels = device.type == "cpu" and not enforce_eager and cpu.available(dtype)
+    if (linear_backend == "auto" and cpp_kernels and dtype == torch.float32 and load_format != "dummy"
+            and src.gguf_origin is not None):
+        n = use_gguf_linears(model, src.gguf_origin, hf_config)
+        logger.info("%d linear layers multiply with the GGUF blocks of %s", n, src.gguf_origin.name)
     if linear_backend != "torch" and packable:
-        # "auto": the C++ kernel for decode steps of 1-2 rows where it builds
+        # the rest; "auto": the C++ kernel for decode steps of 1-2 rows where it builds
         pack_linears(model, skinny=linear_backend == "auto" and cpp_kernels)
     if cpp_kernels:
         model.use_ops("cpp")

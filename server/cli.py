@@ -153,9 +153,17 @@ def describe(engine) -> str:
 
 
 def linear_kinds(model) -> str:
+    """The linear layers' kinds, e.g. "gguf" (all GGUF blocks), "onednn+cpp", "gguf,onednn"."""
+    from torch import nn
+
+    from engine.models.gguf_linear import GGUFLinear
     from engine.models.packed_linear import PackedLinear
 
-    packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
-    if not packed:
-        return "torch"
-    return "onednn+cpp" if packed[0].weight is not None else "onednn"
+    def kind(m) -> str | None:
+        if isinstance(m, GGUFLinear):
+            return "gguf"
+        if isinstance(m, PackedLinear):
+            return "onednn+cpp" if m.weight is not None else "onednn"
+        return "torch" if isinstance(m, nn.Linear) else None
+
+    return ",".join(sorted({k for k in map(kind, model.modules()) if k}))

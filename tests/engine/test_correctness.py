@@ -7,7 +7,9 @@ import torch
 from engine import LLM, SamplingParams
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
+from engine.kernels import cpu
 from engine.models.packed_linear import PackedLinear, onednn_available
+from server.cli import linear_kinds
 from tests.conftest import MAX_NEW_TOKENS, PASSAGE, hf_greedy
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS)
@@ -28,8 +30,9 @@ def llm(smollm2_dir):
 
 
 def test_one_batch_matches_hf(llm, reference_prompts, hf_reference):
-    packed = any(isinstance(m, PackedLinear) for m in llm.engine.runner.model.modules())
-    assert packed == (llm.engine.config.linear_backend == "auto" and torch.backends.mkldnn.is_available())
+    # the fast path: the GGUF file's own blocks where the C++ kernels build, else oneDNN packed weights
+    fast = "gguf" if cpu.available() else "onednn" if torch.backends.mkldnn.is_available() else "torch"
+    assert linear_kinds(llm.engine.runner.model) == fast
     outs = llm.generate(reference_prompts, GREEDY)
     _assert_same(_tokens(outs), hf_reference)
     assert all(len(o.outputs[0].token_ids) >= 1 for o in outs)

@@ -1,7 +1,9 @@
 """The C++ CPU kernels (paged decode attention, skinny linear, the element-wise pieces): against
-references, their input checks, the engine using them token-equal to transformers' generate(),
-and the eager fallback where they cannot be built."""
+references, their input checks, the engine using them token-equal to transformers' generate()
+(with the GGUF-block linears of test_gguf_linear.py too), and the eager fallback where they
+cannot be built."""
 import functools
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +11,7 @@ import torch
 from engine.config import EngineConfig
 from engine.kernels import cpu
 from engine.llm_engine import LLMEngine
+from engine.model_loader import GGUF_ORIGIN_FILE
 from engine.models import llama
 from engine.models.packed_linear import SKINNY_MAX_ROWS, PackedLinear
 from server.cli import describe
@@ -154,23 +157,37 @@ def test_elementwise_kernels_reject_mismatched_inputs():
         cpu.silu_mul(x["gate_up"][:, :-1])
 
 
+def _without_gguf_origin(model_dir: Path, tmp_path: Path) -> Path:
+    """The same model as a plain HF directory (links to its files), as a user's own would be."""
+    for f in model_dir.iterdir():
+        if f.name != GGUF_ORIGIN_FILE:
+            (tmp_path / f.name).symlink_to(f)
+    return tmp_path
+
+
 @needs_kernel
-def test_engine_with_cpu_kernels_matches_hf(smollm2_dir, reference_prompts, hf_reference, monkeypatch):
+@pytest.mark.parametrize("linears", ["gguf", "onednn+cpp"])
+def test_engine_with_cpu_kernels_matches_hf(linears, smollm2_dir, reference_prompts, hf_reference, monkeypatch,
+                                            tmp_path):
     calls, linear_rows = [], set()
-    attend, linear = cpu.paged_decode, cpu.skinny_linear
+    attend, linear = cpu.paged_decode, cpu.gguf_linear if linears == "gguf" else cpu.skinny_linear
     monkeypatch.setattr(cpu, "paged_decode", lambda *a: calls.append(a[2].shape[0]) or attend(*a))
-    monkeypatch.setattr(cpu, "skinny_linear", lambda *a: linear_rows.add(a[0].shape[0]) or linear(*a))
+    monkeypatch.setattr(cpu, linear.__name__, lambda *a: linear_rows.add(a[0].shape[0]) or linear(*a))
+    # "gguf": the bundled model, converted from its GGUF; "onednn+cpp": the same weights in a plain HF directory
+    model_dir = smollm2_dir if linears == "gguf" else _without_gguf_origin(smollm2_dir, tmp_path)
     # a pool too small for all: preempted requests recompute, with prefills and decodes in one step
-    engine = LLMEngine(EngineConfig(model=str(smollm2_dir), num_kv_blocks=40, max_num_batched_tokens=128))
+    engine = LLMEngine(EngineConfig(model=str(model_dir), num_kv_blocks=40, max_num_batched_tokens=128))
     assert engine.runner.decode_backend == "cpp"  # the defaults on CPU where the kernels build
-    assert all(m.weight is not None for m in engine.runner.model.modules() if isinstance(m, PackedLinear))
     assert all(m.ops.kind == "cpp" for m in engine.runner.model.modules() if hasattr(m, "ops"))
-    assert "linears=onednn+cpp decode_attention=cpp elementwise=cpp" in describe(engine)  # the startup line
+    assert f"linears={linears} decode_attention=cpp elementwise=cpp" in describe(engine)  # the startup line
     done = _run_staggered(engine, reference_prompts, GREEDY, every=2)
     _assert_same([done[str(i)][0] for i in range(len(reference_prompts))], hf_reference)
     assert engine.scheduler.num_preemptions > 0
     assert 1 in calls and max(calls) > 4  # batches of one and of many went through the attention kernel
-    assert linear_rows == set(range(1, SKINNY_MAX_ROWS + 1))  # and steps of 1-2 rows through the linear one
+    if linears == "gguf":  # every linear, every step: decodes, prefills, both in one step
+        assert {1, 2, 3} <= linear_rows and max(linear_rows) > 100
+    else:  # steps of 1-2 rows through the skinny kernel
+        assert linear_rows == set(range(1, SKINNY_MAX_ROWS + 1))
 
 
 def test_engine_falls_back_to_eager_without_a_compiler(smollm2_dir, monkeypatch, caplog, tmp_path):
