@@ -18,12 +18,18 @@
 5. Whole decode steps of the engine on the bundled model at batch 1 and 32, eager against C++
    element-wise pieces, alternated every 8 steps in one process (so drift and the sequences'
    growing context hit both alike).
+6. gguf: the linears of one step on the bundled GGUF's own blocks (engine/models/gguf_linear.py)
+   against oneDNN packed and the C++ skinny kernel on the same float32 weights, 1-256 rows,
+   interleaved.
+7. gguf_steps: whole decode steps at batch 1, 16 and 32, linears on the GGUF blocks against
+   oneDNN + skinny, alternated in one engine as in 5.
 
     python benchmarks/cpu_kernels.py --parts streamed,attention   # only the second and third
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -167,38 +173,129 @@ def bench_elementwise() -> dict:
     return results
 
 
-def bench_steps(rounds: int = 12) -> dict:
+def _decoding_engine(model_dir: str, batch: int):
+    """An engine on the bundled model with `batch` sequences past their prefill, decoding."""
     from engine import LLM, SamplingParams
+
+    llm = LLM(model_dir, max_num_seqs=64)
+    ids = llm.get_tokenizer().encode("A river runs through the valley, past orchards and old stone mills. " * 8)[:63]
+    for i in range(batch):
+        llm.engine.add_request(str(i), [i + 5] + ids, SamplingParams(temperature=0.0, max_tokens=1000, ignore_eos=True))
+    llm.engine.step()  # the prefills
+    return llm
+
+
+def _alternate(engine, setups: dict, rounds: int) -> dict[str, float]:
+    """Median step time (ms) under each setup (name -> function applying it), switching every 8
+    steps so drift and the sequences' growing context hit all alike."""
+    times: dict[str, list[float]] = {name: [] for name in setups}
+    for _ in range(rounds):
+        for name, apply in setups.items():
+            apply()
+            for _ in range(8):
+                start = time.perf_counter()
+                engine.step()
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: sorted(v)[len(v) // 2] for name, v in times.items()}
+
+
+def bench_steps(rounds: int = 12) -> dict:
     from engine.model_loader import bundled_model_dir
 
     results = {}
     for batch in (1, 32):
-        llm = LLM(str(bundled_model_dir()), max_num_seqs=64)
-        engine, tokenizer = llm.engine, llm.get_tokenizer()
-        ids = tokenizer.encode("A river runs through the valley, past orchards and old stone mills. " * 8)[:63]
-        for i in range(batch):
-            engine.add_request(str(i), [i + 5] + ids, SamplingParams(temperature=0.0, max_tokens=1000, ignore_eos=True))
-        engine.step()  # the prefills
-        times: dict[str, list[float]] = {"eager": [], "cpp": []}
-        for _ in range(rounds):
-            for kind, samples in times.items():
-                engine.runner.model.use_ops(kind)
-                for _ in range(8):
+        llm = _decoding_engine(str(bundled_model_dir()), batch)
+        model = llm.engine.runner.model
+        row = results[f"batch {batch}"] = _alternate(llm.engine, {kind: functools.partial(model.use_ops, kind)
+                                                                  for kind in ("eager", "cpp")}, rounds)
+        print(f"decode step, batch {batch}, element-wise pieces eager {row['eager']:.1f} ms, C++ {row['cpp']:.1f} ms",
+              flush=True)
+        del llm
+    return results
+
+
+def _gguf_step_linears() -> list:
+    """The bundled model's linears of one step as GGUF blocks, fused as the engine fuses them."""
+    from engine.model_loader import bundled_gguf_path
+    from engine.models.gguf_linear import Blocks, read_gguf_blocks
+
+    blocks = read_gguf_blocks(bundled_gguf_path())
+    step = []
+    for i in range(30):
+        for parts in (("attn_q", "attn_k", "attn_v"), ("attn_output",), ("ffn_gate", "ffn_up"), ("ffn_down",)):
+            step.append(Blocks.cat([blocks[f"blk.{i}.{p}.weight"] for p in parts]))
+    return step + [blocks["token_embd.weight"]]
+
+
+def bench_gguf_linears(reps: int = 7) -> dict:
+    from engine.models.gguf_linear import GGUFLinear
+
+    step = _gguf_step_linears()
+    gguf = [GGUFLinear(b, None) for b in step]
+    packed = []
+    for b in step:
+        linear = torch.nn.Linear(b.q.shape[1], b.q.shape[0], bias=False)
+        linear.weight.data = b.dequantize()  # the float32 weights the engine computes with
+        packed.append(PackedLinear(linear, skinny=True))
+    kernels = {"GGUF blocks": lambda xs: [m(xs[m.in_features]) for m in gguf],
+               "oneDNN packed": lambda xs: [torch.ops.mkldnn._linear_pointwise(
+                   xs[m.in_features], m.packed, None, "none", [], "") for m in packed],
+               "C++ skinny": lambda xs: [cpu.skinny_linear(xs[m.in_features], m.weight, None) for m in packed]}
+    results = {}
+    for rows in (1, 2, 4, 8, 16, 32, 64, 256):
+        xs = {k: torch.randn(rows, k) for k in {m.in_features for m in gguf}}
+        names = [n for n in kernels if n != "C++ skinny" or rows <= 2]
+        times: dict[str, list[float]] = {n: [] for n in names}
+        with torch.inference_mode():
+            for _ in range(reps):  # interleaved, so drift hits all alike
+                for n in names:
                     start = time.perf_counter()
-                    engine.step()
-                    samples.append((time.perf_counter() - start) * 1e3)
-        results[f"batch {batch}"] = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-        print(f"decode step, batch {batch}, element-wise pieces eager {results[f'batch {batch}']['eager']:.1f} ms, "
-              f"C++ {results[f'batch {batch}']['cpp']:.1f} ms", flush=True)
-        del llm, engine
+                    kernels[n](xs)
+                    times[n].append((time.perf_counter() - start) * 1e3)
+        row = results[f"{rows} rows"] = {n: sorted(t)[len(t) // 2] for n, t in times.items()}
+        print(f"linears of one step, float32 weights of the bundled GGUF, {rows} rows: "
+              + ", ".join(f"{n} {ms:.1f} ms" for n, ms in row.items()), flush=True)
+    return results
+
+
+def bench_gguf_steps(rounds: int = 10) -> dict:
+    """Whole decode steps, linears on the GGUF blocks against oneDNN + C++ skinny on the same
+    float32 weights (the path a plain HF directory of the model takes), alternated in one engine."""
+    import tempfile
+    from pathlib import Path
+
+    from engine import LLM
+    from engine.model_loader import GGUF_ORIGIN_FILE, bundled_model_dir
+    from engine.models.gguf_linear import GGUFLinear
+
+    results = {}
+    with tempfile.TemporaryDirectory() as plain:
+        for f in bundled_model_dir().iterdir():  # the same model as a plain HF directory
+            if f.name != GGUF_ORIGIN_FILE:
+                (Path(plain) / f.name).symlink_to(f)
+        other = dict(LLM(plain, num_kv_blocks=8).engine.runner.model.named_modules())
+        for batch in (1, 16, 32):
+            llm = _decoding_engine(str(bundled_model_dir()), batch)
+            model = llm.engine.runner.model
+            ours = {name: m for name, m in model.named_modules() if isinstance(m, GGUFLinear)}
+
+            def use(modules: dict) -> None:
+                for name in ours:
+                    parent, _, attr = name.rpartition(".")
+                    setattr(model.get_submodule(parent) if parent else model, attr, modules[name])
+            row = results[f"batch {batch}"] = _alternate(llm.engine, {"onednn+cpp": lambda: use(other),
+                                                                      "gguf": lambda: use(ours)}, rounds)
+            print(f"decode step, batch {batch}, linears oneDNN + C++ skinny {row['onednn+cpp']:.1f} ms, "
+                  f"GGUF blocks {row['gguf']:.1f} ms", flush=True)
+            del llm
     return results
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", default=None)
-    ap.add_argument("--parts", default="linears,streamed,attention,elementwise,steps",
-                    help="comma-separated: linears, streamed, attention, elementwise, steps")
+    ap.add_argument("--parts", default="linears,streamed,attention,elementwise,steps,gguf,gguf_steps",
+                    help="comma-separated: linears, streamed, attention, elementwise, steps, gguf, gguf_steps")
     args = ap.parse_args()
     parts = args.parts.split(",")
     torch.manual_seed(0)
@@ -213,6 +310,10 @@ def main() -> None:
         result["elementwise_ms_per_step"] = bench_elementwise()
     if "steps" in parts:
         result["decode_step_ms_elementwise_eager_vs_cpp"] = bench_steps()
+    if "gguf" in parts:
+        result["gguf_linears_ms_per_step"] = bench_gguf_linears()
+    if "gguf_steps" in parts:
+        result["decode_step_ms_linears_onednn_vs_gguf"] = bench_gguf_steps()
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

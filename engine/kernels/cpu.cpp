@@ -6,6 +6,8 @@
 // skinny_linear: x [M, K] . W [N, K]^T for a handful of rows, a decode step of a small batch; the
 // cost is streaming W from memory, which one pass at ~30 GB/s over 2 cores does (oneDNN's
 // packed kernels reach ~20 GB/s at one row).
+// gguf_linear: x [M, K] float32 times a weight kept in a GGUF file's 4- or 8-bit blocks, rebuilt
+// in registers to the exact float32 weights: the float32 arithmetic at a fraction of the bytes.
 // rms_norm, add_rms_norm, rope_qk, silu_mul: a layer's element-wise pieces, one pass each where
 // eager PyTorch runs five to ten kernels.
 #include <ATen/ATen.h>

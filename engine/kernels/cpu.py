@@ -1,5 +1,6 @@
 """CPU kernels in C++ (cpu.cpp), built here at first use: paged decode attention, a linear layer
-for a few rows, and a layer's element-wise pieces (RMSNorm, RoPE, SiLU-and-multiply).
+for a few rows, a linear layer on GGUF blocks, and a layer's element-wise pieces (RMSNorm, RoPE,
+SiLU-and-multiply).
 
 Decode attention: eager PyTorch has to gather every sequence's blocks into a dense copy before
 attending (engine/attention.py `_decode`): the cache is read, the copy written, and the copy read
@@ -13,6 +14,12 @@ Skinny linear: at a row or two a linear layer is a pass over its weight, and one
 kernels stream it at ~20 GB/s here; one plain loop per weight row, the rows split between
 threads, reaches ~30 GB/s: all of SmolLM2's linears at one row 26 -> 17 ms (BENCHMARKS.md). From
 3 rows on oneDNN is as fast or faster (engine/models/packed_linear.py picks).
+
+GGUF linear: float32 activations times a weight kept in its GGUF blocks (Q4_0, Q4_1, Q8_0),
+rebuilt in registers to exactly the float32 values and multiplied in float32: a broadcast micro-
+kernel over 12 rows x 32 outputs, each group of 32 output rows dequantised once per call (once per
+32-weight block when all rows fit one tile). engine/models/gguf_linear.py decides where it applies;
+timings in BENCHMARKS.md.
 
 Element-wise pieces (engine/models/llama.py Ops "cpp"): each one pass over its rows where eager
 PyTorch runs five to ten kernels and allocates between them; they round to the model dtype where
