@@ -230,6 +230,9 @@ def _gguf_step_linears() -> list:
 def bench_gguf_linears(reps: int = 7) -> dict:
     from engine.models.gguf_linear import GGUFLinear
 
+    if not cpu.available():  # also loads the library
+        print("C++ kernels unavailable: no GGUF linears to time", flush=True)
+        return {}
     step = _gguf_step_linears()
     gguf = [GGUFLinear(b, None) for b in step]
     packed = []
