@@ -163,7 +163,6 @@ def use_gguf_linears(model: nn.Module, path: Path, hf_config) -> int:
         if found is None:
             log.info("%s: no GGUF blocks in %s reproduce its weight; it stays float32", name, path.name)
             continue
-        parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, attr, GGUFLinear(found, linear.bias))
+        model.set_submodule(name, GGUFLinear(found, linear.bias))
         replaced += 1
     return replaced

@@ -59,7 +59,5 @@ def pack_linears(model: nn.Module, skinny: bool = False) -> int:
     targets = [(name, m) for name, m in model.named_modules()
                if isinstance(m, nn.Linear) and m.weight.device.type == "cpu" and onednn_available(m.weight.dtype)]
     for name, linear in targets:
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, PackedLinear(linear, skinny))
+        model.set_submodule(name, PackedLinear(linear, skinny))
     return len(targets)
