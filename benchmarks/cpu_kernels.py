@@ -230,7 +230,7 @@ def _gguf_step_linears() -> list:
 def bench_gguf_linears(reps: int = 7) -> dict:
     from engine.models.gguf_linear import GGUFLinear
 
-    if not cpu.available():  # also loads the library
+    if not cpu.available():
         print("C++ kernels unavailable: no GGUF linears to time", flush=True)
         return {}
     step = _gguf_step_linears()
@@ -284,8 +284,7 @@ def bench_gguf_steps(rounds: int = 10) -> dict:
 
             def use(modules: dict) -> None:
                 for name in ours:
-                    parent, _, attr = name.rpartition(".")
-                    setattr(model.get_submodule(parent) if parent else model, attr, modules[name])
+                    model.set_submodule(name, modules[name])
             row = results[f"batch {batch}"] = _alternate(llm.engine, {"onednn+cpp": lambda: use(other),
                                                                       "gguf": lambda: use(ours)}, rounds)
             print(f"decode step, batch {batch}, linears oneDNN + C++ skinny {row['onednn+cpp']:.1f} ms, "
@@ -294,29 +293,28 @@ def bench_gguf_steps(rounds: int = 10) -> dict:
     return results
 
 
+# --parts name -> (its key in the JSON, the function that measures it), in the order they run
+PARTS = {"linears": ("linears_ms_per_step", bench_linears),
+         "streamed": ("streamed_linears_ms_per_step", bench_linears_streamed),
+         "attention": ("decode_attention_ms_per_layer", bench_attention),
+         "elementwise": ("elementwise_ms_per_step", bench_elementwise),
+         "steps": ("decode_step_ms_elementwise_eager_vs_cpp", bench_steps),
+         "gguf": ("gguf_linears_ms_per_step", bench_gguf_linears),
+         "gguf_steps": ("decode_step_ms_linears_onednn_vs_gguf", bench_gguf_steps)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", default=None)
-    ap.add_argument("--parts", default="linears,streamed,attention,elementwise,steps,gguf,gguf_steps",
-                    help="comma-separated: linears, streamed, attention, elementwise, steps, gguf, gguf_steps")
+    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated: {', '.join(PARTS)}")
     args = ap.parse_args()
     parts = args.parts.split(",")
     torch.manual_seed(0)
+    cpu.available()  # loads the kernel library (registers torch.ops.kvserve.*) whichever parts run
     result = {"threads": torch.get_num_threads()}
-    if "linears" in parts:
-        result["linears_ms_per_step"] = bench_linears()
-    if "streamed" in parts:
-        result["streamed_linears_ms_per_step"] = bench_linears_streamed()
-    if "attention" in parts:
-        result["decode_attention_ms_per_layer"] = bench_attention()
-    if "elementwise" in parts:
-        result["elementwise_ms_per_step"] = bench_elementwise()
-    if "steps" in parts:
-        result["decode_step_ms_elementwise_eager_vs_cpp"] = bench_steps()
-    if "gguf" in parts:
-        result["gguf_linears_ms_per_step"] = bench_gguf_linears()
-    if "gguf_steps" in parts:
-        result["decode_step_ms_linears_onednn_vs_gguf"] = bench_gguf_steps()
+    for part, (key, bench) in PARTS.items():
+        if part in parts:
+            result[key] = bench()
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
