@@ -24,7 +24,8 @@ class EngineConfig:
     max_model_len: int | None = None  # None = the model's max_position_embeddings
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
-    # > 0: while sequences decode, a step takes at most max(this, decoding sequences) prompt tokens
+    # > 0: while more sequences decode than wait to start, a step takes at most max(this, decoding
+    # sequences) prompt tokens (a burst of new requests is still admitted at once)
     max_prefill_tokens_while_decoding: int = 0
     block_size: int = 16
     num_kv_blocks: int | None = None

@@ -88,13 +88,23 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput(seqs=[], finished_seq_ids=self._finished_since_step)
         self._finished_since_step = []
-        decodes = sum(1 for r in self.running if r.num_tokens - r.num_computed_tokens == 1)
-        capped = self.prefill_cap and decodes
-        self._prefill_left = max(self.prefill_cap, decodes) if capped else self.max_num_batched_tokens
+        self._prefill_left = self._prefill_allowance()
         budget = self._schedule_running(out, self.max_num_batched_tokens)
         if not out.preempted:
             self._schedule_waiting(out, budget)
         return out
+
+    def _prefill_allowance(self) -> int:
+        """Prompt tokens this step may take. With a cap, a step beside running decodes takes at most
+        max(cap, decodes), so it costs the streams at most about one more decode step per token;
+        unless more sequences wait to start than decode (a burst): stalling the few to start the
+        many at once is worth more than smooth tokens for the few."""
+        decodes = sum(1 for r in self.running if r.num_tokens - r.num_computed_tokens == 1)
+        admissible = min(len(self.waiting), self.max_num_seqs - len(self.running))
+        starting = len(self.running) - decodes + admissible
+        if self.prefill_cap and decodes > starting:
+            return max(self.prefill_cap, decodes)
+        return self.max_num_batched_tokens
 
     def _chunk(self, req: Request, budget: int) -> int:
         """New tokens for req this step: all it has left, within the budget and the prefill cap."""

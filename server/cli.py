@@ -29,8 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
                    help="tokens per engine step; longer prompts are prefilled in chunks")
     s.add_argument("--max-prefill-tokens-while-decoding", type=int, default=d.max_prefill_tokens_while_decoding,
-                   help="while sequences decode, prefill at most max(this, decoding sequences) prompt tokens a "
-                        "step, bounding inter-token latency when long prompts arrive (0 = no cap)")
+                   help="while more sequences decode than wait to start, prefill at most max(this, decoding "
+                        "sequences) prompt tokens a step, bounding inter-token latency when long prompts arrive "
+                        "(0 = no cap)")
     s.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV-cache block")
     s.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size in blocks (overrides the memory options)")
     s.add_argument("--kv-cache-memory", type=parse_bytes, default=None, help="KV pool size in bytes, e.g. 2GiB (CPU default 1GiB)")

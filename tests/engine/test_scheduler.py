@@ -71,19 +71,36 @@ def test_prompts_arriving_mid_stream_can_be_prefilled_in_capped_chunks(cap):
             sched.add(make(rid, n, max_tokens=50))
         return sched
 
-    sched = sched_with(("a", 4), ("b", 4))
+    sched = sched_with(("a", 4), ("b", 4), ("e", 4))
     step(sched)
     sched.add(make("c", 600))
     sched.add(make("d", 10))
     steps = [[(s.request.request_id, s.num_new_tokens) for s in step(sched).seqs] for _ in range(3)]
+    decodes = [("a", 1), ("b", 1), ("e", 1)]
     if cap:
-        assert steps[0] == [("a", 1), ("b", 1), ("c", 256)]
-        assert steps[1] == [("a", 1), ("b", 1), ("c", 256)]
-        assert steps[2] == [("a", 1), ("b", 1), ("c", 88), ("d", 10)]
+        assert steps[0] == decodes + [("c", 256)]
+        assert steps[1] == decodes + [("c", 256)]
+        assert steps[2] == decodes + [("c", 88), ("d", 10)]
     else:
-        assert steps[0] == [("a", 1), ("b", 1), ("c", 600), ("d", 10)]
+        assert steps[0] == decodes + [("c", 600), ("d", 10)]
     alone = sched_with(("c", 600))
     assert [s.num_new_tokens for s in step(alone).seqs] == [600]  # no decodes: the full budget
+
+
+def test_capped_prefill_still_admits_a_burst_at_once():
+    # More sequences waiting to start than decoding: the cap does not hold them back, since one
+    # long step for the few running streams starts all the new ones.
+    sched = Scheduler(KVCacheManager(num_blocks=256, block_size=16), max_num_seqs=8,
+                      max_num_batched_tokens=4096, prefill_cap=16)
+    sched.add(make("a", 4, max_tokens=50))
+    step(sched)
+    for rid in "bc":
+        sched.add(make(rid, 300))
+    assert [(s.request.request_id, s.num_new_tokens) for s in step(sched).seqs] == [("a", 1), ("b", 300), ("c", 300)]
+    d, = make("d", 300)
+    d.token_ids[:] = [5] * 300  # not a prefix-cache hit on b's blocks
+    sched.add([d])  # now 3 decode and 1 waits: capped at max(16, 3)
+    assert [(s.request.request_id, s.num_new_tokens) for s in step(sched).seqs][-1] == ("d", 16)
 
 
 def test_max_num_seqs_limits_admission():
