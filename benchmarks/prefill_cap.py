@@ -24,7 +24,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from compare import PORT, server_command, start, stop  # noqa: E402
+from compare import PORT, median_of, server_command, start, stop  # noqa: E402
 from serve import Workload, benchmark, load_tokenizer, make_prompts, served_model  # noqa: E402
 
 WORKLOADS = {  # name: (requests, max in flight, request rate)
@@ -58,13 +58,7 @@ def run_server(cap: int, rep: int, tok, args, log: Path) -> dict:
 
 def summary(runs: list[dict]) -> dict:
     def med(wl, *path):
-        values = []
-        for r in runs:
-            v = r[wl]
-            for key in path:
-                v = v[key]
-            values.append(v)
-        return round(statistics.median(values), 2)
+        return median_of([r[wl] for r in runs], *path)
     ratio = statistics.median(r["poisson"]["itl_ms"]["p99"] / r["poisson"]["itl_ms"]["p50"] for r in runs)
     return {"burst16_tok_per_s": med("burst16", "output_tok_per_s"),
             "burst64_tok_per_s": med("burst64", "output_tok_per_s"),
