@@ -24,6 +24,10 @@
 7. gguf_steps: whole decode steps at batch 1, 16 and 32, linears on the GGUF blocks against
    oneDNN + skinny, alternated in one engine as in 5.
 
+8. history: prefill attention of a 2048-token chunk after a cached history (a long prompt's later
+   chunks), SmolLM2's 9 query / 3 key-value heads x 30 layers, float32: the masked SDPA against the
+   history attended unmasked and the chunk causally, merged (engine/attention.py), interleaved.
+
     python benchmarks/cpu_kernels.py --parts streamed,attention   # only the second and third
 """
 from __future__ import annotations
@@ -39,7 +43,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from engine.attention import _decode  # noqa: E402
+from engine.attention import _decode, _prefill_after_history, _prefill_masked  # noqa: E402
 from engine.kernels import cpu  # noqa: E402
 from engine.models.packed_linear import PackedLinear, onednn_available  # noqa: E402
 
@@ -293,6 +297,28 @@ def bench_gguf_steps(rounds: int = 10) -> dict:
     return results
 
 
+def bench_history(n: int = 2048, layers: int = 30, reps: int = 3) -> dict:
+    results = {}
+    for history in (512, 1952, 4096, 6144):
+        ctx = history + n
+        k, v = torch.randn(ctx, 3, 64), torch.randn(ctx, 3, 64)
+        qs = torch.randn(1, 9, n, 64)
+        kinds = {"masked SDPA": lambda: _prefill_masked(qs, k, v, 0.125),
+                 "split + merge": lambda: _prefill_after_history(qs, k[:history], v[:history], k[history:],
+                                                                 v[history:], 0.125)}
+        times: dict[str, list[float]] = {name: [] for name in kinds}
+        for _ in range(reps):  # interleaved, so drift hits both alike
+            for name, fn in kinds.items():
+                start = time.perf_counter()
+                for _ in range(layers):
+                    fn()
+                times[name].append((time.perf_counter() - start) * 1e3)
+        row = results[f"{n} after {history}"] = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+        print(f"prefill attention, {n} tokens after {history}, {layers} layers: "
+              + ", ".join(f"{name} {ms:.0f} ms" for name, ms in row.items()), flush=True)
+    return results
+
+
 # --parts name -> (its key in the JSON, the function that measures it), in the order they run
 PARTS = {"linears": ("linears_ms_per_step", bench_linears),
          "streamed": ("streamed_linears_ms_per_step", bench_linears_streamed),
@@ -300,7 +326,8 @@ PARTS = {"linears": ("linears_ms_per_step", bench_linears),
          "elementwise": ("elementwise_ms_per_step", bench_elementwise),
          "steps": ("decode_step_ms_elementwise_eager_vs_cpp", bench_steps),
          "gguf": ("gguf_linears_ms_per_step", bench_gguf_linears),
-         "gguf_steps": ("decode_step_ms_linears_onednn_vs_gguf", bench_gguf_steps)}
+         "gguf_steps": ("decode_step_ms_linears_onednn_vs_gguf", bench_gguf_steps),
+         "history": ("prefill_attention_ms_after_history", bench_history)}
 
 
 def main() -> None:

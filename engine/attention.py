@@ -80,13 +80,51 @@ def _prefill(q, k, v, kv_cache, span: PrefillSpan, scale: float) -> torch.Tensor
     else:
         kc, vc = gather_kv(kv_cache, span.block_table)  # [nb * block_size, kv_heads, D]
         ctx = span.context_len
-        ks = kc[:ctx].transpose(0, 1).unsqueeze(0)  # [1, kv_heads, ctx, D]
-        vs = vc[:ctx].transpose(0, 1).unsqueeze(0)
-        # query i sits at position ctx - n + i and sees keys 0..ctx - n + i
-        qpos = torch.arange(ctx - n, ctx, device=q.device)[:, None]
-        mask = torch.arange(ctx, device=q.device)[None, :] <= qpos  # [n, ctx]
-        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
+        if q.device.type == "cpu" and ctx > n:
+            o = _prefill_after_history(qs, kc[:ctx - n], vc[:ctx - n], k[span.start:span.end],
+                                       v[span.start:span.end], scale)
+        else:
+            o = _prefill_masked(qs, kc[:ctx], vc[:ctx], scale)
     return o.squeeze(0).transpose(0, 1)  # [n, heads, D]
+
+
+def _prefill_masked(qs, k_ctx, v_ctx, scale: float) -> torch.Tensor:
+    """qs [1, heads, n, D], the last n of the positions of k/v_ctx [ctx, kv_heads, D] -> [1, heads, n, D]."""
+    n, ctx = qs.shape[2], k_ctx.shape[0]
+    ks = k_ctx.transpose(0, 1).unsqueeze(0)  # [1, kv_heads, ctx, D]
+    vs = v_ctx.transpose(0, 1).unsqueeze(0)
+    # query i sits at position ctx - n + i and sees keys 0..ctx - n + i
+    qpos = torch.arange(ctx - n, ctx, device=qs.device)[:, None]
+    mask = torch.arange(ctx, device=qs.device)[None, :] <= qpos  # [n, ctx]
+    return F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
+
+
+def _prefill_after_history(qs, k_hist, v_hist, k_new, v_new, scale: float) -> torch.Tensor:
+    """qs [1, heads, n, D] after h cached positions (k/v_hist [h, kv_heads, D]; the span's own
+    k/v_new [n, kv_heads, D]) -> [1, heads, n, D].
+
+    On CPU the masked SDPA of _prefill_masked costs as much as if nothing were masked, and the
+    span's causal half is masked. Here the history is attended without a mask and the span
+    causally (whose kernel skips the masked half), and the two softmaxes are merged by their
+    log-sum-exps, as flash attention merges its own blocks: a 4000-token prompt's second
+    2048-token chunk attends 1952 x (2048 + 1952 / 2) scores instead of 1952 x 4000.
+    """
+    group = qs.shape[1] // k_hist.shape[1]
+
+    # [t, kv_heads, D] -> [1, heads, t, D]: the CPU flash kernel has no GQA. In float32, so that
+    # bfloat16 partial results are not rounded before the merge (rounding once, as SDPA does).
+    def heads(x):
+        return x.transpose(0, 1).repeat_interleave(group, dim=0).unsqueeze(0).float()
+
+    # (the private op is the kernel SDPA dispatches to on CPU; it also returns the log-sum-exp)
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    q32 = qs.float()
+    o_hist, lse_hist = flash(q32, heads(k_hist), heads(v_hist), 0.0, False, scale=scale)
+    o_new, lse_new = flash(q32, heads(k_new), heads(v_new), 0.0, True, scale=scale)
+    lse = torch.logaddexp(lse_hist, lse_new)  # [1, heads, n]
+    w_hist = torch.exp(lse_hist - lse).unsqueeze(-1)
+    w_new = torch.exp(lse_new - lse).unsqueeze(-1)
+    return (o_hist * w_hist + o_new * w_new).to(qs.dtype)
 
 
 def _decode(q, kv_cache, block_tables, key_mask, scale: float) -> torch.Tensor:

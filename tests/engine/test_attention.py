@@ -1,0 +1,40 @@
+"""Prefill attention over a cached history (a later chunk of a long prompt, or a prefix-cache hit)."""
+import pytest
+import torch
+
+from engine.attention import PrefillSpan, _prefill, write_kv
+
+
+def reference(q, k_all, v_all, scale):
+    """q [n, heads, D] at the last n of ctx positions; k/v_all [ctx, kv_heads, D]; float64 math."""
+    n, heads, _ = q.shape
+    ctx, kv_heads, _ = k_all.shape
+    k = k_all.double().repeat_interleave(heads // kv_heads, dim=1)  # [ctx, heads, D]
+    v = v_all.double().repeat_interleave(heads // kv_heads, dim=1)
+    scores = torch.einsum("nhd,chd->hnc", q.double(), k) * scale
+    visible = torch.arange(ctx)[None, :] <= torch.arange(ctx - n, ctx)[:, None]  # [n, ctx]
+    p = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+    return torch.einsum("hnc,chd->nhd", p, v)
+
+
+# float32: as close as the masked SDPA it replaces (~2e-6 here); bfloat16: one rounding of the
+# float64 result (unit roundoff 2^-8), as SDPA rounds once
+@pytest.mark.parametrize("dtype,rel,tol", [(torch.float32, 0.0, 4e-6), (torch.bfloat16, 2.0 ** -8, 1e-5)])
+@pytest.mark.parametrize("history,n", [(37, 1), (16, 5), (100, 60), (3, 120)])
+def test_prefill_after_a_history_matches_masked_attention(dtype, rel, tol, history, n):
+    torch.manual_seed(history + n)
+    heads, kv_heads, d, block_size = 9, 3, 64, 16
+    ctx = history + n
+    num_blocks = (ctx + block_size - 1) // block_size
+    k_all = torch.randn(ctx, kv_heads, d).to(dtype)
+    v_all = torch.randn(ctx, kv_heads, d).to(dtype)
+    q = (torch.randn(n, heads, d) * 2).to(dtype)  # larger scores: a sharper softmax to merge
+    kv_cache = torch.zeros(2, num_blocks + 3, block_size, kv_heads, d, dtype=dtype)
+    table = torch.randperm(num_blocks + 3)[:num_blocks]  # blocks scattered over the pool
+    slots = table[torch.arange(ctx) // block_size] * block_size + torch.arange(ctx) % block_size
+    write_kv(kv_cache, k_all, v_all, slots)  # as earlier steps and this one have written them
+    span = PrefillSpan(start=0, end=n, context_len=ctx, block_table=table)
+    out = _prefill(q, k_all[history:], v_all[history:], kv_cache, span, d ** -0.5)
+    want = reference(q, k_all, v_all, d ** -0.5)
+    assert out.dtype == dtype and out.shape == (n, heads, d)
+    assert ((out.double() - want).abs() <= rel * want.abs() + tol).all()
