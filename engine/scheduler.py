@@ -96,7 +96,7 @@ class Scheduler:
 
     def _prefill_allowance(self) -> int:
         """Prompt tokens this step may take. With a cap, a step beside running decodes takes at most
-        max(cap, decodes), so it costs the streams at most about one more decode step per token;
+        max(cap, decodes), so for a cap up to the batch it costs the streams about two decode steps;
         unless more sequences wait to start than decode (a burst): stalling the few to start the
         many at once is worth more than smooth tokens for the few."""
         decodes = sum(1 for r in self.running if r.num_tokens - r.num_computed_tokens == 1)
