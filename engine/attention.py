@@ -12,6 +12,12 @@ import torch
 import torch.nn.functional as F
 
 
+# From this many new tokens on, a CPU prefill chunk after a cached history attends to the history
+# and to itself separately (_prefill_after_history): 0.75-0.85x the masked SDPA's time at 512-1024
+# tokens, 1.1-1.2x at 64-256 (benchmarks/cpu_kernels.py --parts history, and a one-off sweep).
+SPLIT_MIN_TOKENS = 512
+
+
 @dataclass
 class PrefillSpan:
     start: int  # first token of the span in the flattened batch
@@ -80,7 +86,7 @@ def _prefill(q, k, v, kv_cache, span: PrefillSpan, scale: float) -> torch.Tensor
     else:
         kc, vc = gather_kv(kv_cache, span.block_table)  # [nb * block_size, kv_heads, D]
         ctx = span.context_len
-        if q.device.type == "cpu" and ctx > n:
+        if q.device.type == "cpu" and ctx > n and n >= SPLIT_MIN_TOKENS:
             o = _prefill_after_history(qs, kc[:ctx - n], vc[:ctx - n], k[span.start:span.end],
                                        v[span.start:span.end], scale)
         else:
@@ -109,22 +115,31 @@ def _prefill_after_history(qs, k_hist, v_hist, k_new, v_new, scale: float) -> to
     log-sum-exps, as flash attention merges its own blocks: a 4000-token prompt's second
     2048-token chunk attends 1952 x (2048 + 1952 / 2) scores instead of 1952 x 4000.
     """
-    group = qs.shape[1] // k_hist.shape[1]
-
-    # [t, kv_heads, D] -> [1, heads, t, D]: the CPU flash kernel has no GQA. In float32, so that
-    # bfloat16 partial results are not rounded before the merge (rounding once, as SDPA does).
-    def heads(x):
-        return x.transpose(0, 1).repeat_interleave(group, dim=0).unsqueeze(0).float()
-
-    # (the private op is the kernel SDPA dispatches to on CPU; it also returns the log-sum-exp)
+    _, heads, n, head_dim = qs.shape
+    kv_heads = k_hist.shape[1]
+    group = heads // kv_heads
+    # (the private op is the kernel SDPA dispatches to on CPU; it also returns the log-sum-exp.
+    # In float32, so that bfloat16 partial results are not rounded before the merge.)
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     q32 = qs.float()
-    o_hist, lse_hist = flash(q32, heads(k_hist), heads(v_hist), 0.0, False, scale=scale)
-    o_new, lse_new = flash(q32, heads(k_new), heads(v_new), 0.0, True, scale=scale)
+    # The history, unmasked: the kernel has no GQA, so the query heads of each key-value head are
+    # stacked along the sequence ([1, kv_heads, group * n, D]; without a mask their order does not
+    # matter) rather than the history copied once per query head.
+    o_hist, lse_hist = flash(q32.reshape(1, kv_heads, group * n, head_dim), _heads_first(k_hist),
+                             _heads_first(v_hist), 0.0, False, scale=scale)
+    o_hist, lse_hist = o_hist.reshape(1, heads, n, head_dim), lse_hist.reshape(1, heads, n)
+    # The span itself, causally: each query head needs its own copy of the span's few keys.
+    k_new, v_new = (_heads_first(x).repeat_interleave(group, dim=1) for x in (k_new, v_new))
+    o_new, lse_new = flash(q32, k_new, v_new, 0.0, True, scale=scale)
     lse = torch.logaddexp(lse_hist, lse_new)  # [1, heads, n]
     w_hist = torch.exp(lse_hist - lse).unsqueeze(-1)
     w_new = torch.exp(lse_new - lse).unsqueeze(-1)
     return (o_hist * w_hist + o_new * w_new).to(qs.dtype)
+
+
+def _heads_first(x: torch.Tensor) -> torch.Tensor:
+    """[t, kv_heads, D] -> [1, kv_heads, t, D] float32 (a view where it already is float32)."""
+    return x.transpose(0, 1).unsqueeze(0).float()
 
 
 def _decode(q, kv_cache, block_tables, key_mask, scale: float) -> torch.Tensor:

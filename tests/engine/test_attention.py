@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from engine.attention import PrefillSpan, _prefill, write_kv
+from engine.attention import (SPLIT_MIN_TOKENS, PrefillSpan, _prefill, _prefill_after_history, _prefill_masked,
+                              write_kv)
 
 
 def reference(q, k_all, v_all, scale):
@@ -20,8 +21,12 @@ def reference(q, k_all, v_all, scale):
 # float32: as close as the masked SDPA it replaces (~2e-6 here); bfloat16: one rounding of the
 # float64 result (unit roundoff 2^-8), as SDPA rounds once
 @pytest.mark.parametrize("dtype,rel,tol", [(torch.float32, 0.0, 4e-6), (torch.bfloat16, 2.0 ** -8, 1e-5)])
-@pytest.mark.parametrize("history,n", [(37, 1), (16, 5), (100, 60), (3, 120)])
-def test_prefill_after_a_history_matches_masked_attention(dtype, rel, tol, history, n):
+@pytest.mark.parametrize("history,n", [(37, 1), (16, 5), (100, 60), (3, 120), (50, SPLIT_MIN_TOKENS + 9)])
+@pytest.mark.parametrize("path", ["paged", "split"])
+def test_prefill_after_a_history_matches_masked_attention(path, dtype, rel, tol, history, n):
+    # "paged": the engine's _prefill through a block table (the split from SPLIT_MIN_TOKENS new
+    # tokens on, the masked SDPA below); "split": the history + causal-span merge at every size.
+    # (The masked SDPA in bfloat16 is not within one rounding: it is checked against itself.)
     torch.manual_seed(history + n)
     heads, kv_heads, d, block_size = 9, 3, 64, 16
     ctx = history + n
@@ -29,12 +34,21 @@ def test_prefill_after_a_history_matches_masked_attention(dtype, rel, tol, histo
     k_all = torch.randn(ctx, kv_heads, d).to(dtype)
     v_all = torch.randn(ctx, kv_heads, d).to(dtype)
     q = (torch.randn(n, heads, d) * 2).to(dtype)  # larger scores: a sharper softmax to merge
-    kv_cache = torch.zeros(2, num_blocks + 3, block_size, kv_heads, d, dtype=dtype)
-    table = torch.randperm(num_blocks + 3)[:num_blocks]  # blocks scattered over the pool
-    slots = table[torch.arange(ctx) // block_size] * block_size + torch.arange(ctx) % block_size
-    write_kv(kv_cache, k_all, v_all, slots)  # as earlier steps and this one have written them
-    span = PrefillSpan(start=0, end=n, context_len=ctx, block_table=table)
-    out = _prefill(q, k_all[history:], v_all[history:], kv_cache, span, d ** -0.5)
-    want = reference(q, k_all, v_all, d ** -0.5)
+    if path == "paged":
+        kv_cache = torch.zeros(2, num_blocks + 3, block_size, kv_heads, d, dtype=dtype)
+        table = torch.randperm(num_blocks + 3)[:num_blocks]  # blocks scattered over the pool
+        slots = table[torch.arange(ctx) // block_size] * block_size + torch.arange(ctx) % block_size
+        write_kv(kv_cache, k_all, v_all, slots)  # as earlier steps and this one have written them
+        span = PrefillSpan(start=0, end=n, context_len=ctx, block_table=table)
+        out = _prefill(q, k_all[history:], v_all[history:], kv_cache, span, d ** -0.5)
+    else:
+        qs = q.transpose(0, 1).unsqueeze(0)
+        out = _prefill_after_history(qs, k_all[:history], v_all[:history], k_all[history:], v_all[history:],
+                                     d ** -0.5).squeeze(0).transpose(0, 1)
     assert out.dtype == dtype and out.shape == (n, heads, d)
-    assert ((out.double() - want).abs() <= rel * want.abs() + tol).all()
+    if path == "paged" and n < SPLIT_MIN_TOKENS:  # the masked SDPA, on the history read through the blocks
+        dense = _prefill_masked(q.transpose(0, 1).unsqueeze(0), k_all, v_all, d ** -0.5)
+        assert torch.equal(out, dense.squeeze(0).transpose(0, 1))
+    else:
+        want = reference(q, k_all, v_all, d ** -0.5)
+        assert ((out.double() - want).abs() <= rel * want.abs() + tol).all()
