@@ -13,8 +13,9 @@ import torch.nn.functional as F
 
 
 # From this many new tokens on, a CPU prefill chunk after a cached history attends to the history
-# and to itself separately (_prefill_after_history): 0.75-0.85x the masked SDPA's time at 512-1024
-# tokens, 1.1-1.2x at 64-256 (benchmarks/cpu_kernels.py --parts history, and a one-off sweep).
+# and to itself separately (_prefill_after_history): 0.6-0.7x the masked SDPA's time at 2048 new
+# tokens, 0.75-1.0x at 512-1024, but 1.1-1.2x at 64-256 (benchmarks/cpu_kernels.py --parts history,
+# and a one-off sweep).
 SPLIT_MIN_TOKENS = 512
 
 
@@ -128,7 +129,7 @@ def _prefill_after_history(qs, k_hist, v_hist, k_new, v_new, scale: float) -> to
     o_hist, lse_hist = flash(q32.reshape(1, kv_heads, group * n, head_dim), _heads_first(k_hist),
                              _heads_first(v_hist), 0.0, False, scale=scale)
     o_hist, lse_hist = o_hist.reshape(1, heads, n, head_dim), lse_hist.reshape(1, heads, n)
-    # The span itself, causally: each query head needs its own copy of the span's few keys.
+    # The span itself, causally: here each query head needs its own copy of the span's keys.
     k_new, v_new = (_heads_first(x).repeat_interleave(group, dim=1) for x in (k_new, v_new))
     o_new, lse_new = flash(q32, k_new, v_new, 0.0, True, scale=scale)
     lse = torch.logaddexp(lse_hist, lse_new)  # [1, heads, n]
