@@ -97,9 +97,9 @@ def test_capped_prefill_still_admits_a_burst_at_once():
     for rid in "bc":
         sched.add(make(rid, 300))
     assert [(s.request.request_id, s.num_new_tokens) for s in step(sched).seqs] == [("a", 1), ("b", 300), ("c", 300)]
-    d, = make("d", 300)
-    d.token_ids[:] = [5] * 300  # not a prefix-cache hit on b's blocks
-    sched.add([d])  # now 3 decode and 1 waits: capped at max(16, 3)
+    other_prompt = [5] * 300  # not a prefix-cache hit on b's blocks
+    sched.add([Request("d", 0, other_prompt, SamplingParams(temperature=0.0, max_tokens=8), 8)])
+    # now 3 decode and 1 waits: capped at max(16, 3)
     assert [(s.request.request_id, s.num_new_tokens) for s in step(sched).seqs][-1] == ("d", 16)
 
 
