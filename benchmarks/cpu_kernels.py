@@ -177,6 +177,17 @@ def bench_elementwise() -> dict:
     return results
 
 
+def _interleaved(kinds: dict, reps: int) -> dict[str, float]:
+    """Median ms of each function (name -> fn), the kinds taking turns so drift hits all alike."""
+    times: dict[str, list[float]] = {name: [] for name in kinds}
+    for _ in range(reps):
+        for name, fn in kinds.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+
+
 def _decoding_engine(model_dir: str, batch: int):
     """An engine on the bundled model with `batch` sequences past their prefill, decoding."""
     from engine import LLM, SamplingParams
@@ -251,15 +262,9 @@ def bench_gguf_linears(reps: int = 7) -> dict:
     results = {}
     for rows in (1, 2, 4, 8, 16, 32, 64, 256):
         xs = {k: torch.randn(rows, k) for k in {m.in_features for m in gguf}}
-        names = [n for n in kernels if n != "C++ skinny" or rows <= 2]
-        times: dict[str, list[float]] = {n: [] for n in names}
+        timed = {n: functools.partial(fn, xs) for n, fn in kernels.items() if n != "C++ skinny" or rows <= 2}
         with torch.inference_mode():
-            for _ in range(reps):  # interleaved, so drift hits all alike
-                for n in names:
-                    start = time.perf_counter()
-                    kernels[n](xs)
-                    times[n].append((time.perf_counter() - start) * 1e3)
-        row = results[f"{rows} rows"] = {n: sorted(t)[len(t) // 2] for n, t in times.items()}
+            row = results[f"{rows} rows"] = _interleaved(timed, reps)
         print(f"linears of one step, float32 weights of the bundled GGUF, {rows} rows: "
               + ", ".join(f"{n} {ms:.1f} ms" for n, ms in row.items()), flush=True)
     return results
@@ -298,6 +303,7 @@ def bench_gguf_steps(rounds: int = 10) -> dict:
 
 
 def bench_history(n: int = 2048, layers: int = 30, reps: int = 3) -> dict:
+    """Prefill attention of an n-token chunk after a cached history, `layers` times."""
     results = {}
     for history in (512, 1952, 4096, 6144):
         ctx = history + n
@@ -306,14 +312,8 @@ def bench_history(n: int = 2048, layers: int = 30, reps: int = 3) -> dict:
         kinds = {"masked SDPA": lambda: _prefill_masked(qs, k, v, 0.125),
                  "split + merge": lambda: _prefill_after_history(qs, k[:history], v[:history], k[history:],
                                                                  v[history:], 0.125)}
-        times: dict[str, list[float]] = {name: [] for name in kinds}
-        for _ in range(reps):  # interleaved, so drift hits both alike
-            for name, fn in kinds.items():
-                start = time.perf_counter()
-                for _ in range(layers):
-                    fn()
-                times[name].append((time.perf_counter() - start) * 1e3)
-        row = results[f"{n} after {history}"] = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+        row = results[f"{n} after {history}"] = _interleaved(
+            {name: lambda fn=fn: [fn() for _ in range(layers)] for name, fn in kinds.items()}, reps)
         print(f"prefill attention, {n} tokens after {history}, {layers} layers: "
               + ", ".join(f"{name} {ms:.0f} ms" for name, ms in row.items()), flush=True)
     return results
