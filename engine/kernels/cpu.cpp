@@ -50,8 +50,9 @@ inline float exp_approx(float x) {
 // Start loading `bytes` from p ahead of use. A sequence's blocks lie anywhere in the pool, so the
 // hardware prefetcher, which follows sequential addresses, loses the stream at every block edge:
 // fetching each block while the one before it is being worked on reads the pool ~1.4x faster.
+template <int kLocality = 3>  // 3: into L1; 2: into L2
 inline void prefetch(const void* p, int64_t bytes) {
-  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(static_cast<const char*>(p) + off);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(static_cast<const char*>(p) + off, 0, kLocality);
 }
 
 // Work items are (sequence, stretch of its blocks): whole sequences when there are at least as many
@@ -296,14 +297,24 @@ inline V load_vec(const float* p) {
 template <typename V>
 inline void store_vec(float* p, V v) { std::memcpy(p, &v, sizeof v); }
 
-// Block b of a group -> out [32 k][32 rows] float32.
+constexpr int64_t block_bytes(bool four) { return kQBlock * kQGroup / (four ? 2 : 1); }
+constexpr int64_t block_scales(bool four) { return (four ? 2 : 1) * kQGroup; }
+
+// Block b of a group -> out [32 k][32 rows] float32. With `ahead`, block b of the next group (its
+// quants and scales lie right after this group's) is requested into L2 meanwhile: the weights of a
+// step stream from DRAM once, and the hardware prefetcher, which follows demand loads, stops
+// running ahead while the loaded block is multiplied.
 template <bool kFour>
-inline void dequant_block(const uint8_t* q, const float* scales, float* out, int64_t b) {
-  const float* s = scales + b * (kFour ? 2 : 1) * kQGroup;
+inline void dequant_block(const uint8_t* q, const float* scales, float* out, int64_t b, int64_t blocks, bool ahead) {
+  if (ahead) {
+    prefetch<2>(q + (blocks + b) * block_bytes(kFour), block_bytes(kFour));
+    prefetch<2>(scales + (blocks + b) * block_scales(kFour), block_scales(kFour) * sizeof(float));
+  }
+  const float* s = scales + b * block_scales(kFour);
   const v16f d0 = load_vec<v16f>(s), d1 = load_vec<v16f>(s + 16);
   if constexpr (kFour) {
     const v16f m0 = load_vec<v16f>(s + 32), m1 = load_vec<v16f>(s + 48);
-    const uint8_t* qb = q + b * kQBlock * kQGroup / 2;
+    const uint8_t* qb = q + b * block_bytes(true);
     for (int j = 0; j < kQBlock / 2; ++j) {
       const v16i a = widen<false>(qb + j * kQGroup), c = widen<false>(qb + j * kQGroup + 16);
       float* even = out + 2 * j * kQGroup;
@@ -313,7 +324,7 @@ inline void dequant_block(const uint8_t* q, const float* scales, float* out, int
       store_vec(even + kQGroup + 16, d1 * __builtin_convertvector(c >> 4, v16f) + m1);
     }
   } else {
-    const uint8_t* qb = q + b * kQBlock * kQGroup;
+    const uint8_t* qb = q + b * block_bytes(false);
     for (int j = 0; j < kQBlock; ++j) {
       store_vec(out + j * kQGroup, d0 * __builtin_convertvector(widen<true>(qb + j * kQGroup), v16f));
       store_vec(out + j * kQGroup + 16, d1 * __builtin_convertvector(widen<true>(qb + j * kQGroup + 16), v16f));
@@ -347,12 +358,16 @@ inline void store_rows(const vf (&acc)[R][kGroupVecs], const float* bias, float*
 
 // Rows x the group's weight, with R a compile-time constant (1 .. kTileRows) picked at run time.
 // panel: the whole group dequantised ([K][32], shared by several tiles of rows); nullptr: a block at
-// a time into an L1 buffer, the only pass over the weight when all rows fit one tile.
+// a time into an L1 buffer, the only pass over the weight when all rows fit one tile (then `ahead`
+// fetches the next group's blocks meanwhile).
+// noinline: inlined into one another, the twelve variants came out with 3 and 4 rows slower than 5
+// (all of SmolLM2's linears at 4 rows ~21 ms against ~14 ms at 5); apart, time grows with R.
 template <bool kFour, int R>
-void tile(const float* x, int64_t rows, int64_t k_in, const uint8_t* q, const float* scales, const float* panel,
-          const float* bias, float* y, int64_t ldy, int64_t cols) {
+__attribute__((noinline)) void tile(const float* x, int64_t rows, int64_t k_in, const uint8_t* q, const float* scales,
+                                    const float* panel, const float* bias, float* y, int64_t ldy, int64_t cols,
+                                    bool ahead) {
   if constexpr (R > 1) {
-    if (rows < R) return tile<kFour, R - 1>(x, rows, k_in, q, scales, panel, bias, y, ldy, cols);
+    if (rows < R) return tile<kFour, R - 1>(x, rows, k_in, q, scales, panel, bias, y, ldy, cols, ahead);
   }
   vf acc[R][kGroupVecs] = {};
   if (panel) {
@@ -360,7 +375,7 @@ void tile(const float* x, int64_t rows, int64_t k_in, const uint8_t* q, const fl
   } else {
     alignas(64) float block[kQBlock * kQGroup];
     for (int64_t b = 0; b < k_in / kQBlock; ++b) {
-      dequant_block<kFour>(q, scales, block, b);
+      dequant_block<kFour>(q, scales, block, b, k_in / kQBlock, ahead);
       multiply<R>(acc, x, k_in, b * kQBlock, block, kQBlock);
     }
   }
@@ -371,7 +386,7 @@ template <bool kFour>
 void gguf_matmul(const float* x, const uint8_t* q, const float* scales, const float* bias, float* y, int64_t rows,
                  int64_t n_out, int64_t k_in) {
   const int64_t groups = (n_out + kQGroup - 1) / kQGroup, blocks = k_in / kQBlock;
-  const int64_t group_bytes = k_in * kQGroup / (kFour ? 2 : 1), group_scales = blocks * (kFour ? 2 : 1) * kQGroup;
+  const int64_t group_bytes = blocks * block_bytes(kFour), group_scales = blocks * block_scales(kFour);
   const int64_t tiles = (rows + kTileRows - 1) / kTileRows;
   at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> panel(tiles > 1 ? k_in * kQGroup : 0);
@@ -381,12 +396,14 @@ void gguf_matmul(const float* x, const uint8_t* q, const float* scales, const fl
       if (bias) std::memcpy(group_bias, bias + n0, cols * sizeof(float));
       const uint8_t* qg = q + g * group_bytes;
       const float* sg = scales + g * group_scales;
+      const bool ahead = g + 1 < end;
       if (tiles > 1)
-        for (int64_t b = 0; b < blocks; ++b) dequant_block<kFour>(qg, sg, panel.data() + b * kQBlock * kQGroup, b);
+        for (int64_t b = 0; b < blocks; ++b)
+          dequant_block<kFour>(qg, sg, panel.data() + b * kQBlock * kQGroup, b, blocks, ahead);
       for (int64_t t = 0, r = 0; t < tiles; ++t) {  // tiles of equal height: 16 rows as 8 + 8, not 12 + 4
         const int64_t h = (rows - r) / (tiles - t);
         tile<kFour, kTileRows>(x + r * k_in, h, k_in, qg, sg, tiles > 1 ? panel.data() : nullptr,
-                               bias ? group_bias : nullptr, y + r * n_out + n0, n_out, cols);
+                               bias ? group_bias : nullptr, y + r * n_out + n0, n_out, cols, ahead);
         r += h;
       }
     }
@@ -403,8 +420,7 @@ at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& q, const at::Tenso
               scales.scalar_type() == at::kFloat && scales.is_contiguous(), "gguf_linear: bad weight blocks");
   const int64_t k_in = x.size(1), groups = q.size(0);
   const bool four = scales.size(2) == 2;
-  const int64_t block_bytes = kQBlock * kQGroup / (four ? 2 : 1);
-  TORCH_CHECK(k_in % kQBlock == 0 && q.size(1) == k_in / kQBlock && q.size(2) == block_bytes &&
+  TORCH_CHECK(k_in % kQBlock == 0 && q.size(1) == k_in / kQBlock && q.size(2) == block_bytes(four) &&
               scales.size(0) == groups && scales.size(1) == q.size(1) && scales.size(3) == kQGroup &&
               (groups - 1) * kQGroup < n_out && n_out <= groups * kQGroup, "gguf_linear: shapes disagree");
   const bool has_bias = bias.has_value() && bias->defined();

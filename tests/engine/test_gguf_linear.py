@@ -39,7 +39,7 @@ def _reference(x: torch.Tensor, blocks: Blocks, bias: torch.Tensor | None) -> tu
 
 @needs_kernel
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("rows", [1, 2, 5, 12, 13, 16, 25, 100])  # one tile of rows, several, uneven ones
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 12, 13, 16, 25, 100])  # one tile of rows, several, uneven ones
 @pytest.mark.parametrize("out_features,in_features,bias", [(96, 64, False), (70, 160, True)])  # 70: a partial group
 def test_gguf_linear_matches_float64(kind, rows, out_features, in_features, bias):
     raw, _ = _quantized(kind, out_features, in_features, seed=rows)
