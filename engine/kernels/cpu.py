@@ -18,8 +18,8 @@ threads, reaches ~30 GB/s: all of SmolLM2's linears at one row 26 -> 17 ms (BENC
 GGUF linear: float32 activations times a weight kept in its GGUF blocks (Q4_0, Q4_1, Q8_0),
 rebuilt in registers to exactly the float32 values and multiplied in float32: a broadcast micro-
 kernel over 12 rows x 32 outputs, each group of 32 output rows dequantised once per call (once per
-32-weight block when all rows fit one tile). engine/models/gguf_linear.py decides where it applies;
-timings in BENCHMARKS.md.
+32-weight block when all rows fit one tile), the next group's blocks fetched into L2 meanwhile.
+engine/models/gguf_linear.py decides where it applies; timings in BENCHMARKS.md.
 
 Element-wise pieces (engine/models/llama.py Ops "cpp"): each one pass over its rows where eager
 PyTorch runs five to ten kernels and allocates between them; they round to the model dtype where
