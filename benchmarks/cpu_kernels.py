@@ -29,19 +29,29 @@
    history attended unmasked and the chunk causally, merged (engine/attention.py), interleaved.
 
     python benchmarks/cpu_kernels.py --parts streamed,attention   # only the second and third
+
+--baseline-rev REV adds the GGUF kernel of engine/kernels/cpu.cpp as it was at git revision REV to
+parts 6 and 7, built beside the current one under another op namespace and timed in turn with it,
+so a change to the kernel is measured before and after in one process:
+
+    python benchmarks/cpu_kernels.py --parts gguf,gguf_steps --baseline-rev 0081caa
 """
 from __future__ import annotations
 
 import argparse
 import functools
 import json
-import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
 from engine.attention import _decode, _prefill_after_history, _prefill_masked  # noqa: E402
 from engine.kernels import cpu  # noqa: E402
@@ -229,6 +239,42 @@ def bench_steps(rounds: int = 12) -> dict:
     return results
 
 
+def baseline_gguf_linear(rev: str):
+    """cpu.gguf_linear as engine/kernels/cpu.cpp was at git revision rev: that source, its ops
+    renamed to the namespace kvserve_base, built with the current flags and loaded beside ours."""
+    show = subprocess.run(["git", "show", f"{rev}:engine/kernels/cpu.cpp"], cwd=ROOT, capture_output=True, text=True)
+    if show.returncode != 0:
+        raise SystemExit(f"--baseline-rev {rev}: {show.stderr.strip()}")
+    source = show.stdout
+    source, renamed = re.subn(r"TORCH_LIBRARY(_IMPL)?\(kvserve\b", r"TORCH_LIBRARY\1(kvserve_base", source)
+    if renamed != 2:
+        raise SystemExit(f"cpu.cpp at {rev}: expected one TORCH_LIBRARY and one TORCH_LIBRARY_IMPL, found {renamed}")
+    with tempfile.TemporaryDirectory(prefix="kvserve-baseline-") as tmp:  # loaded, the library needs no file
+        build = Path(tmp)
+        (build / "cpu.cpp").write_text(source)
+        run = subprocess.run(cpu._compile_command(build / "cpu.so", build / "cpu.cpp"), capture_output=True, text=True)
+        if run.returncode != 0:
+            raise SystemExit(f"building cpu.cpp of {rev} failed: {run.stderr.strip()[-2000:]}")
+        torch.ops.load_library(str(build / "cpu.so"))
+    if not hasattr(torch.ops.kvserve_base, "gguf_linear"):
+        raise SystemExit(f"cpu.cpp at {rev} has no gguf_linear")
+
+    def gguf_linear(x, q, scales, out_features, bias):
+        return torch.ops.kvserve_base.gguf_linear(x.contiguous(), q, scales, out_features, bias)
+    return gguf_linear
+
+
+def _check_baseline(baseline, modules: list) -> None:
+    """The blocks are packed by today's engine/models/gguf_linear.py: a baseline kernel that read
+    another layout would be timed on garbage, so its results must match ours first."""
+    for m in modules[:4]:
+        x = torch.randn(5, m.in_features)
+        ours, theirs = m(x), baseline(x, m.q, m.scales, m.out_features, None)
+        if not torch.allclose(ours, theirs, rtol=1e-4, atol=1e-4):
+            raise SystemExit("the baseline's gguf_linear disagrees with the current one (max abs diff "
+                             f"{(ours - theirs).abs().max():.3g}): the block layout changed between the two")
+
+
 def _gguf_step_linears() -> list:
     """The bundled model's linears of one step as GGUF blocks, fused as the engine fuses them."""
     from engine.model_loader import bundled_gguf_path
@@ -242,7 +288,7 @@ def _gguf_step_linears() -> list:
     return step + [blocks["token_embd.weight"]]
 
 
-def bench_gguf_linears(reps: int = 7) -> dict:
+def bench_gguf_linears(reps: int = 7, baseline=None) -> dict:
     from engine.models.gguf_linear import GGUFLinear
 
     if not cpu.available():
@@ -259,6 +305,10 @@ def bench_gguf_linears(reps: int = 7) -> dict:
                "oneDNN packed": lambda xs: [torch.ops.mkldnn._linear_pointwise(
                    xs[m.in_features], m.packed, None, "none", [], "") for m in packed],
                "C++ skinny": lambda xs: [cpu.skinny_linear(xs[m.in_features], m.weight, None) for m in packed]}
+    if baseline:
+        _check_baseline(baseline, gguf)
+        kernels["GGUF blocks, baseline"] = lambda xs: [
+            baseline(xs[m.in_features], m.q, m.scales, m.out_features, None) for m in gguf]
     results = {}
     for rows in (1, 2, 4, 8, 16, 32, 64, 256):
         xs = {k: torch.randn(rows, k) for k in {m.in_features for m in gguf}}
@@ -270,17 +320,15 @@ def bench_gguf_linears(reps: int = 7) -> dict:
     return results
 
 
-def bench_gguf_steps(rounds: int = 10) -> dict:
+def bench_gguf_steps(rounds: int = 10, baseline=None) -> dict:
     """Whole decode steps, linears on the GGUF blocks against oneDNN + C++ skinny on the same
-    float32 weights (the path a plain HF directory of the model takes), alternated in one engine."""
-    import tempfile
-    from pathlib import Path
-
+    float32 weights (the path a plain HF directory of the model takes), alternated in one engine;
+    with a baseline, also the GGUF blocks through the baseline's kernel."""
     from engine import LLM
     from engine.model_loader import GGUF_ORIGIN_FILE, bundled_model_dir
     from engine.models.gguf_linear import GGUFLinear
 
-    results = {}
+    results, current = {}, cpu.gguf_linear
     with tempfile.TemporaryDirectory() as plain:
         for f in bundled_model_dir().iterdir():  # the same model as a plain HF directory
             if f.name != GGUF_ORIGIN_FILE:
@@ -291,13 +339,18 @@ def bench_gguf_steps(rounds: int = 10) -> dict:
             model = llm.engine.runner.model
             ours = {name: m for name, m in model.named_modules() if isinstance(m, GGUFLinear)}
 
-            def use(modules: dict) -> None:
+            def use(modules: dict, kernel=current) -> None:
                 for name in ours:
                     model.set_submodule(name, modules[name])
-            row = results[f"batch {batch}"] = _alternate(llm.engine, {"onednn+cpp": lambda: use(other),
-                                                                      "gguf": lambda: use(ours)}, rounds)
-            print(f"decode step, batch {batch}, linears oneDNN + C++ skinny {row['onednn+cpp']:.1f} ms, "
-                  f"GGUF blocks {row['gguf']:.1f} ms", flush=True)
+                cpu.gguf_linear = kernel  # what GGUFLinear.forward calls
+            setups = {"onednn+cpp": lambda: use(other), "gguf": lambda: use(ours)}
+            if baseline:
+                _check_baseline(baseline, list(ours.values()))
+                setups["gguf, baseline"] = lambda: use(ours, baseline)
+            row = results[f"batch {batch}"] = _alternate(llm.engine, setups, rounds)
+            use(ours)
+            print(f"decode step, batch {batch}, linears " + ", ".join(f"{n} {ms:.1f} ms" for n, ms in row.items()),
+                  flush=True)
             del llm
     return results
 
@@ -334,14 +387,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", default=None)
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated: {', '.join(PARTS)}")
+    ap.add_argument("--baseline-rev", default=None, metavar="REV",
+                    help="also time the GGUF kernel of cpu.cpp at this git revision (parts gguf, gguf_steps)")
     args = ap.parse_args()
     parts = args.parts.split(",")
     torch.manual_seed(0)
     cpu.available()  # loads the kernel library (registers torch.ops.kvserve.*) whichever parts run
     result = {"threads": torch.get_num_threads()}
+    baseline = None
+    if args.baseline_rev and cpu.available():
+        baseline = baseline_gguf_linear(args.baseline_rev)
+        result["baseline_rev"] = args.baseline_rev
     for part, (key, bench) in PARTS.items():
         if part in parts:
-            result[key] = bench()
+            result[key] = bench(baseline=baseline) if part in ("gguf", "gguf_steps") else bench()
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

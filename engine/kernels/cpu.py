@@ -63,11 +63,11 @@ def _cpu_fingerprint() -> str:
         return platform.processor()
 
 
-def _compile_command(out: Path) -> list[str]:
+def _compile_command(out: Path, source: Path = SOURCE) -> list[str]:
     # torch's own headers and libraries (not torch.utils.cpp_extension: it needs setuptools at run time)
     torch_dir = Path(torch.__file__).parent
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
-    return [os.environ.get("CXX", "c++"), *FLAGS, abi, f"-I{torch_dir / 'include'}", str(SOURCE), "-o", str(out),
+    return [os.environ.get("CXX", "c++"), *FLAGS, abi, f"-I{torch_dir / 'include'}", str(source), "-o", str(out),
             f"-L{torch_dir / 'lib'}", "-lc10", "-ltorch_cpu"]
 
 
