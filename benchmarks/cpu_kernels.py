@@ -30,9 +30,9 @@
 
     python benchmarks/cpu_kernels.py --parts streamed,attention   # only the second and third
 
---baseline-rev REV adds the GGUF kernel of engine/kernels/cpu.cpp as it was at git revision REV to
-parts 6 and 7, built beside the current one under another op namespace and timed in turn with it,
-so a change to the kernel is measured before and after in one process:
+--baseline-rev REV adds the kernels of engine/kernels/cpu.cpp as it was at git revision REV to
+parts 3, 6 and 7, built beside the current ones under another op namespace and timed in turn with
+them, so a change to a kernel is measured before and after in one process:
 
     python benchmarks/cpu_kernels.py --parts gguf,gguf_steps --baseline-rev 0081caa
 """
@@ -132,9 +132,10 @@ def bench_linears_streamed() -> dict:
     return results
 
 
-def bench_attention(layers: int = 30) -> dict:
+def bench_attention(layers: int = 30, baseline=None) -> dict:
     """Per layer, timed over `layers` distinct pools in turn as a step reads them: the KV cache
-    comes from DRAM, as in the engine, not from the CPU cache that one small pool would fit in."""
+    comes from DRAM, as in the engine, not from the CPU cache that one small pool would fit in.
+    The kernels take turns (with a baseline, its paged_decode too)."""
     heads, kv_heads, head_dim, bs = 9, 3, 64, 16
     results = {}
     built = cpu.available(torch.float32) and cpu.available(torch.bfloat16)
@@ -149,11 +150,15 @@ def bench_attention(layers: int = 30) -> dict:
                 lens = torch.full((batch,), ctx)
                 mask = (torch.arange(width * bs)[None, :] < lens[:, None])[:, None, None, :]
                 scale = head_dim ** -0.5
-                row = {"eager gather + SDPA": median_ms(
-                    lambda: [_decode(q, kv, tables, mask, scale) for q, kv, tables in step], reps=7) / layers}
+                kernels = {"eager gather + SDPA": lambda: [_decode(q, kv, tables, mask, scale)
+                                                           for q, kv, tables in step]}
                 if built:
-                    row["C++ paged"] = median_ms(lambda: [cpu.paged_decode(q, kv, tables, lens, scale)
-                                                          for q, kv, tables in step], reps=7) / layers
+                    kernels["C++ paged"] = lambda: [cpu.paged_decode(q, kv, tables, lens, scale)
+                                                    for q, kv, tables in step]
+                if built and baseline:
+                    kernels["C++ paged, baseline"] = lambda: [
+                        baseline.paged_decode(q, kv[0], kv[1], tables, lens, scale) for q, kv, tables in step]
+                row = {name: ms / layers for name, ms in _interleaved(kernels, 7).items()}
             key = f"{str(dtype).removeprefix('torch.')} batch {batch} x {ctx} tokens"
             results[key] = row
             print(f"decode attention, one layer, {key}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in row.items()),
@@ -239,14 +244,14 @@ def bench_steps(rounds: int = 12) -> dict:
     return results
 
 
-def baseline_gguf_linear(rev: str):
-    """cpu.gguf_linear as engine/kernels/cpu.cpp was at git revision rev: that source, its ops
-    renamed to the namespace kvserve_base, built with the current flags and loaded beside ours."""
+def baseline_kernels(rev: str):
+    """The kernels of engine/kernels/cpu.cpp as it was at git revision rev: that source, its ops
+    renamed to the namespace kvserve_base, built with the current flags and loaded beside ours;
+    -> torch.ops.kvserve_base."""
     show = subprocess.run(["git", "show", f"{rev}:engine/kernels/cpu.cpp"], cwd=ROOT, capture_output=True, text=True)
     if show.returncode != 0:
         raise SystemExit(f"--baseline-rev {rev}: {show.stderr.strip()}")
-    source = show.stdout
-    source, renamed = re.subn(r"TORCH_LIBRARY(_IMPL)?\(kvserve\b", r"TORCH_LIBRARY\1(kvserve_base", source)
+    source, renamed = re.subn(r"TORCH_LIBRARY(_IMPL)?\(kvserve\b", r"TORCH_LIBRARY\1(kvserve_base", show.stdout)
     if renamed != 2:
         raise SystemExit(f"cpu.cpp at {rev}: expected one TORCH_LIBRARY and one TORCH_LIBRARY_IMPL, found {renamed}")
     with tempfile.TemporaryDirectory(prefix="kvserve-baseline-") as tmp:  # loaded, the library needs no file
@@ -256,23 +261,25 @@ def baseline_gguf_linear(rev: str):
         if run.returncode != 0:
             raise SystemExit(f"building cpu.cpp of {rev} failed: {run.stderr.strip()[-2000:]}")
         torch.ops.load_library(str(build / "cpu.so"))
-    if not hasattr(torch.ops.kvserve_base, "gguf_linear"):
-        raise SystemExit(f"cpu.cpp at {rev} has no gguf_linear")
+    return torch.ops.kvserve_base
+
+
+def _baseline_gguf_linear(baseline, modules: list):
+    """The baseline's gguf_linear with cpu.gguf_linear's signature, once its results agree with
+    ours: the blocks are packed by today's engine/models/gguf_linear.py, and a kernel that read
+    another layout would be timed on garbage."""
+    if not hasattr(baseline, "gguf_linear"):
+        raise SystemExit("the baseline's cpu.cpp has no gguf_linear")
 
     def gguf_linear(x, q, scales, out_features, bias):
-        return torch.ops.kvserve_base.gguf_linear(x.contiguous(), q, scales, out_features, bias)
-    return gguf_linear
-
-
-def _check_baseline(baseline, modules: list) -> None:
-    """The blocks are packed by today's engine/models/gguf_linear.py: a baseline kernel that read
-    another layout would be timed on garbage, so its results must match ours first."""
+        return baseline.gguf_linear(x.contiguous(), q, scales, out_features, bias)
     for m in modules[:4]:
         x = torch.randn(5, m.in_features)
-        ours, theirs = m(x), baseline(x, m.q, m.scales, m.out_features, None)
+        ours, theirs = m(x), gguf_linear(x, m.q, m.scales, m.out_features, None)
         if not torch.allclose(ours, theirs, rtol=1e-4, atol=1e-4):
             raise SystemExit("the baseline's gguf_linear disagrees with the current one (max abs diff "
                              f"{(ours - theirs).abs().max():.3g}): the block layout changed between the two")
+    return gguf_linear
 
 
 def _gguf_step_linears() -> list:
@@ -306,9 +313,9 @@ def bench_gguf_linears(reps: int = 7, baseline=None) -> dict:
                    xs[m.in_features], m.packed, None, "none", [], "") for m in packed],
                "C++ skinny": lambda xs: [cpu.skinny_linear(xs[m.in_features], m.weight, None) for m in packed]}
     if baseline:
-        _check_baseline(baseline, gguf)
+        theirs = _baseline_gguf_linear(baseline, gguf)
         kernels["GGUF blocks, baseline"] = lambda xs: [
-            baseline(xs[m.in_features], m.q, m.scales, m.out_features, None) for m in gguf]
+            theirs(xs[m.in_features], m.q, m.scales, m.out_features, None) for m in gguf]
     results = {}
     for rows in (1, 2, 4, 8, 16, 32, 64, 256):
         xs = {k: torch.randn(rows, k) for k in {m.in_features for m in gguf}}
@@ -345,8 +352,8 @@ def bench_gguf_steps(rounds: int = 10, baseline=None) -> dict:
                 cpu.gguf_linear = kernel  # what GGUFLinear.forward calls
             setups = {"onednn+cpp": lambda: use(other), "gguf": lambda: use(ours)}
             if baseline:
-                _check_baseline(baseline, list(ours.values()))
-                setups["gguf, baseline"] = lambda: use(ours, baseline)
+                theirs = _baseline_gguf_linear(baseline, list(ours.values()))
+                setups["gguf, baseline"] = lambda: use(ours, theirs)
             row = results[f"batch {batch}"] = _alternate(llm.engine, setups, rounds)
             use(ours)
             print(f"decode step, batch {batch}, linears " + ", ".join(f"{n} {ms:.1f} ms" for n, ms in row.items()),
@@ -383,12 +390,15 @@ PARTS = {"linears": ("linears_ms_per_step", bench_linears),
          "history": ("prefill_attention_ms_after_history", bench_history)}
 
 
+BASELINE_PARTS = ("attention", "gguf", "gguf_steps")  # those that time --baseline-rev's kernels too
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", default=None)
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated: {', '.join(PARTS)}")
     ap.add_argument("--baseline-rev", default=None, metavar="REV",
-                    help="also time the GGUF kernel of cpu.cpp at this git revision (parts gguf, gguf_steps)")
+                    help="also time the kernels of cpu.cpp at this git revision (parts attention, gguf, gguf_steps)")
     args = ap.parse_args()
     parts = args.parts.split(",")
     torch.manual_seed(0)
@@ -396,11 +406,11 @@ def main() -> None:
     result = {"threads": torch.get_num_threads()}
     baseline = None
     if args.baseline_rev and cpu.available():
-        baseline = baseline_gguf_linear(args.baseline_rev)
+        baseline = baseline_kernels(args.baseline_rev)
         result["baseline_rev"] = args.baseline_rev
     for part, (key, bench) in PARTS.items():
         if part in parts:
-            result[key] = bench(baseline=baseline) if part in ("gguf", "gguf_steps") else bench()
+            result[key] = bench(baseline=baseline) if part in BASELINE_PARTS else bench()
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

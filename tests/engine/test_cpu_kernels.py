@@ -36,6 +36,19 @@ def test_cpu_decode_matches_reference(dtype, tol, batch, max_len, heads, kv_head
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("block_size,head_dim", [(32, 128), (8, 64), (48, 64)])
+def test_cpu_decode_other_block_and_head_sizes(dtype, tol, block_size, head_dim):
+    # keys are scored 16 tokens at a time where a block holds whole sixteens (32, 48: two and three
+    # a block, head_dim 128: eight vectors a key), one at a time where it does not (8), and for
+    # the tokens past the last full sixteen of a sequence
+    q, kv, tables, lens = random_decode_batch(5, 8, 2, head_dim, block_size, dtype, "cpu", 200)
+    ref = decode_reference(q, kv, tables, lens, head_dim ** -0.5)
+    out = cpu.paged_decode(q, kv, tables, lens.long(), head_dim ** -0.5)
+    assert ((out.double() - ref).norm() / ref.norm()).item() < tol
+
+
+@needs_kernel
 @pytest.mark.parametrize("batch", [1, 3])
 def test_cpu_decode_splits_long_sequences_between_threads(batch):
     # fewer sequences than threads: each is cut into stretches whose partials are merged; with 3
