@@ -8,8 +8,9 @@ again by scaled_dot_product_attention. The kernel reads each sequence's blocks i
 heads of a token in one contiguous run, fetching the next block ahead (with AVX-512 also the one
 after it and the values into L2 while the keys are scored, 16 tokens at a time); with fewer
 sequences than threads, each is cut into stretches merged at the end (batch 1 x 1000 tokens:
-~1.9x faster than one thread). One layer read from DRAM, 64 sequences of 180 tokens, float32, 2-core dev machine:
-~1.2 ms against ~6.7 ms for gather + SDPA (BENCHMARKS.md).
+~1.9x faster than one thread). One layer read from DRAM, 64 sequences of 180 tokens, float32,
+2-core dev machine: ~1.1 ms against ~11.7 ms for gather + SDPA, timed in turn (benchmarks/results/
+cpu-kernels-attention-dot16.json).
 
 Skinny linear: at a row or two a linear layer is a pass over its weight, and oneDNN's packed
 kernels stream it at ~20 GB/s here; one plain loop per weight row, the rows split between
