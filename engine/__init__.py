@@ -1,5 +1,5 @@
 """kvserve engine: paged KV cache, continuous batching, token-exact with transformers."""
-from engine.async_llm import AsyncLLM, EngineDeadError
+from engine.async_llm import AsyncLLM, EngineDeadError, RequestFailedError
 from engine.config import EngineConfig
 from engine.llm import LLM
 from engine.llm_engine import ContextLengthError, LLMEngine
@@ -8,4 +8,4 @@ from engine.request import TokenLogprobs
 from engine.sampling_params import SamplingParams
 
 __all__ = ["AsyncLLM", "CompletionOutput", "ContextLengthError", "EngineConfig", "EngineDeadError", "LLM",
-           "LLMEngine", "RequestOutput", "SamplingParams", "TokenLogprobs"]
+           "LLMEngine", "RequestFailedError", "RequestOutput", "SamplingParams", "TokenLogprobs"]

@@ -24,6 +24,10 @@ class EngineDeadError(RuntimeError):
     """The engine worker failed; no request can be served any more."""
 
 
+class RequestFailedError(RuntimeError):
+    """Serving this one request failed (its blocks are freed); the engine serves the others on."""
+
+
 class AsyncLLM:
     def __init__(self, config: EngineConfig) -> None:
         self._inbox: queue.Queue = queue.Queue()
@@ -100,9 +104,9 @@ class AsyncLLM:
             while not self._stopping.is_set():
                 self._drain_inbox(block=not self.engine.has_unfinished_requests())
                 for out in self.engine.step():
-                    self._deliver(out.request_id, out)
-        except BaseException as e:  # noqa: BLE001 - any fault ends the engine; tell every waiter
-            logger.exception("engine worker failed")
+                    self._deliver(out.request_id, out if out.error is None else RequestFailedError(out.error))
+        except BaseException as e:  # noqa: BLE001 - a device fault or a broken core ends the engine
+            logger.exception("engine worker failed; no request can be served any more")
             self.error = e
             for rid in list(self._streams):
                 self._deliver(rid, EngineDeadError(f"engine failure: {e}"))

@@ -19,7 +19,7 @@ from engine.model_runner import ModelRunner, ModelRunnerOutput
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.request import Request, TokenLogprobs
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
+from engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -28,12 +28,17 @@ class ContextLengthError(ValueError):
     """The prompt plus the tokens asked for cannot fit the model's context."""
 
 
+class DeviceFaultError(RuntimeError):
+    """The device failed in a way no request can be served after (a lost or corrupted CUDA context)."""
+
+
 @dataclass
 class _RequestState:
     prompt: str | None
     prompt_token_ids: list[int]
     seqs: list[Request]
     texts: list[SequenceText]
+    error: str | None = None  # why serving it failed (finish_reason "error")
 
 
 class LLMEngine:
@@ -50,6 +55,11 @@ class LLMEngine:
         self.device = pick_device(config.device)
         self.dtype = pick_dtype(config.dtype, self.hf_config, self.device)
         self.max_model_len = self._max_model_len()
+        # No token spells more than this many characters, so a longer prompt cannot fit the
+        # context: it is refused before tokenizing it (which takes seconds for megabytes).
+        # Twice the bound, for normalisers that merge characters.
+        longest = max((len(t) for t in self.tokenizer.get_vocab()), default=1)
+        self.max_prompt_chars = 2 * longest * self.max_model_len
         torch.manual_seed(config.seed)
         model = build_model(src, self.hf_config, self.max_model_len, self.dtype, self.device, config.load_format,
                             config.linear_backend, config.enforce_eager)
@@ -64,6 +74,7 @@ class LLMEngine:
                                   self.device, self.dtype, config.seed, config.attention_backend,
                                   graph_max_batch, self.max_model_len, config.enforce_eager)
         self._requests: dict[str, _RequestState] = {}
+        self._failed: list[RequestOutput] = []  # outputs of requests failed during the current step
         self.metrics = EngineMetrics(self.model_name, self.scheduler, self.kv)
 
     # --- configuration ------------------------------------------------------------------
@@ -113,9 +124,46 @@ class LLMEngine:
 
     def prepare_prompt(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
         """Token ids of the prompt, checked against the vocabulary, context and pool (ValueError)."""
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self._check_params(params)
+        if isinstance(prompt, str):
+            self.check_prompt_chars(len(prompt))
+            ids = self.tokenizer.encode(prompt)
+        else:
+            if len(prompt) > self.max_model_len:  # before looking at each id
+                raise self._too_long(len(prompt), params.max_tokens or 1)
+            ids = list(prompt)
         self._check_prompt(ids, params)
         return ids
+
+    def check_prompt_chars(self, num_chars: int) -> None:
+        """ContextLengthError if a text this long cannot fit the context as tokens of any kind."""
+        if num_chars > self.max_prompt_chars:
+            raise ContextLengthError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, your prompt has "
+                f"{num_chars} characters, more than any {self.max_model_len} tokens of its vocabulary spell. "
+                "Please reduce the length of the prompt.")
+
+    def _too_long(self, num_prompt: int, num_completion: int) -> ContextLengthError:
+        wanted = num_prompt + num_completion
+        return ContextLengthError(
+            f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+            f"{wanted} tokens ({num_prompt} in the prompt, {num_completion} in the completion). "
+            "Please reduce the length of the prompt or the completion.")
+
+    def _check_params(self, params: SamplingParams) -> None:
+        """The bounds SamplingParams.validate cannot check alone: those set by the vocabulary."""
+        vocab = self.hf_config.vocab_size
+
+        def need(ok: bool, name: str, why: str) -> None:
+            if not ok:
+                raise ValueError(f"{name}: {why}")
+
+        need(params.top_k <= vocab, "top_k", f"must be at most the vocabulary size, {vocab}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(params, name)
+            need(value is None or value <= vocab, name, f"must be at most the vocabulary size, {vocab}")
+        need(all(t < vocab for t in params.stop_token_ids), "stop_token_ids", f"token ids must be in [0, {vocab})")
+        need(all(0 <= t < vocab for t in params.logit_bias or ()), "logit_bias", f"keys must be token ids in [0, {vocab})")
 
     def _check_prompt(self, ids: list[int], params: SamplingParams) -> None:
         if not ids:
@@ -123,12 +171,8 @@ class LLMEngine:
         vocab = self.hf_config.vocab_size
         if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
             raise ValueError(f"prompt: token ids must be integers in [0, {vocab})")
-        wanted = len(ids) + (params.max_tokens or 1)
-        if wanted > self.max_model_len:
-            raise ContextLengthError(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
-                f"{wanted} tokens ({len(ids)} in the prompt, {wanted - len(ids)} in the completion). "
-                "Please reduce the length of the prompt or the completion.")
+        if len(ids) + (params.max_tokens or 1) > self.max_model_len:
+            raise self._too_long(len(ids), params.max_tokens or 1)
         need = self.kv.num_blocks_for(len(ids) + (params.max_tokens or self.max_model_len - len(ids)))
         if need > self.num_kv_blocks:
             raise ContextLengthError(
@@ -147,12 +191,26 @@ class LLMEngine:
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request and free its blocks; None (and no harm) if it is unknown or done."""
+        return self._end(request_id, "abort")
+
+    def _end(self, request_id: str, reason: str) -> RequestOutput | None:
         state = self._requests.get(request_id)
         if state is None:
             return None
-        for req in self.scheduler.abort(request_id):
-            state.texts[req.index].finish()
+        for req in self.scheduler.abort(request_id, reason):
+            if reason != "error":  # after a fault the text may be mid-way through an update
+                state.texts[req.index].finish()
         return self._output(request_id)
+
+    def _fail(self, request_id: str, error: BaseException) -> None:
+        """Serving this request raised: it alone ends, with finish_reason "error", and frees its blocks."""
+        if _is_device_fault(error):
+            raise DeviceFaultError(f"the device failed: {error}") from error
+        logger.error("request %s failed: %s", request_id, error, exc_info=error)
+        state = self._requests.get(request_id)
+        if state is not None and state.error is None:
+            state.error = f"{type(error).__name__}: {error}"
+            self._failed.append(self._end(request_id, "error"))
 
     def request_ids(self) -> list[str]:
         return list(self._requests)
@@ -169,15 +227,45 @@ class LLMEngine:
         for s in sched.seqs:
             if s.request.first_scheduled_time is None:
                 s.request.first_scheduled_time = now
-        result = self.runner.execute(sched)
+        self._failed = []
+        result = self._execute(sched)
+        sched.seqs = [s for s in sched.seqs if not s.request.is_finished]  # drop the failed ones
         self.scheduler.update_after_step(sched)
         self.metrics.on_step(sched.num_batched_tokens, len(sched.preempted))
         touched: dict[str, None] = {}
         for s in sched.seqs:
-            self._postprocess(s.request, result)
+            try:
+                self._postprocess(s.request, result)
+            except Exception as e:  # noqa: BLE001 - e.g. a detokenizer fault: this request only
+                self._fail(s.request.request_id, e)
+                continue
             if s.request.seq_id in result.sampled:
                 touched[s.request.request_id] = None
-        return [self._output(rid) for rid in touched]
+        return self._failed + [self._output(rid) for rid in touched if rid in self._requests]
+
+    def _execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        """Run the step; if it raises, run each request's part alone so that only the requests
+        that fail alone are failed, and the rest get the tokens the whole step would have given."""
+        try:
+            return self.runner.execute(sched)
+        except Exception as e:  # noqa: BLE001 - isolated below
+            if _is_device_fault(e):
+                raise DeviceFaultError(f"the device failed: {e}") from e
+            logger.warning("a step of %d sequences failed (%s); retrying each request alone", len(sched.seqs), e)
+        merged = ModelRunnerOutput()
+        groups: dict[str, list[ScheduledSeq]] = {}
+        for s in sched.seqs:
+            groups.setdefault(s.request.request_id, []).append(s)
+        for request_id, seqs in groups.items():
+            try:
+                part = self.runner.execute(SchedulerOutput(seqs=seqs))
+            except Exception as e:  # noqa: BLE001 - this request's own fault
+                self._fail(request_id, e)
+                continue
+            merged.sampled.update(part.sampled)
+            merged.logprobs.update(part.logprobs)
+            merged.prompt_logprobs.update(part.prompt_logprobs)
+        return merged
 
     def _postprocess(self, req: Request, result: ModelRunnerOutput) -> None:
         if req.seq_id in result.prompt_logprobs:
@@ -223,7 +311,7 @@ class LLMEngine:
             self.metrics.on_finished(state.seqs)
         outputs = [self._completion(s, t) for s, t in zip(state.seqs, state.texts)]
         return RequestOutput(request_id, state.prompt, state.prompt_token_ids, outputs, finished,
-                             state.seqs[0].prompt_logprobs, state.seqs[0].num_cached_tokens or 0)
+                             state.seqs[0].prompt_logprobs, state.seqs[0].num_cached_tokens or 0, state.error)
 
     @staticmethod
     def _completion(req: Request, text: SequenceText) -> CompletionOutput:
@@ -240,3 +328,10 @@ class LLMEngine:
 
     def check_invariants(self) -> None:
         self.scheduler.check_invariants()
+
+
+def _is_device_fault(error: BaseException) -> bool:
+    """A CUDA error leaves the context unusable for every request, so it ends the engine; any
+    other error is taken to be the fault of the request being served."""
+    accelerator = getattr(torch, "AcceleratorError", ())
+    return isinstance(error, accelerator) or (isinstance(error, RuntimeError) and "CUDA error" in str(error))

@@ -141,7 +141,16 @@ class ModelRunner:
     # --- outputs --------------------------------------------------------------------------
     def _sample(self, logits: torch.Tensor, rows: list[tuple[ScheduledSeq, int]], out: ModelRunnerOutput) -> None:
         reqs = [s.request for s, _ in rows]
-        tokens, logprobs = self.sampler(logits, self._sampling_metadata(reqs))
+        md = self._sampling_metadata(reqs)
+        # A step that fails is retried request by request; seeded rows must then draw again
+        # from where they were, so a failure puts their generators back.
+        seeded = [(g, g.get_state()) for g in md.generators if g is not None]
+        try:
+            tokens, logprobs = self.sampler(logits, md)
+        except Exception:
+            for g, state in seeded:
+                g.set_state(state)
+            raise
         for req, tok, lp in zip(reqs, tokens, logprobs):
             out.sampled[req.seq_id] = tok
             if lp is not None:
@@ -201,7 +210,7 @@ class ModelRunner:
         md.seen_mask |= md.output_counts > 0
 
     def _generator(self, req: Request) -> torch.Generator | None:
-        seed = req.params.seed
+        seed = req.params.generator_seed
         if seed is None:
             return None
         g = self.generators.get(req.seq_id)

@@ -1,9 +1,17 @@
 """Per-request sampling and stopping options, as vLLM's SamplingParams."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20
+MAX_TEMPERATURE = 2.0  # OpenAI's range; higher is all but uniform sampling
+# A few stop rules are what clients use; each is checked at every step, so they are bounded.
+MAX_STOP_STRINGS = 4  # as OpenAI
+MAX_STOP_STRING_CHARS = 256
+MAX_STOP_TOKEN_IDS = 64
+MAX_LOGIT_BIAS_ENTRIES = 1024
+SEED_RANGE = (-(1 << 63), 1 << 64)  # signed or unsigned 64-bit; both map onto torch's unsigned seed
 
 
 @dataclass
@@ -50,29 +58,65 @@ class SamplingParams:
                 or self.repetition_penalty != 1.0)
 
     def validate(self) -> None:
+        """Raise ValueError naming the first field out of range (bounds that need the model's
+        vocabulary are checked by the engine, which knows it)."""
         def need(ok: bool, name: str, why: str) -> None:
             if not ok:
-                raise ValueError(f"{name}: {why} (got {getattr(self, name)!r})")
+                raise ValueError(f"{name}: {why} (got {_short(getattr(self, name))})")
 
-        need(isinstance(self.n, int) and self.n >= 1, "n", "must be at least 1")
-        need(self.temperature >= 0.0, "temperature", "must be non-negative")
-        need(0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]")
-        need(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", "must be -1, 0 (off) or positive")
-        need(0.0 <= self.min_p <= 1.0, "min_p", "must be in [0, 1]")
-        need(self.max_tokens is None or self.max_tokens >= 1, "max_tokens", "must be at least 1")
-        need(self.min_tokens >= 0, "min_tokens", "must be non-negative")
+        def integer(name: str, low: int, high: int | None = None, optional: bool = False) -> bool:
+            value = getattr(self, name)
+            if value is None and optional:
+                return True
+            return _is_int(value) and low <= value and (high is None or value <= high)
+
+        need(integer("n", 1), "n", "must be at least 1")
+        need(_in(self.temperature, 0.0, MAX_TEMPERATURE), "temperature", f"must be in [0, {MAX_TEMPERATURE:g}]")
+        need(_in(self.top_p, 0.0, 1.0) and self.top_p > 0.0, "top_p", "must be in (0, 1]")
+        need(integer("top_k", 0), "top_k", "must be -1, 0 (off) or positive")
+        need(_in(self.min_p, 0.0, 1.0), "min_p", "must be in [0, 1]")
+        need(self.seed is None or (_is_int(self.seed) and SEED_RANGE[0] <= self.seed < SEED_RANGE[1]), "seed",
+             "must be a 64-bit integer")
+        need(integer("max_tokens", 1, optional=True), "max_tokens", "must be at least 1")
+        need(integer("min_tokens", 0), "min_tokens", "must be non-negative")
         need(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens",
              "must not exceed max_tokens")
-        need(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", "must be in [-2, 2]")
-        need(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "must be in [-2, 2]")
-        need(0.0 < self.repetition_penalty <= 2.0, "repetition_penalty", "must be in (0, 2]")
+        need(_in(self.presence_penalty, -2.0, 2.0), "presence_penalty", "must be in [-2, 2]")
+        need(_in(self.frequency_penalty, -2.0, 2.0), "frequency_penalty", "must be in [-2, 2]")
+        need(_in(self.repetition_penalty, 0.0, 2.0) and self.repetition_penalty > 0.0, "repetition_penalty",
+             "must be in (0, 2]")
         for name in ("logprobs", "prompt_logprobs"):
-            value = getattr(self, name)
-            need(value is None or 0 <= value <= MAX_LOGPROBS, name, f"must be in [0, {MAX_LOGPROBS}]")
-        need(all(isinstance(s, str) and s for s in self.stop_strings), "stop",
-             "must be non-empty strings")
-        need(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
+            need(integer(name, 0, MAX_LOGPROBS, optional=True), name, f"must be in [0, {MAX_LOGPROBS}]")
+        need(len(self.stop_strings) <= MAX_STOP_STRINGS, "stop", f"must hold at most {MAX_STOP_STRINGS} strings")
+        need(all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_STRING_CHARS for s in self.stop_strings), "stop",
+             f"must be non-empty strings of at most {MAX_STOP_STRING_CHARS} characters")
+        need(len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS, "stop_token_ids",
+             f"must hold at most {MAX_STOP_TOKEN_IDS} token ids")
+        need(all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
              "must be non-negative token ids")
         if self.logit_bias:
-            need(all(-100.0 <= b <= 100.0 for b in self.logit_bias.values()), "logit_bias",
+            need(len(self.logit_bias) <= MAX_LOGIT_BIAS_ENTRIES, "logit_bias",
+                 f"must hold at most {MAX_LOGIT_BIAS_ENTRIES} entries")
+            need(all(_in(b, -100.0, 100.0) for b in self.logit_bias.values()), "logit_bias",
                  "values must be in [-100, 100]")
+
+    @property
+    def generator_seed(self) -> int | None:
+        """The seed as torch takes it (unsigned 64-bit): -1 and 2**64 - 1 name the same stream."""
+        return None if self.seed is None else self.seed & ((1 << 64) - 1)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _in(value, low: float, high: float) -> bool:
+    """A finite real number in [low, high] (NaN and the infinities are not)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+        and low <= value <= high
+
+
+def _short(value) -> str:
+    """The offending value for an error message, cut to a readable length."""
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:77]}..."

@@ -220,14 +220,15 @@ class Scheduler:
         if all(s.is_finished for s in seqs):
             self.seqs_by_request.pop(req.request_id, None)
 
-    def abort(self, request_id: str) -> list[Request]:
-        """Finish every sequence of the request with reason "abort"; harmless if already gone."""
+    def abort(self, request_id: str, reason: str = "abort") -> list[Request]:
+        """Finish every sequence of the request ("abort", or "error" when serving it failed);
+        harmless if already gone."""
         seqs = self.seqs_by_request.get(request_id, [])
         if seqs:
             self.pending_forks.pop(seqs[0].seq_id, None)
         aborted = [s for s in seqs if not s.is_finished]
         for s in aborted:
-            self.finish(s, "abort")
+            self.finish(s, reason)
         return aborted
 
     def check_invariants(self) -> None:

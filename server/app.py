@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 import logging
@@ -9,18 +10,23 @@ import uuid
 from dataclasses import dataclass
 from typing import AsyncIterator
 
+from concurrent.futures import ThreadPoolExecutor
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engine.async_llm import AsyncLLM, EngineDeadError
+from engine.async_llm import AsyncLLM, EngineDeadError, RequestFailedError
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.sampling_params import SamplingParams
 from server.guard import Guard, ServerOptions
 from server.logprobs import TokenText, chat_logprobs, completion_logprobs, concat, num_tokens
-from server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from server.openapi import document
+from server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
+                             message_dicts)
 
 
 logger = logging.getLogger("kvserve.server")
@@ -38,9 +44,78 @@ class APIError(Exception):
 
 
 def _param_of(message: str) -> str | None:
-    """Our ValueErrors start with the offending field: 'temperature: must be ...'."""
+    """Our ValueErrors start with the offending field: 'temperature: must be ...', 'messages.0.content: ...'."""
     head = message.split(":", 1)[0]
-    return head if head.isidentifier() else None
+    return head if head and all(part.isidentifier() or part.isdigit() for part in head.split(".")) else None
+
+
+def invalid_request(errors: list[dict]) -> APIError:
+    """pydantic's most specific complaint (the deepest field) as an OpenAI 400 naming the field."""
+    first = max(errors, key=lambda e: len(_field_path(e))) if errors else {}
+    param = ".".join(_field_path(first)) or None
+    if first.get("type") == "json_invalid":
+        return APIError(400, "the request body is not valid JSON")
+    if first.get("type") == "extra_forbidden":
+        return APIError(400, f"Unrecognized request argument supplied: {param}", param=param)
+    msg = f"{param}: {first.get('msg', 'invalid value')}" if param else first.get("msg", "invalid request")
+    return APIError(400, msg, param=param)
+
+
+def _field_path(error: dict) -> list[str]:
+    """The field an error is about, without the union members pydantic names on the way
+    ('messages.0.content.list[ContentPart].0.text' -> messages.0.content.0.text)."""
+    def union_member(part) -> bool:
+        return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool", "list", "dict"))
+
+    return [str(x) for x in error.get("loc", ()) if x != "body" and not union_member(x)]
+
+
+class _Offload:
+    """Work too heavy for the event loop (parsing big bodies, tokenizing, chat templates) runs on a
+    thread, so /health and the streams of other requests keep answering meanwhile. One thread for
+    the tokenizer: a Rust tokenizer used from two threads at once raises "Already borrowed"."""
+
+    def __init__(self) -> None:
+        self._parse = ThreadPoolExecutor(1, thread_name_prefix="kvserve-parse")
+        self._tokenize = ThreadPoolExecutor(1, thread_name_prefix="kvserve-tokenize")
+
+    async def parse(self, raw: Request, model: type[BaseModel]):
+        data = await raw.body()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._parse, model.model_validate_json, data)
+        except ValidationError as e:
+            raise invalid_request(e.errors(include_url=False)) from None
+
+    async def tokenize(self, fn):
+        """fn() on the tokenizer thread; its ValueErrors become 400s naming their field."""
+        return await asyncio.get_running_loop().run_in_executor(self._tokenize, _call, fn)
+
+
+class _Admission:
+    """Counts sequences (prompts x n), not HTTP requests: at most max_num_seqs in one request, and
+    with --max-queue-len at most max_num_seqs + max_queue_len in flight over all requests."""
+
+    def __init__(self, max_num_seqs: int, max_queue_len: int | None) -> None:
+        self.per_request = max_num_seqs
+        self.limit = None if max_queue_len is None else max_num_seqs + max_queue_len
+        self.in_flight = 0  # sequences admitted and not yet answered
+
+    def check_size(self, num_prompts: int, n: int) -> None:
+        if num_prompts * n > self.per_request:
+            param, what = ("n", f"n={n}") if n > 1 else ("prompt", f"{num_prompts} prompts")
+            if n > 1 and num_prompts > 1:
+                what = f"{num_prompts} prompts x n={n}"
+            raise APIError(400, f"{param}: {what} asks for {num_prompts * n} sequences; this server runs at most "
+                                f"{self.per_request} per request", param=param)
+
+    def admit(self, num_seqs: int) -> None:
+        if self.limit is not None and self.in_flight + num_seqs > self.limit:
+            raise APIError(503, f"The server is at capacity ({self.in_flight} of {self.limit} sequences in "
+                                "flight); retry later.", type_="service_unavailable", headers={"Retry-After": "1"})
+        self.in_flight += num_seqs  # _respond gives them back when the answer is complete
+
+    def release(self, num_seqs: int) -> None:
+        self.in_flight -= num_seqs
 
 
 def create_app(engine: AsyncLLM, model_name: str, options: ServerOptions | None = None) -> FastAPI:
@@ -49,17 +124,10 @@ def create_app(engine: AsyncLLM, model_name: str, options: ServerOptions | None 
     app.state.engine = engine
     app.state.model_name = model_name
     app.state.draining = False
-    app.state.in_flight = 0  # generation requests admitted and not yet answered
+    app.state.admission = admission = _Admission(engine.engine.config.max_num_seqs, options.max_queue_len)
     app.add_middleware(Guard, options=options, app_state=app.state)
-    # Admission: what the engine can run at once plus the allowed queue.
     token_text = TokenText(engine.engine.tokenizer)
-    admit_limit = None if options.max_queue_len is None else engine.engine.config.max_num_seqs + options.max_queue_len
-
-    def admit() -> None:
-        if admit_limit is not None and app.state.in_flight >= admit_limit:
-            raise APIError(503, f"The server is at capacity ({admit_limit} requests in flight); retry later.",
-                           type_="service_unavailable", headers={"Retry-After": "1"})
-        app.state.in_flight += 1  # _respond gives it back when the answer is complete
+    work = _Offload()
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, e: APIError):
@@ -67,18 +135,13 @@ def create_app(engine: AsyncLLM, model_name: str, options: ServerOptions | None 
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, e: RequestValidationError):
-        first = e.errors()[0] if e.errors() else {}
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-        param = ".".join(loc) or None
-        msg = f"{param}: {first.get('msg', 'invalid value')}" if param else first.get("msg", "invalid request")
-        if first.get("type") == "json_invalid":
-            msg, param = "the request body is not valid JSON", None
-        return JSONResponse(APIError(400, msg, param=param).body(), status_code=400)
+        error = invalid_request(list(e.errors()))
+        return JSONResponse(error.body(), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, e: StarletteHTTPException):
         return JSONResponse(APIError(e.status_code, str(e.detail), type_="invalid_request_error").body(),
-                            status_code=e.status_code)
+                            status_code=e.status_code, headers=e.headers)  # 405 keeps its Allow header
 
     @app.get("/health")
     async def health():
@@ -97,49 +160,72 @@ def create_app(engine: AsyncLLM, model_name: str, options: ServerOptions | None 
                                             "max_model_len": engine.engine.max_model_len}]}
 
     @app.post("/tokenize")
-    async def tokenize(body: TokenizeRequest):
+    async def tokenize(raw: Request):
+        body = await work.parse(raw, TokenizeRequest)
         _check_model(body.model, model_name)
         tokenizer = engine.engine.tokenizer
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "prompt: give exactly one of prompt or messages", param="prompt")
         if body.messages is not None:
-            chat = ChatCompletionRequest(messages=body.messages)
-            ids = _chat_ids(tokenizer, chat.message_dicts(), body.add_generation_prompt)
+            messages = _call(lambda: message_dicts(body.messages))
+            _call(lambda: engine.engine.check_prompt_chars(_num_chars(messages)))
+            ids = await work.tokenize(lambda: _chat_ids(tokenizer, messages, body.add_generation_prompt))
         else:
-            ids = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+            _call(lambda: engine.engine.check_prompt_chars(len(body.prompt)))
+            ids = await work.tokenize(lambda: tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens))
         return {"tokens": ids, "count": len(ids), "max_model_len": engine.engine.max_model_len}
 
     @app.post("/detokenize")
-    async def detokenize(body: DetokenizeRequest):
+    async def detokenize(raw: Request):
+        body = await work.parse(raw, DetokenizeRequest)
         _check_model(body.model, model_name)
         vocab = engine.engine.hf_config.vocab_size
-        if any(not 0 <= t < vocab for t in body.tokens):
-            raise APIError(400, f"tokens: token ids must be in [0, {vocab})", param="tokens")
-        return {"prompt": engine.engine.tokenizer.decode(body.tokens)}
+
+        def decode() -> str:
+            if any(not 0 <= t < vocab for t in body.tokens):
+                raise ValueError(f"tokens: token ids must be in [0, {vocab})")
+            return engine.engine.tokenizer.decode(body.tokens)
+
+        return {"prompt": await work.tokenize(decode)}
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, raw: Request):
+    async def completions(raw: Request):
+        body = await work.parse(raw, CompletionRequest)
         _check_model(body.model, model_name)
         params = _call(body.params)
         texts = _call(body.prompts)
-        prompts = _prompt_ids(engine, texts, params)
+        admission.check_size(len(texts), params.n)
         tokenizer = engine.engine.tokenizer
-        echo = [t if isinstance(t, str) else tokenizer.decode(ids) for t, ids in zip(texts, prompts)] if body.echo else None
+
+        def prepare():
+            prompts = _prompt_ids(engine, texts, params)
+            echo = [t if isinstance(t, str) else tokenizer.decode(ids) for t, ids in zip(texts, prompts)]
+            return prompts, echo if body.echo else None
+
+        prompts, echo = await work.tokenize(prepare)
         render = _Render(False, token_text if body.logprobs is not None else None, prompts, echo, body.prompt_only)
-        admit()
         return await _respond(raw, engine, "cmpl", prompts, params, body, render)
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatCompletionRequest, raw: Request):
+    async def chat(raw: Request):
+        body = await work.parse(raw, ChatCompletionRequest)
         _check_model(body.model, model_name)
         params = _call(body.params)
-        ids = _chat_ids(engine.engine.tokenizer, body.message_dicts(), add_generation_prompt=True)
-        prompts = _prompt_ids(engine, [ids], params)
+        messages = _call(body.message_dicts)
+        admission.check_size(1, params.n)
+        _call(lambda: engine.engine.check_prompt_chars(_num_chars(messages)))  # before templating megabytes
+        tokenizer = engine.engine.tokenizer
+        prompts = await work.tokenize(lambda: _prompt_ids(engine, [_chat_ids(tokenizer, messages, True)], params))
         render = _Render(True, token_text if body.logprobs else None, prompts)
-        admit()
         return await _respond(raw, engine, "chatcmpl", prompts, params, body, render)
 
+    document(app, {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest,
+                   "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest})
     return app
+
+
+def _num_chars(messages: list[dict]) -> int:
+    return sum(len(m["content"]) for m in messages)
 
 
 def _chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
@@ -164,7 +250,7 @@ def _check_model(asked: str | None, served: str) -> None:
 
 def _prompt_ids(engine: AsyncLLM, prompts, params: SamplingParams) -> list[list[int]]:
     """Tokenize and check every prompt before any generation starts, so errors are plain 400s."""
-    return [_call(lambda p=p: engine.engine.prepare_prompt(p, params)) for p in prompts]
+    return [engine.engine.prepare_prompt(p, params) for p in prompts]
 
 
 async def _outputs(engine: AsyncLLM, prompts: list[list[int]], params: SamplingParams,
@@ -199,17 +285,20 @@ async def _outputs(engine: AsyncLLM, prompts: list[list[int]], params: SamplingP
 async def _respond(raw: Request, engine: AsyncLLM, prefix: str, prompts: list[list[int]], params: SamplingParams,
                    body, render: _Render):
     state = raw.app.state
+    num_seqs = len(prompts) * params.n
+    state.admission.admit(num_seqs)
+    release = functools.partial(state.admission.release, num_seqs)
     request_id = f"{raw.state.request_id}-{uuid.uuid4().hex[:8]}"  # client ids may repeat; engine ids may not
     logger.info("request %s: %d prompt(s), n=%d, max_tokens=%s, stream=%s", request_id, len(prompts), params.n,
                 params.max_tokens, body.stream)
     base = {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.model_name}
     if body.stream:  # Starlette cancels the body iterator when the client goes: that aborts the requests
         events = _sse(engine, prompts, params, request_id, base, render, body.include_usage)
-        return _ReleasingStream(events, release=lambda: _release(state), media_type="text/event-stream")
+        return _ReleasingStream(events, release=release, media_type="text/event-stream")
     try:
         finals = await _until_disconnect(raw, _collect(engine, prompts, params, request_id))
     finally:
-        _release(state)
+        release()
     choices = []
     for i in sorted(finals):
         for c in finals[i].outputs:
@@ -217,10 +306,6 @@ async def _respond(raw: Request, engine: AsyncLLM, prefix: str, prompts: list[li
             choices.append(render.choice(idx, *render.piece(idx, i, finals[i], c), c.finish_reason))
     logger.info("request %s: finished %s", request_id, [c["finish_reason"] for c in choices])
     return {**base, "object": render.object, "choices": choices, "usage": render.usage(finals.values())}
-
-
-def _release(state) -> None:
-    state.in_flight -= 1
 
 
 class _ReleasingStream(StreamingResponse):
@@ -243,7 +328,7 @@ async def _collect(engine, prompts, params, request_id) -> dict[int, RequestOutp
     try:
         async for i, out in _outputs(engine, prompts, params, request_id):
             finals[i] = out
-    except EngineDeadError as e:
+    except (EngineDeadError, RequestFailedError) as e:
         raise APIError(500, f"engine failure: {e}", type_="internal_server_error") from e
     return finals
 

@@ -10,7 +10,7 @@ import sys
 import time
 
 from engine.config import ATTENTION_BACKENDS, DTYPES, LINEAR_BACKENDS, LOAD_FORMATS, EngineConfig, parse_bytes
-from server.guard import ServerOptions
+from server.guard import ServerOptions, header_deadline_protocol
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,13 +50,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no compiled kernels and no CUDA graphs (faster start, slower decode)")
     s.add_argument("--seed", type=int, default=d.seed, help="seed of the shared sampling generator")
     s.add_argument("--api-key", default=os.environ.get("KVSERVE_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1/* (default: env KVSERVE_API_KEY, else open)")
+                   help="require 'Authorization: Bearer KEY' on every route but /health and /metrics (the docs "
+                        "too) (default: env KVSERVE_API_KEY, else open)")
     s.add_argument("--max-queue-len", type=int, default=None,
-                   help="requests that may wait beyond --max-num-seqs; more get 503 + Retry-After (default: no limit)")
+                   help="sequences (prompts x n) that may wait beyond --max-num-seqs; more get 503 + Retry-After "
+                        "(default: no limit)")
     s.add_argument("--max-request-body", type=parse_bytes, default=ServerOptions.max_body_bytes,
                    help="largest request body in bytes (e.g. 16MiB); larger ones get 413")
     s.add_argument("--shutdown-timeout", type=float, default=ServerOptions.shutdown_timeout,
                    help="on SIGTERM: seconds in-flight requests may take before they are aborted")
+    s.add_argument("--timeout-keep-alive", type=float, default=5.0,
+                   help="seconds an idle keep-alive connection stays open")
+    s.add_argument("--header-read-timeout", type=float, default=10.0,
+                   help="seconds a request line and headers may take to arrive; slower connections are closed")
+    s.add_argument("--body-read-timeout", type=float, default=ServerOptions.body_read_timeout,
+                   help="seconds a request body may take to arrive; slower ones get 408")
+    s.add_argument("--limit-concurrency", type=int, default=512,
+                   help="open connections and tasks beyond which new requests get 503 at once")
     s.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return parser
 
@@ -85,21 +95,38 @@ def main(argv: list[str] | None = None) -> int:
     from engine.async_llm import AsyncLLM
     from server.app import create_app
 
-    if args.max_queue_len is not None and args.max_queue_len < 0:
-        print("kvserve: max_queue_len: must be non-negative", file=sys.stderr)
+    problem = _check_server_flags(args)
+    if problem:
+        print(f"kvserve: {problem}", file=sys.stderr)
         return 2
     options = ServerOptions(api_key=args.api_key or None, max_queue_len=args.max_queue_len,
-                            max_body_bytes=args.max_request_body, shutdown_timeout=args.shutdown_timeout)
+                            max_body_bytes=args.max_request_body, shutdown_timeout=args.shutdown_timeout,
+                            body_read_timeout=args.body_read_timeout)
     engine = AsyncLLM(config)
     print(describe(engine.engine), flush=True)
     app = create_app(engine, engine.engine.model_name, options)
     print(f"kvserve: serving on http://{args.host}:{args.port}", flush=True)
+    server = _DrainingServer(app, engine, options.shutdown_timeout, host=args.host, port=args.port,
+                             log_level=args.log_level, timeout_keep_alive=args.timeout_keep_alive,
+                             limit_concurrency=args.limit_concurrency,
+                             http=header_deadline_protocol(args.header_read_timeout))
     try:
-        _DrainingServer(app, engine, options.shutdown_timeout, host=args.host, port=args.port,
-                        log_level=args.log_level).run()
+        server.run()
     finally:
         engine.shutdown()
+    if engine.error is not None:  # a supervisor (systemd, Kubernetes) restarts a process that exits non-zero
+        print(f"kvserve: the engine failed ({engine.error}); exiting", file=sys.stderr)
+        return 1
     return 0
+
+
+def _check_server_flags(args: argparse.Namespace) -> str | None:
+    if args.max_queue_len is not None and args.max_queue_len < 0:
+        return "max_queue_len: must be non-negative"
+    for name in ("timeout_keep_alive", "header_read_timeout", "body_read_timeout", "limit_concurrency"):
+        if getattr(args, name) <= 0:
+            return f"{name}: must be positive"
+    return None
 
 
 class _DrainingServer:
@@ -126,19 +153,31 @@ class _DrainingServer:
     def run(self) -> None:
         async def serve():
             self.loop = asyncio.get_running_loop()
-            await self.server.serve()
+            watch = asyncio.ensure_future(self.watch_engine())
+            try:
+                await self.server.serve()
+            finally:
+                watch.cancel()
 
         asyncio.run(serve())
 
+    async def watch_engine(self) -> None:
+        """Stop serving once the engine has died: /health says 503 meanwhile; main exits 1."""
+        while self.engine.is_alive:
+            await asyncio.sleep(0.5)
+        logging.getLogger("kvserve.server").error("the engine died; shutting down")
+        self.server.should_exit = True
+
     async def drain(self, server) -> None:
-        logging.getLogger("kvserve.server").info("draining: %d request(s) in flight", self.app.state.in_flight)
+        admission = self.app.state.admission
+        logging.getLogger("kvserve.server").info("draining: %d sequence(s) in flight", admission.in_flight)
         deadline = time.monotonic() + self.timeout
-        while self.app.state.in_flight > 0 and time.monotonic() < deadline:
+        while admission.in_flight > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        if self.app.state.in_flight > 0:
+        if admission.in_flight > 0:
             self.engine.abort_all()  # their streams end with finish_reason "abort"
             deadline = time.monotonic() + 5
-            while self.app.state.in_flight > 0 and time.monotonic() < deadline:
+            while admission.in_flight > 0 and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
         server.should_exit = True
 

@@ -1,21 +1,32 @@
-"""ASGI middleware in front of the routes: request ids, API key, draining, body size.
+"""ASGI middleware in front of the routes: request ids, API key, draining, body size and read
+deadline, and the catch-all for unexpected errors.
 
 Pure ASGI (no BaseHTTPMiddleware) so streaming responses and disconnects pass through untouched.
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
+import logging
+import re
 import uuid
 from dataclasses import dataclass
+
+logger = logging.getLogger("kvserve.server")
+
+# What a client's X-Request-Id may hold to be used as given (it reaches logs and headers).
+_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
+OPEN_PATHS = ("/health", "/metrics")  # answered without the API key, and while draining
 
 
 @dataclass
 class ServerOptions:
     api_key: str | None = None
-    max_queue_len: int | None = None  # requests beyond max_num_seqs that may wait; None = no limit
+    max_queue_len: int | None = None  # sequences beyond max_num_seqs that may wait; None = no limit
     max_body_bytes: int = 16 << 20
     shutdown_timeout: float = 30.0
+    body_read_timeout: float = 30.0  # seconds for a whole request body to arrive
 
 
 def error_body(message: str, type_: str, code: str | None = None) -> bytes:
@@ -32,26 +43,44 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
-        request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or uuid.uuid4().hex
+        given = headers.get(b"x-request-id", b"")
+        request_id = given.decode() if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
+        started = False
 
         async def send_with_id(message):
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 message["headers"] = list(message.get("headers", [])) + [(b"x-request-id", request_id.encode())]
             await send(message)
 
-        api = scope["path"].startswith("/v1/")
-        if api and self.options.api_key is not None and not self._authorized(headers):
-            return await self._reject(send_with_id, 401, "Invalid or missing API key (Authorization: Bearer ...).",
+        try:
+            await self._guarded(scope, receive, send_with_id, headers)
+        except Exception:  # noqa: BLE001 - the catch-all: a 500 in the OpenAI shape, never a bare text
+            logger.exception("request %s: unexpected error", request_id)
+            if not started:
+                await self._reject(send_with_id, 500, f"Internal server error (request id {request_id}).",
+                                   "internal_server_error")
+
+    async def _guarded(self, scope, receive, send, headers) -> None:
+        open_path = scope["path"] in OPEN_PATHS
+        if not open_path and self.options.api_key is not None and not self._authorized(headers):
+            return await self._reject(send, 401, "Invalid or missing API key (Authorization: Bearer ...).",
                                       "authentication_error", "invalid_api_key")
-        if api and getattr(self.app_state, "draining", False):
-            return await self._reject(send_with_id, 503, "The server is shutting down.", "service_unavailable",
+        if not open_path and getattr(self.app_state, "draining", False):
+            return await self._reject(send, 503, "The server is shutting down.", "service_unavailable",
                                       extra=[(b"retry-after", b"5")])
-        body = await self._read_body(receive)
+        try:
+            body = await asyncio.wait_for(self._read_body(receive), self.options.body_read_timeout)
+        except TimeoutError:
+            return await self._reject(send, 408, f"The request body did not arrive within "
+                                      f"{self.options.body_read_timeout:g} s.", "invalid_request_error",
+                                      "request_timeout", extra=[(b"connection", b"close")])
         if body is None:
-            return await self._reject(send_with_id, 413, f"Request body exceeds {self.options.max_body_bytes} bytes.",
+            return await self._reject(send, 413, f"Request body exceeds {self.options.max_body_bytes} bytes.",
                                       "invalid_request_error", "request_too_large")
-        return await self.app(scope, _replay(body, receive), send_with_id)
+        return await self.app(scope, _replay(body, receive), send)
 
     def _authorized(self, headers) -> bool:
         given = headers.get(b"authorization", b"")
@@ -91,3 +120,45 @@ def _replay(body: bytes, receive):
         return await receive()  # afterwards: the real channel, which reports disconnects
 
     return replayed
+
+
+def header_deadline_protocol(timeout: float):
+    """uvicorn's h11 protocol, except that a connection whose request line and headers have not
+    all arrived `timeout` seconds after its first byte (or after it opened) is closed: uvicorn
+    bounds only idle keep-alive connections, so a client sending a byte a second could hold a
+    connection for ever."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderDeadline(H11Protocol):
+        _deadline = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            if self._deadline is None and self.conn.their_state is h11.IDLE:
+                self._arm()  # the first bytes of the next request on a kept-alive connection
+            super().data_received(data)
+            if self.conn.their_state is not h11.IDLE:
+                self._disarm()  # the headers are in; the body has its own deadline (Guard)
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            self._deadline = self.loop.call_later(timeout, self._expired)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _expired(self) -> None:
+            self._deadline = None
+            if not self.transport.is_closing():
+                self.transport.close()
+
+    return HeaderDeadline

@@ -1,20 +1,40 @@
 """OpenAI request bodies (pydantic) and their translation into SamplingParams."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine.sampling_params import SamplingParams
 
+# Fields the API knows and this server does not implement yet: a request that sets one to anything
+# but its "off" value gets a 400 saying so (the value each field may safely have is listed).
+_UNSUPPORTED: dict[str, tuple] = {
+    "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
+    "audio": (None,), "prediction": (None,), "web_search_options": (None,), "reasoning_effort": (None,),
+    "suffix": (None, ""), "use_beam_search": (None, False), "structured_outputs": (None,),
+    "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),
+    "store": (None, False),
+}
 
-class StreamOptions(BaseModel):
+
+class _Strict(BaseModel):
+    """Unknown fields are refused (400 "Unrecognized request argument supplied"), and so are
+    NaN and the infinities, which JSON parsers here accept as `NaN` and `Infinity`."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-class _SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class ResponseFormat(_Strict):
+    type: str
+    json_schema: dict | None = None
 
+
+class _SamplingFields(_Strict):
     model: str | None = None
     n: int = 1
     temperature: float | None = None
@@ -26,7 +46,30 @@ class _SamplingFields(BaseModel):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
+    # accepted and without effect on the output: who asks, and OpenAI's billing and bookkeeping fields
     user: str | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+    parallel_tool_calls: bool | None = None  # meaningful only with tools, which are refused
+    best_of: int | None = None  # only best_of == n (the default) until beam search lands
+    response_format: ResponseFormat | None = None
+    # known, not implemented yet: see _UNSUPPORTED
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    audio: Any = None
+    prediction: Any = None
+    web_search_options: Any = None
+    reasoning_effort: Any = None
+    suffix: Any = None
+    use_beam_search: Any = None
+    structured_outputs: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    store: Any = None
     # vLLM extras
     top_k: int = 0
     min_p: float = 0.0
@@ -38,6 +81,7 @@ class _SamplingFields(BaseModel):
     def sampling_params(self, max_tokens: int | None, logprobs: int | None = None,
                         prompt_logprobs: int | None = None) -> SamplingParams:
         """Raises ValueError naming the offending field."""
+        self._check_supported()
         try:
             bias = {int(k): v for k, v in (self.logit_bias or {}).items()}
         except ValueError:
@@ -49,6 +93,16 @@ class _SamplingFields(BaseModel):
             ignore_eos=self.ignore_eos, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
             logprobs=logprobs, prompt_logprobs=prompt_logprobs, logit_bias=bias or None)
+
+    def _check_supported(self) -> None:
+        for name, off in _UNSUPPORTED.items():
+            if name in self.model_fields_set and getattr(self, name) not in off:
+                raise ValueError(f"{name}: not supported by this server yet")
+        if self.response_format is not None and self.response_format.type != "text":
+            raise ValueError(f"response_format: type {self.response_format.type!r} is not supported by this server "
+                             "yet (only 'text')")
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError("best_of: only best_of equal to n is supported by this server yet")
 
     @property
     def include_usage(self) -> bool:
@@ -82,11 +136,48 @@ class CompletionRequest(_SamplingFields):
         return list(p)
 
 
-class ChatMessage(BaseModel):
+class ContentPart(BaseModel):
+    """One part of a message's content; only text parts are supported (others get a 400)."""
+
     model_config = ConfigDict(extra="allow")
 
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[dict] | None = None
+    content: str | list[ContentPart] | None = None
+    name: str | None = None  # handed to the chat template
+    tool_call_id: str | None = None
+    # fields of earlier assistant turns: accepted while empty (tool calls land with the tools issue)
+    tool_calls: list[dict] | None = None
+    function_call: dict | None = None
+    refusal: str | None = None
+    audio: dict | None = None
+    annotations: list | None = None
+
+    def as_dict(self, i: int) -> dict:
+        """The message as the chat template takes it; ValueError naming the field it cannot take."""
+        for name in ("tool_calls", "function_call", "refusal", "audio", "annotations"):
+            if getattr(self, name):
+                raise ValueError(f"messages.{i}.{name}: not supported by this server yet")
+        content = self.content
+        if isinstance(content, list):
+            for j, part in enumerate(content):
+                if part.type != "text":
+                    raise ValueError(f"messages.{i}.content.{j}.type: content of type {part.type!r} is not "
+                                     "supported by this server (text only)")
+                if part.text is None:
+                    raise ValueError(f"messages.{i}.content.{j}.text: a text part needs its text")
+            content = "".join(part.text for part in content)
+        out = {"role": self.role, "content": content or ""}
+        out.update({k: getattr(self, k) for k in ("name", "tool_call_id") if getattr(self, k) is not None})
+        return out
+
+
+def message_dicts(messages: list[ChatMessage]) -> list[dict]:
+    return [m.as_dict(i) for i, m in enumerate(messages)]
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -102,24 +193,20 @@ class ChatCompletionRequest(_SamplingFields):
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         return self.sampling_params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
 
+    modalities: list[Literal["text"]] | None = None
+
     def message_dicts(self) -> list[dict]:
-        out = []
-        for m in self.messages:
-            content = m.content
-            if isinstance(content, list):  # content parts: keep the text ones
-                content = "".join(part.get("text", "") for part in content if part.get("type") == "text")
-            out.append({"role": m.role, "content": content or ""})
-        return out
+        return message_dicts(self.messages)
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(_Strict):
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(_Strict):
     model: str | None = None
     tokens: list[int]
