@@ -59,8 +59,8 @@ def server_command(system: str) -> list[str] | None:
     raise ValueError(system)
 
 
-def start(cmd: list[str], log: Path) -> subprocess.Popen:
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+def start(cmd: list[str], log: Path, cwd: Path | None = None) -> subprocess.Popen:
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         if proc.poll() is not None:

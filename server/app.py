@@ -4,13 +4,12 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-import time
 import logging
+import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import AsyncIterator
-
-from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -22,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from engine.async_llm import AsyncLLM, EngineDeadError, RequestFailedError
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.sampling_params import SamplingParams
+from server.errors import APIError, call, invalid_request
 from server.guard import Guard, ServerOptions
 from server.logprobs import TokenText, chat_logprobs, completion_logprobs, concat, num_tokens
 from server.openapi import document
@@ -30,44 +30,6 @@ from server.protocol import (ChatCompletionRequest, CompletionRequest, Detokeniz
 
 
 logger = logging.getLogger("kvserve.server")
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None, headers: dict | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-        self.headers = headers
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-def _param_of(message: str) -> str | None:
-    """Our ValueErrors start with the offending field: 'temperature: must be ...', 'messages.0.content: ...'."""
-    head = message.split(":", 1)[0]
-    return head if head and all(part.isidentifier() or part.isdigit() for part in head.split(".")) else None
-
-
-def invalid_request(errors: list[dict]) -> APIError:
-    """pydantic's most specific complaint (the deepest field) as an OpenAI 400 naming the field."""
-    first = max(errors, key=lambda e: len(_field_path(e))) if errors else {}
-    param = ".".join(_field_path(first)) or None
-    if first.get("type") == "json_invalid":
-        return APIError(400, "the request body is not valid JSON")
-    if first.get("type") == "extra_forbidden":
-        return APIError(400, f"Unrecognized request argument supplied: {param}", param=param)
-    msg = f"{param}: {first.get('msg', 'invalid value')}" if param else first.get("msg", "invalid request")
-    return APIError(400, msg, param=param)
-
-
-def _field_path(error: dict) -> list[str]:
-    """The field an error is about, without the union members pydantic names on the way
-    ('messages.0.content.list[ContentPart].0.text' -> messages.0.content.0.text)."""
-    def union_member(part) -> bool:
-        return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool", "list", "dict"))
-
-    return [str(x) for x in error.get("loc", ()) if x != "body" and not union_member(x)]
 
 
 class _Offload:
@@ -88,7 +50,7 @@ class _Offload:
 
     async def tokenize(self, fn):
         """fn() on the tokenizer thread; its ValueErrors become 400s naming their field."""
-        return await asyncio.get_running_loop().run_in_executor(self._tokenize, _call, fn)
+        return await asyncio.get_running_loop().run_in_executor(self._tokenize, call, fn)
 
 
 class _Admission:
@@ -167,11 +129,11 @@ def create_app(engine: AsyncLLM, model_name: str, options: ServerOptions | None 
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "prompt: give exactly one of prompt or messages", param="prompt")
         if body.messages is not None:
-            messages = _call(lambda: message_dicts(body.messages))
-            _call(lambda: engine.engine.check_prompt_chars(_num_chars(messages)))
+            messages = call(lambda: message_dicts(body.messages))
+            call(lambda: engine.engine.check_prompt_chars(_num_chars(messages)))
             ids = await work.tokenize(lambda: _chat_ids(tokenizer, messages, body.add_generation_prompt))
         else:
-            _call(lambda: engine.engine.check_prompt_chars(len(body.prompt)))
+            call(lambda: engine.engine.check_prompt_chars(len(body.prompt)))
             ids = await work.tokenize(lambda: tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens))
         return {"tokens": ids, "count": len(ids), "max_model_len": engine.engine.max_model_len}
 
@@ -192,8 +154,8 @@ def create_app(engine: AsyncLLM, model_name: str, options: ServerOptions | None 
     async def completions(raw: Request):
         body = await work.parse(raw, CompletionRequest)
         _check_model(body.model, model_name)
-        params = _call(body.params)
-        texts = _call(body.prompts)
+        params = call(body.params)
+        texts = call(body.prompts)
         admission.check_size(len(texts), params.n)
         tokenizer = engine.engine.tokenizer
 
@@ -210,10 +172,10 @@ def create_app(engine: AsyncLLM, model_name: str, options: ServerOptions | None 
     async def chat(raw: Request):
         body = await work.parse(raw, ChatCompletionRequest)
         _check_model(body.model, model_name)
-        params = _call(body.params)
-        messages = _call(body.message_dicts)
+        params = call(body.params)
+        messages = call(body.message_dicts)
         admission.check_size(1, params.n)
-        _call(lambda: engine.engine.check_prompt_chars(_num_chars(messages)))  # before templating megabytes
+        call(lambda: engine.engine.check_prompt_chars(_num_chars(messages)))  # before templating megabytes
         tokenizer = engine.engine.tokenizer
         prompts = await work.tokenize(lambda: _prompt_ids(engine, [_chat_ids(tokenizer, messages, True)], params))
         render = _Render(True, token_text if body.logprobs else None, prompts)
@@ -234,13 +196,6 @@ def _chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> l
     except Exception as e:  # a template may reject a conversation (e.g. roles out of order)
         raise APIError(400, f"messages: {e}", param="messages") from e
     return list(ids["input_ids"] if not isinstance(ids, list) else ids)
-
-
-def _call(fn):
-    try:
-        return fn()
-    except ValueError as e:
-        raise APIError(400, str(e), param=_param_of(str(e))) from e
 
 
 def _check_model(asked: str | None, served: str) -> None:

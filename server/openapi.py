@@ -55,6 +55,9 @@ def _build(app: FastAPI, bodies: dict[str, type[BaseModel]]) -> dict:
             if path in bodies:
                 op["requestBody"] = {"required": True, "content": {"application/json": {
                     "schema": {"$ref": _component(components, bodies[path])}}}}
+            if path == "/metrics":
+                responses["200"]["content"] = {"text/plain": {"schema": {"type": "string", "description":
+                                                                         "Prometheus text format"}}}
             if path in _STREAMING:
                 responses["200"].setdefault("content", {})["text/event-stream"] = {
                     "schema": {"type": "string", "description": "with `stream: true`: `data: {chunk}` events, "

@@ -1,11 +1,12 @@
 """OpenAI request bodies (pydantic) and their translation into SamplingParams."""
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import (MAX_LOGIT_BIAS_ENTRIES, MAX_LOGPROBS, MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS,
+                                    MAX_STOP_TOKEN_IDS, MAX_TEMPERATURE, SEED_RANGE, SamplingParams)
 
 # Fields the API knows and this server does not implement yet: a request that sets one to anything
 # but its "off" value gets a 400 saying so (the value each field may safely have is listed).
@@ -19,10 +20,19 @@ _UNSUPPORTED: dict[str, tuple] = {
 
 
 class _Strict(BaseModel):
-    """Unknown fields are refused (400 "Unrecognized request argument supplied"), and so are
-    NaN and the infinities, which JSON parsers here accept as `NaN` and `Infinity`."""
+    """Unknown fields are refused (400 "Unrecognized request argument supplied"), values must have
+    the type the schema gives (no "16" for 16, no 0 for false), and NaN and the infinities, which
+    JSON parsers here accept as `NaN` and `Infinity`, are refused too."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
+
+
+# The static bounds, here so that /openapi.json states them; SamplingParams.validate checks the
+# same (from the same constants) for the offline API, and the engine those set by the model.
+TokenId = Annotated[int, Field(ge=0)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_STRING_CHARS)]
 
 
 class StreamOptions(_Strict):
@@ -36,16 +46,17 @@ class ResponseFormat(_Strict):
 
 class _SamplingFields(_Strict):
     model: str | None = None
-    n: int = 1
-    temperature: float | None = None
-    top_p: float | None = None
+    n: int = Field(1, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=MAX_TEMPERATURE)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], lt=SEED_RANGE[1])
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
+    logit_bias: Annotated[dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]],
+                          Field(max_length=MAX_LOGIT_BIAS_ENTRIES)] | None = None
     # accepted and without effect on the output: who asks, and OpenAI's billing and bookkeeping fields
     user: str | None = None
     metadata: dict[str, str] | None = None
@@ -71,12 +82,12 @@ class _SamplingFields(_Strict):
     guided_grammar: Any = None
     store: Any = None
     # vLLM extras
-    top_k: int = 0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    min_tokens: int = 0
+    top_k: int = Field(0, ge=-1)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=2.0)
+    min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None = None,
                         prompt_logprobs: int | None = None) -> SamplingParams:
@@ -110,9 +121,10 @@ class _SamplingFields(_Strict):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16
-    logprobs: int | None = Field(default=None, ge=0, le=20)
+    prompt: (Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
+             | TokenIds | Annotated[list[TokenIds], Field(min_length=1)])
+    max_tokens: int | None = Field(16, ge=0)
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
 
     @property
@@ -182,18 +194,17 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict]:
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    modalities: list[Literal["text"]] | None = None
 
     def params(self) -> SamplingParams:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs: needs logprobs set to true")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         return self.sampling_params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
-
-    modalities: list[Literal["text"]] | None = None
 
     def message_dicts(self) -> list[dict]:
         return message_dicts(self.messages)
@@ -209,4 +220,4 @@ class TokenizeRequest(_Strict):
 
 class DetokenizeRequest(_Strict):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[TokenId]

@@ -118,7 +118,7 @@ def test_every_route_but_health_and_metrics_needs_the_key(server, method, path, 
     ("/v1/completions", {"prompt": "hi", "temperature": 1e308}, "temperature"),
     ("/v1/completions", {"prompt": "hi", "stop": [str(i) for i in range(1000)]}, "stop"),
     ("/v1/completions", {"prompt": "hi", "logit_bias": {"49152": 5}}, "logit_bias"),
-    ("/v1/completions", {"prompt": "hi", "logit_bias": {"7": 101}}, "logit_bias"),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {"7": 101}}, "logit_bias.7"),
     ("/v1/completions", {"prompt": "hi", "max_tokens": -1}, "max_tokens"),
 ])
 def test_malformed_unknown_and_unsupported_fields_are_400_naming_them(server, path, body, param):
