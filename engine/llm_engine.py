@@ -122,12 +122,14 @@ class LLMEngine:
                               params.stop_strings) for _ in seqs]
         return _RequestState(text, ids, seqs, texts), seqs
 
-    def prepare_prompt(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
-        """Token ids of the prompt, checked against the vocabulary, context and pool (ValueError)."""
+    def prepare_prompt(self, prompt: str | list[int], params: SamplingParams, tokenizer=None) -> list[int]:
+        """Token ids of the prompt, checked against the vocabulary, context and pool (ValueError).
+
+        `tokenizer`: a copy of self.tokenizer, for callers on a thread of their own."""
         self._check_params(params)
         if isinstance(prompt, str):
             self.check_prompt_chars(len(prompt))
-            ids = self.tokenizer.encode(prompt)
+            ids = (tokenizer or self.tokenizer).encode(prompt)
         else:
             if len(prompt) > self.max_model_len:  # before looking at each id
                 raise self._too_long(len(prompt), params.max_tokens or 1)

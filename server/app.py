@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import functools
 import json
 import logging
@@ -33,24 +34,42 @@ logger = logging.getLogger("kvserve.server")
 
 
 class _Offload:
-    """Work too heavy for the event loop (parsing big bodies, tokenizing, chat templates) runs on a
-    thread, so /health and the streams of other requests keep answering meanwhile. One thread for
-    the tokenizer: a Rust tokenizer used from two threads at once raises "Already borrowed"."""
+    """Work too heavy for the event loop (parsing big bodies, tokenizing long prompts, chat
+    templates) runs on a thread, so /health and other requests' streams keep answering. Small work
+    stays inline: each hop to a thread waits for the GIL behind the engine thread, and a burst of
+    short requests spread over many hops misses the engine step that would have batched them.
+    The thread has its own tokenizer: a Rust tokenizer used from two threads at once can raise
+    "Already borrowed"."""
 
-    def __init__(self) -> None:
+    INLINE_BODY_BYTES = 64 << 10  # parsed in well under a millisecond
+    INLINE_CHARS = 4096  # tokenized in a few milliseconds (about 1 us a character here)
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer  # the event loop's
+        self._thread_tokenizer = copy.deepcopy(tokenizer)
         self._parse = ThreadPoolExecutor(1, thread_name_prefix="kvserve-parse")
         self._tokenize = ThreadPoolExecutor(1, thread_name_prefix="kvserve-tokenize")
+        for pool in (self._parse, self._tokenize):
+            # Start the threads now: a pool starts its thread at the first task, and Thread.start()
+            # then waits for the GIL while that task (a long parse) holds it: the loop stalled ~1 s.
+            pool.submit(int).result()
 
     async def parse(self, raw: Request, model: type[BaseModel]):
         data = await raw.body()
         try:
+            if len(data) <= self.INLINE_BODY_BYTES:
+                return model.model_validate_json(data)
             return await asyncio.get_running_loop().run_in_executor(self._parse, model.model_validate_json, data)
         except ValidationError as e:
             raise invalid_request(e.errors(include_url=False)) from None
 
-    async def tokenize(self, fn):
-        """fn() on the tokenizer thread; its ValueErrors become 400s naming their field."""
-        return await asyncio.get_running_loop().run_in_executor(self._tokenize, call, fn)
+    async def tokenize(self, fn, size: int):
+        """fn(tokenizer), inline when `size` (characters or tokens) is small, else on the tokenizer
+        thread; its ValueErrors become 400s naming their field."""
+        if size <= self.INLINE_CHARS:
+            return call(lambda: fn(self.tokenizer))
+        return await asyncio.get_running_loop().run_in_executor(
+            self._tokenize, call, lambda: fn(self._thread_tokenizer))
 
 
 class _Admission:
@@ -89,7 +108,7 @@ def create_app(engine: AsyncLLM, model_name: str, options: ServerOptions | None 
     app.state.admission = admission = _Admission(engine.engine.config.max_num_seqs, options.max_queue_len)
     app.add_middleware(Guard, options=options, app_state=app.state)
     token_text = TokenText(engine.engine.tokenizer)
-    work = _Offload()
+    work = _Offload(engine.engine.tokenizer)
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, e: APIError):
@@ -125,16 +144,17 @@ def create_app(engine: AsyncLLM, model_name: str, options: ServerOptions | None 
     async def tokenize(raw: Request):
         body = await work.parse(raw, TokenizeRequest)
         _check_model(body.model, model_name)
-        tokenizer = engine.engine.tokenizer
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "prompt: give exactly one of prompt or messages", param="prompt")
         if body.messages is not None:
             messages = call(lambda: message_dicts(body.messages))
-            call(lambda: engine.engine.check_prompt_chars(_num_chars(messages)))
-            ids = await work.tokenize(lambda: _chat_ids(tokenizer, messages, body.add_generation_prompt))
+            size = _num_chars(messages)
+            call(lambda: engine.engine.check_prompt_chars(size))
+            ids = await work.tokenize(lambda tok: _chat_ids(tok, messages, body.add_generation_prompt), size)
         else:
             call(lambda: engine.engine.check_prompt_chars(len(body.prompt)))
-            ids = await work.tokenize(lambda: tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens))
+            ids = await work.tokenize(lambda tok: tok.encode(body.prompt, add_special_tokens=body.add_special_tokens),
+                                      len(body.prompt))
         return {"tokens": ids, "count": len(ids), "max_model_len": engine.engine.max_model_len}
 
     @app.post("/detokenize")
@@ -143,12 +163,12 @@ def create_app(engine: AsyncLLM, model_name: str, options: ServerOptions | None 
         _check_model(body.model, model_name)
         vocab = engine.engine.hf_config.vocab_size
 
-        def decode() -> str:
+        def decode(tok) -> str:
             if any(not 0 <= t < vocab for t in body.tokens):
                 raise ValueError(f"tokens: token ids must be in [0, {vocab})")
-            return engine.engine.tokenizer.decode(body.tokens)
+            return tok.decode(body.tokens)
 
-        return {"prompt": await work.tokenize(decode)}
+        return {"prompt": await work.tokenize(decode, len(body.tokens))}
 
     @app.post("/v1/completions")
     async def completions(raw: Request):
@@ -157,14 +177,13 @@ def create_app(engine: AsyncLLM, model_name: str, options: ServerOptions | None 
         params = call(body.params)
         texts = call(body.prompts)
         admission.check_size(len(texts), params.n)
-        tokenizer = engine.engine.tokenizer
 
-        def prepare():
-            prompts = _prompt_ids(engine, texts, params)
-            echo = [t if isinstance(t, str) else tokenizer.decode(ids) for t, ids in zip(texts, prompts)]
+        def prepare(tok):
+            prompts = [_prompt_ids(engine, tok, p, params) for p in texts]
+            echo = [t if isinstance(t, str) else tok.decode(ids) for t, ids in zip(texts, prompts)]
             return prompts, echo if body.echo else None
 
-        prompts, echo = await work.tokenize(prepare)
+        prompts, echo = await work.tokenize(prepare, sum(map(len, texts)))
         render = _Render(False, token_text if body.logprobs is not None else None, prompts, echo, body.prompt_only)
         return await _respond(raw, engine, "cmpl", prompts, params, body, render)
 
@@ -175,9 +194,10 @@ def create_app(engine: AsyncLLM, model_name: str, options: ServerOptions | None 
         params = call(body.params)
         messages = call(body.message_dicts)
         admission.check_size(1, params.n)
-        call(lambda: engine.engine.check_prompt_chars(_num_chars(messages)))  # before templating megabytes
-        tokenizer = engine.engine.tokenizer
-        prompts = await work.tokenize(lambda: _prompt_ids(engine, [_chat_ids(tokenizer, messages, True)], params))
+        size = _num_chars(messages)
+        call(lambda: engine.engine.check_prompt_chars(size))  # before templating megabytes
+        prompts = await work.tokenize(lambda tok: [_prompt_ids(engine, tok, _chat_ids(tok, messages, True), params)],
+                                      size)
         render = _Render(True, token_text if body.logprobs else None, prompts)
         return await _respond(raw, engine, "chatcmpl", prompts, params, body, render)
 
@@ -203,9 +223,9 @@ def _check_model(asked: str | None, served: str) -> None:
         raise APIError(404, f"The model `{asked}` does not exist.", param="model", code="model_not_found")
 
 
-def _prompt_ids(engine: AsyncLLM, prompts, params: SamplingParams) -> list[list[int]]:
-    """Tokenize and check every prompt before any generation starts, so errors are plain 400s."""
-    return [engine.engine.prepare_prompt(p, params) for p in prompts]
+def _prompt_ids(engine: AsyncLLM, tokenizer, prompt: str | list[int], params: SamplingParams) -> list[int]:
+    """Tokenize and check a prompt before any generation starts, so errors are plain 400s."""
+    return engine.engine.prepare_prompt(prompt, params, tokenizer)
 
 
 async def _outputs(engine: AsyncLLM, prompts: list[list[int]], params: SamplingParams,

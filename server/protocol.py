@@ -143,8 +143,8 @@ class CompletionRequest(_SamplingFields):
             return [p]
         if not p:
             raise ValueError("prompt: must not be empty")
-        if all(isinstance(t, int) for t in p):
-            return [list(p)]
+        if isinstance(p[0], int):  # the schema's union is of homogeneous lists: one token-id prompt
+            return [p]
         return list(p)
 
 
