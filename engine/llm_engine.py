@@ -236,6 +236,8 @@ class LLMEngine:
         self.metrics.on_step(sched.num_batched_tokens, len(sched.preempted))
         touched: dict[str, None] = {}
         for s in sched.seqs:
+            if s.request.is_finished:  # a sibling's postprocessing failed and ended the request
+                continue
             try:
                 self._postprocess(s.request, result)
             except Exception as e:  # noqa: BLE001 - e.g. a detokenizer fault: this request only

@@ -114,6 +114,27 @@ def test_a_failed_sampling_step_puts_seeded_generators_back(tiny_dir, clean_toke
     _assert_pool_empty(llm.engine)
 
 
+def test_a_fault_after_the_model_ran_fails_that_request_alone(tiny_dir, clean_tokens):
+    """The detokenizer of the second choice of an n=2 request raises: the request ends, the others
+    finish as in a clean run."""
+    engine = _llm(tiny_dir).engine
+    for i, (p, sp) in enumerate(zip(CLEAN, [GREEDY, SEEDED, GREEDY, SEEDED])):
+        engine.add_request(f"r{i}", p, sp)
+    engine.add_request("bad", [3, 4, 5], SamplingParams(n=2, temperature=0.0, max_tokens=12, ignore_eos=True))
+
+    def broken(*args, **kwargs):
+        raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "bad byte")
+
+    engine._requests["bad"].texts[1].append = broken
+    done = {}
+    while engine.has_unfinished_requests():
+        done.update({out.request_id: out for out in engine.step() if out.finished})
+    assert done["bad"].error.startswith("UnicodeDecodeError")
+    assert [c.finish_reason for c in done["bad"].outputs] == ["error", "error"]
+    assert [done[f"r{i}"].outputs[0].token_ids for i in range(4)] == clean_tokens
+    _assert_pool_empty(engine)
+
+
 def test_a_device_fault_ends_the_engine(tiny_dir):
     engine = _llm(tiny_dir).engine
     forward = engine.runner.model.forward
