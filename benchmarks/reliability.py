@@ -136,10 +136,15 @@ async def _greedy_stream(client, body: dict, reference: str) -> str:
     return "ok" if text == reference else "mismatch"
 
 
+async def _references(client) -> list[str]:
+    """Each greedy prompt's text, sent alone before any load."""
+    return [(await _complete(client, {"prompt": p, "max_tokens": 24, "temperature": 0}))[1]["choices"][0]["text"]
+            for p in GREEDY_PROMPTS]
+
+
 async def load(args) -> dict:
     async with httpx.AsyncClient(base_url=BASE, timeout=300, limits=httpx.Limits(max_connections=None)) as client:
-        references = [(await _complete(client, {"prompt": p, "max_tokens": 24, "temperature": 0}))[1]
-                      ["choices"][0]["text"] for p in GREEDY_PROMPTS]  # each alone, before the load
+        references = await _references(client)
         jobs = _mix(args.requests, args.drop, random.Random(args.seed))
         gate = asyncio.Semaphore(args.concurrency)
 
@@ -229,8 +234,7 @@ async def soak(args, pid: int) -> dict:
                 samples.append((time.monotonic() - t0, _rss_mib(pid)))
                 await asyncio.sleep(5)
 
-        refs = [(await _complete(client, {"prompt": p, "max_tokens": 24, "temperature": 0}))[1]["choices"][0]["text"]
-                for p in GREEDY_PROMPTS]
+        refs = await _references(client)
         await asyncio.gather(sampler(), *(worker() for _ in range(8)))
     late = [(t, r) for t, r in samples if t >= 60] or samples
     return {"seconds": args.soak_seconds, "requests": sum(done.values()), "outcomes": dict(done),

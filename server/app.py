@@ -180,8 +180,9 @@ def create_app(engine: AsyncLLM, model_name: str, options: ServerOptions | None 
 
         def prepare(tok):
             prompts = [_prompt_ids(engine, tok, p, params) for p in texts]
-            echo = [t if isinstance(t, str) else tok.decode(ids) for t, ids in zip(texts, prompts)]
-            return prompts, echo if body.echo else None
+            if not body.echo:
+                return prompts, None
+            return prompts, [t if isinstance(t, str) else tok.decode(ids) for t, ids in zip(texts, prompts)]
 
         prompts, echo = await work.tokenize(prepare, sum(map(len, texts)))
         render = _Render(False, token_text if body.logprobs is not None else None, prompts, echo, body.prompt_only)

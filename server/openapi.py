@@ -11,6 +11,8 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
+from server.guard import OPEN_PATHS  # need no key, take no body
+
 _ERROR_SCHEMA = {
     "type": "object", "required": ["error"],
     "properties": {"error": {
@@ -28,7 +30,6 @@ _ERRORS = {
     "500": "A fault while serving this request (other requests are not affected).",
     "503": "At capacity or shutting down; `Retry-After` says when to retry.",
 }
-_OPEN = ("/health", "/metrics")  # need no key, take no body
 _STREAMING = ("/v1/completions", "/v1/chat/completions")
 
 
@@ -62,7 +63,7 @@ def _build(app: FastAPI, bodies: dict[str, type[BaseModel]]) -> dict:
                 responses["200"].setdefault("content", {})["text/event-stream"] = {
                     "schema": {"type": "string", "description": "with `stream: true`: `data: {chunk}` events, "
                                                                "then `data: [DONE]`"}}
-            errors = {"503": _ERRORS["503"]} if path in _OPEN else _ERRORS
+            errors = {"503": _ERRORS["503"]} if path in OPEN_PATHS else _ERRORS
             for code, text in errors.items():
                 responses[code] = {"description": text, "content": error}
     return schema

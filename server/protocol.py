@@ -141,8 +141,6 @@ class CompletionRequest(_SamplingFields):
         p = self.prompt
         if isinstance(p, str):
             return [p]
-        if not p:
-            raise ValueError("prompt: must not be empty")
         if isinstance(p[0], int):  # the schema's union is of homogeneous lists: one token-id prompt
             return [p]
         return list(p)
