@@ -1,7 +1,8 @@
 """Reliability under hostile and heavy use, against a real `kvserve serve` on loopback.
 
-    python benchmarks/reliability.py [--parts load,fuzz,soak] [--requests 1000] [--concurrency 64]
-        [--drop 0.2] [--fuzz-seconds 240] [--soak-seconds 300] [--json out.json]
+    python benchmarks/reliability.py [--parts load,fuzz,stall,soak] [--requests 1000] [--concurrency 64]
+        [--drop 0.2] [--fuzz-seconds 240] [--soak-seconds 300] [--stall-repeats 5]
+        [--json out.json]
 
 Parts (RELIABILITY.md quotes the last run):
   load  --requests mixed requests, at most --concurrency in flight: greedy completions whose text
@@ -13,6 +14,8 @@ Parts (RELIABILITY.md quotes the last run):
         the other check failures, by check.
   soak  --soak-seconds of steady mixed load at concurrency 8; the server's RSS sampled every
         5 s and its slope (MiB/min, least squares over the samples after the first minute).
+  stall each big body below sent --stall-repeats times while /health is asked back to back: the
+        longest and the median /health wait while it is in flight (each body ends in a 400).
 The server runs with --max-model-len 512, as the issue asks for the fuzz run.
 """
 from __future__ import annotations
@@ -28,6 +31,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -209,6 +213,32 @@ def schemathesis_summary(text: str) -> dict:
             "server_errors": sum(n for name, n in failures.items() if "server error" in name.lower())}
 
 
+# --- stall ---------------------------------------------------------------------------------
+STALL_BODIES = {"10 MB text prompt": ("/v1/completions", {"prompt": "x" * 10_000_000}),
+                "1.4M token ids": ("/v1/completions", {"prompt": list(range(1_400_000))}),
+                "1M short prompts": ("/v1/completions", {"prompt": ["ab"] * 1_000_000}),
+                "1.4M bad token ids": ("/v1/completions", {"prompt": [-1] * 1_400_000}),
+                "10 MB /tokenize": ("/tokenize", {"prompt": "x" * 10_000_000})}
+
+
+def stall(args) -> dict:
+    out = {}
+    for name, (path, body) in STALL_BODIES.items():
+        data, waits, statuses = json.dumps(body).encode(), [], Counter()
+        for _ in range(args.stall_repeats):
+            with ThreadPoolExecutor(1) as pool:
+                sent = pool.submit(httpx.post, f"{BASE}{path}", content=data, timeout=300,
+                                   headers={"content-type": "application/json"})
+                while not sent.done():
+                    t = time.perf_counter()
+                    httpx.get(f"{BASE}/health", timeout=60)
+                    waits.append(time.perf_counter() - t)
+                statuses[sent.result().status_code] += 1
+        out[name] = {"body_mb": round(len(data) / 1e6, 1), "statuses": dict(statuses), "health_probes": len(waits),
+                     "health_max_s": round(max(waits), 3), "health_median_s": round(statistics.median(waits), 3)}
+    return out
+
+
 # --- soak ----------------------------------------------------------------------------------
 def _rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -254,12 +284,13 @@ def _slope(points: list[tuple[float, float]]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--parts", default="load,fuzz,soak")
+    parser.add_argument("--parts", default="load,fuzz,stall,soak")
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--drop", type=float, default=0.2)
     parser.add_argument("--fuzz-seconds", type=int, default=240)
     parser.add_argument("--soak-seconds", type=int, default=300)
+    parser.add_argument("--stall-repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=HERE / "results" / "reliability.json")
     args = parser.parse_args()
@@ -275,6 +306,9 @@ def main() -> None:
         if "fuzz" in parts:
             report["fuzz"] = fuzz(args)
             print("fuzz:", json.dumps(report["fuzz"]), flush=True)
+        if "stall" in parts:
+            report["stall"] = stall(args)
+            print("stall:", json.dumps(report["stall"]), flush=True)
         if "soak" in parts:
             report["soak"] = asyncio.run(soak(args, proc.pid))
             print("soak:", json.dumps(report["soak"]), flush=True)
