@@ -32,6 +32,7 @@ serve: install
 
 test: install
 	$(BIN)/hadolint Dockerfile
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q tests
 
 # kvserve against llama.cpp, transformers serve and HF generate() (see BENCHMARKS.md; ~35 min

@@ -243,7 +243,8 @@ def main() -> None:
     if "poisson" in kv:
         p, s = kv["poisson"], kv["shared_prefix"]
         md += (f"\n\nkvserve, Poisson arrivals at {p['request_rate']} req/s (80% of peak): ITL p50 "
-               f"{p['itl_ms']['p50']} ms, p99 {p['itl_ms']['p99']} ms ({p['itl_ms']['p99'] / p['itl_ms']['p50']:.2f}x); "
+               f"{p['itl_ms']['p50']} ms, p99 {p['itl_ms']['p99']} ms "
+               f"({p['itl_ms']['p99'] / p['itl_ms']['p50']:.2f}x); "
                f"TPOT p50 {p['tpot_ms']['p50']} ms; {p['output_tok_per_s']} tok/s.\n"
                f"kvserve, shared 512-token prefix: TTFT p50 cold {s['cold_ttft_ms_p50']} ms, warm "
                f"{s['warm_ttft_ms_p50']} ms ({s['speedup']}x).")

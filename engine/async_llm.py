@@ -10,7 +10,7 @@ import itertools
 import logging
 import queue
 import threading
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
@@ -47,22 +47,57 @@ class AsyncLLM:
             raise error
 
     @classmethod
-    def from_options(cls, **options) -> "AsyncLLM":
+    def from_options(cls, **options) -> AsyncLLM:
         return cls(EngineConfig.from_kwargs(**options))
 
     @property
     def is_alive(self) -> bool:
         return self.error is None and self._worker.is_alive()
 
+    # --- what a front end may ask (the server uses these, not the engine behind them) -----
+    @property
+    def tokenizer(self):
+        """For the event loop's thread only: a Rust tokenizer must not be used from two threads."""
+        return self.engine.tokenizer
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.model_name
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def max_num_seqs(self) -> int:
+        return self.engine.config.max_num_seqs
+
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.hf_config.vocab_size
+
+    @property
+    def metrics_registry(self):
+        return self.engine.metrics.registry
+
+    def check_prompt_chars(self, num_chars: int) -> None:
+        self.engine.check_prompt_chars(num_chars)
+
+    def prepare_prompt(self, prompt: str | list[int], params: SamplingParams, tokenizer=None) -> list[int]:
+        """Token ids of the prompt, checked (ValueError); pass them to generate(..., checked=True)."""
+        return self.engine.prepare_prompt(prompt, params, tokenizer)
+
     async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Yield the request's cumulative output after each step that changed it; abort on exit."""
+                       request_id: str | None = None, checked: bool = False) -> AsyncIterator[RequestOutput]:
+        """Yield the request's output after each step that changed it, as `params.output_kind`
+        asks (the whole answer so far, only what is new, or once at the end); abort on exit.
+        `checked`: the prompt is token ids from prepare_prompt with these params (not checked again)."""
         if not self.is_alive:
             raise EngineDeadError("the engine is not running") from self.error
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already running")
-        state, _ = self.engine.make_request(request_id, prompt, params)  # raises ValueError early
+        state, _ = self.engine.make_request(request_id, prompt, params, checked)  # raises ValueError early
         outputs: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), outputs)
         self._inbox.put(("add", request_id, state))
@@ -105,7 +140,7 @@ class AsyncLLM:
                 self._drain_inbox(block=not self.engine.has_unfinished_requests())
                 for out in self.engine.step():
                     self._deliver(out.request_id, out if out.error is None else RequestFailedError(out.error))
-        except BaseException as e:  # noqa: BLE001 - a device fault or a broken core ends the engine
+        except BaseException as e:
             logger.exception("engine worker failed; no request can be served any more")
             self.error = e
             for rid in list(self._streams):

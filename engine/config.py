@@ -45,7 +45,7 @@ class EngineConfig:
     enforce_eager: bool = False  # True: the reference paths only (no compiled kernels, no CUDA graphs)
     seed: int = 0
 
-    def validate(self) -> "EngineConfig":
+    def validate(self) -> EngineConfig:
         def need(ok: bool, field: str, why: str) -> None:
             if not ok:
                 raise ValueError(f"{field}: {why} (got {getattr(self, field)!r})")
@@ -68,7 +68,7 @@ class EngineConfig:
         return self
 
     @classmethod
-    def from_kwargs(cls, **kwargs) -> "EngineConfig":
+    def from_kwargs(cls, **kwargs) -> EngineConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(kwargs) - known)
         if unknown:

@@ -43,13 +43,23 @@ class IncrementalDetokenizer:
 
 
 class SequenceText:
-    """Output text of one sequence, cut at the first stop string (which is left out)."""
+    """Output text of one sequence, cut at the first stop string (which is left out).
+
+    The text is kept as pieces, never re-joined while it grows: a consumer takes what became
+    visible since it last asked (`take`), so the cost of a step does not grow with the output."""
 
     def __init__(self, detokenizer: IncrementalDetokenizer, stop_strings: list[str]) -> None:
         self.detokenizer = detokenizer
         self.stop_strings = stop_strings
         self._longest_stop = max((len(s) for s in stop_strings), default=0)
-        self.text = ""
+        self._pieces: list[str] = []
+        self._length = 0
+        self._tail = ""  # the last _longest_stop - 1 characters: where a stop string may begin
+        self._taken = 0  # characters handed out by take()
+
+    @property
+    def text(self) -> str:
+        return "".join(self._pieces)
 
     def append(self, token_id: int, check_stops: bool) -> str | None:
         """Add one token's text; return the stop string it completed, if any."""
@@ -61,23 +71,60 @@ class SequenceText:
     def _add(self, piece: str, check_stops: bool) -> str | None:
         if not piece:
             return None
-        start = max(0, len(self.text) - self._longest_stop + 1)
-        self.text += piece
+        window = self._tail + piece  # the text from the first place a stop string could start
+        base = self._length - len(self._tail)
+        self._pieces.append(piece)
+        self._length += len(piece)
+        self._tail = window[-(self._longest_stop - 1):] if self._longest_stop > 1 else ""
         if not (check_stops and self.stop_strings):
             return None
-        hits = [(i, s) for s in self.stop_strings if (i := self.text.find(s, start)) >= 0]
+        hits = [(i, s) for s in self.stop_strings if (i := window.find(s)) >= 0]
         if not hits:
             return None
         i, stop = min(hits)
-        self.text = self.text[:i]
+        self._cut(base + i)
         return stop
+
+    def _cut(self, length: int) -> None:
+        """Drop the text from `length` on (it lies within the last piece and the tail before it)."""
+        while self._pieces and self._length - len(self._pieces[-1]) >= length:
+            self._length -= len(self._pieces.pop())
+        if self._length > length:
+            last = self._pieces.pop()
+            self._pieces.append(last[:len(last) - (self._length - length)])
+            self._length = length
+        self._tail = self._last_chars(min(self._longest_stop - 1, self._length))
+
+    def _held_back(self, finished: bool) -> int:
+        """Characters at the end not safe to show while running: a tail that may begin a stop string."""
+        if finished or not self.stop_strings:
+            return 0
+        tail = self._tail
+        for k in range(min(self._longest_stop - 1, len(tail)), 0, -1):
+            if any(s.startswith(tail[-k:]) for s in self.stop_strings):
+                return k
+        return 0
 
     def visible(self, finished: bool) -> str:
         """Text safe to show: while running, hold back a tail that may begin a stop string."""
-        if finished or not self.stop_strings:
-            return self.text
-        for k in range(min(self._longest_stop - 1, len(self.text)), 0, -1):
-            tail = self.text[-k:]
-            if any(s.startswith(tail) for s in self.stop_strings):
-                return self.text[:-k]
-        return self.text
+        text = self.text
+        return text[:len(text) - self._held_back(finished)]
+
+    def take(self, finished: bool) -> str:
+        """The visible text not handed out before (a stop string may cut text already taken:
+        then nothing more comes)."""
+        end = self._length - self._held_back(finished)
+        if end <= self._taken:
+            return ""
+        new = self._last_chars(self._length - self._taken)[:end - self._taken]
+        self._taken = end
+        return new
+
+    def _last_chars(self, count: int) -> str:
+        parts, n = [], 0
+        for piece in reversed(self._pieces):
+            if n >= count:
+                break
+            parts.append(piece)
+            n += len(piece)
+        return "".join(reversed(parts))[n - count:] if count else ""

@@ -1,8 +1,9 @@
 """Offline batch generation, as vLLM's `LLM`."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
-from typing import Sequence
+from collections.abc import Sequence
 
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
@@ -30,6 +31,8 @@ class LLM:
             params = list(sampling_params)
             if len(params) != len(prompts):
                 raise ValueError(f"sampling_params: {len(params)} given for {len(prompts)} prompts")
+        # Only the answers are wanted: the engine hands each back once, when it is complete.
+        params = [dataclasses.replace(p, output_kind="final") for p in params]
         ids = [f"offline-{next(self._ids)}" for _ in prompts]
         try:
             for rid, prompt, p in zip(ids, prompts, params):

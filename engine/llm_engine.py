@@ -13,8 +13,15 @@ from engine.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from engine.detokenizer import IncrementalDetokenizer, SequenceText
 from engine.kv_cache_manager import KVCacheManager
 from engine.metrics import EngineMetrics
-from engine.model_loader import (build_model, eos_token_ids, load_hf_config, load_tokenizer, pick_device,
-                                 pick_dtype, resolve_source)
+from engine.model_loader import (
+    build_model,
+    eos_token_ids,
+    load_hf_config,
+    load_tokenizer,
+    pick_device,
+    pick_dtype,
+    resolve_source,
+)
 from engine.model_runner import ModelRunner, ModelRunnerOutput
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.request import Request, TokenLogprobs
@@ -33,12 +40,22 @@ class DeviceFaultError(RuntimeError):
 
 
 @dataclass
+class _Sent:
+    """What earlier outputs of one choice handed out (output_kind "delta")."""
+
+    tokens: int = 0  # output tokens (and their logprobs)
+    cumulative_logprob: float = 0.0
+
+
+@dataclass
 class _RequestState:
     prompt: str | None
     prompt_token_ids: list[int]
     seqs: list[Request]
     texts: list[SequenceText]
+    sent: list[_Sent]
     error: str | None = None  # why serving it failed (finish_reason "error")
+    prompt_logprobs_sent: bool = False
 
 
 class LLMEngine:
@@ -104,12 +121,13 @@ class LLMEngine:
         return blocks
 
     # --- requests -----------------------------------------------------------------------
-    def make_request(self, request_id: str, prompt: str | list[int],
-                     params: SamplingParams | None = None) -> tuple[_RequestState, list[Request]]:
-        """Tokenize and validate without touching the scheduler (safe from another thread)."""
+    def make_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                     checked: bool = False) -> tuple[_RequestState, list[Request]]:
+        """Tokenize and validate without touching the scheduler (safe from another thread).
+        `checked`: the prompt is token ids that prepare_prompt returned for these params."""
         params = params or SamplingParams()
         text = prompt if isinstance(prompt, str) else None
-        ids = self.prepare_prompt(prompt, params)
+        ids = list(prompt) if checked else self.prepare_prompt(prompt, params)
         max_tokens = params.max_tokens or self.max_model_len - len(ids)
         banned = tuple(sorted(self.eos_token_ids | set(params.stop_token_ids)))
         seqs = []
@@ -120,7 +138,7 @@ class LLMEngine:
             seqs.append(Request(request_id, i, ids, p, max_tokens, min_tokens_banned=banned))
         texts = [SequenceText(IncrementalDetokenizer(self._detok_tokenizer, ids, params.skip_special_tokens),
                               params.stop_strings) for _ in seqs]
-        return _RequestState(text, ids, seqs, texts), seqs
+        return _RequestState(text, ids, seqs, texts, [_Sent() for _ in seqs]), seqs
 
     def prepare_prompt(self, prompt: str | list[int], params: SamplingParams, tokenizer=None) -> list[int]:
         """Token ids of the prompt, checked against the vocabulary, context and pool (ValueError).
@@ -165,7 +183,8 @@ class LLMEngine:
             value = getattr(params, name)
             need(value is None or value <= vocab, name, f"must be at most the vocabulary size, {vocab}")
         need(all(t < vocab for t in params.stop_token_ids), "stop_token_ids", f"token ids must be in [0, {vocab})")
-        need(all(0 <= t < vocab for t in params.logit_bias or ()), "logit_bias", f"keys must be token ids in [0, {vocab})")
+        need(all(0 <= t < vocab for t in params.logit_bias or ()), "logit_bias",
+             f"keys must be token ids in [0, {vocab})")
 
     def _check_prompt(self, ids: list[int], params: SamplingParams) -> None:
         if not ids:
@@ -234,7 +253,7 @@ class LLMEngine:
         sched.seqs = [s for s in sched.seqs if not s.request.is_finished]  # drop the failed ones
         self.scheduler.update_after_step(sched)
         self.metrics.on_step(sched.num_batched_tokens, len(sched.preempted))
-        touched: dict[str, None] = {}
+        touched: dict[str, None] = {}  # requests with a new token, in step order
         for s in sched.seqs:
             if s.request.is_finished:  # a sibling's postprocessing failed and ended the request
                 continue
@@ -243,16 +262,17 @@ class LLMEngine:
             except Exception as e:  # noqa: BLE001 - e.g. a detokenizer fault: this request only
                 self._fail(s.request.request_id, e)
                 continue
-            if s.request.seq_id in result.sampled:
+            if s.request.seq_id in result.sampled and _reports(s.request):
                 touched[s.request.request_id] = None
-        return self._failed + [self._output(rid) for rid in touched if rid in self._requests]
+        outputs = (self._output(rid) for rid in touched if rid in self._requests)
+        return self._failed + [out for out in outputs if out is not None]
 
     def _execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         """Run the step; if it raises, run each request's part alone so that only the requests
         that fail alone are failed, and the rest get the tokens the whole step would have given."""
         try:
             return self.runner.execute(sched)
-        except Exception as e:  # noqa: BLE001 - isolated below
+        except Exception as e:
             if _is_device_fault(e):
                 raise DeviceFaultError(f"the device failed: {e}") from e
             logger.warning("a step of %d sequences failed (%s); retrying each request alone", len(sched.seqs), e)
@@ -307,15 +327,26 @@ class LLMEngine:
             return "length", None
         return None
 
-    def _output(self, request_id: str) -> RequestOutput:
+    def _output(self, request_id: str) -> RequestOutput | None:
+        """The request's output as its output_kind asks; None for a "final" one still running
+        (a sibling choice finished this step)."""
         state = self._requests[request_id]
         finished = all(s.is_finished for s in state.seqs)
+        kind = state.seqs[0].params.output_kind
+        if kind == "final" and not finished:
+            return None
         if finished:
             del self._requests[request_id]
             self.metrics.on_finished(state.seqs)
-        outputs = [self._completion(s, t) for s, t in zip(state.seqs, state.texts)]
+        if kind == "delta":
+            outputs = [self._delta(s, t, sent) for s, t, sent in zip(state.seqs, state.texts, state.sent)]
+            prompt_logprobs = None if state.prompt_logprobs_sent else state.seqs[0].prompt_logprobs
+            state.prompt_logprobs_sent |= prompt_logprobs is not None
+        else:
+            outputs = [self._completion(s, t) for s, t in zip(state.seqs, state.texts)]
+            prompt_logprobs = state.seqs[0].prompt_logprobs
         return RequestOutput(request_id, state.prompt, state.prompt_token_ids, outputs, finished,
-                             state.seqs[0].prompt_logprobs, state.seqs[0].num_cached_tokens or 0, state.error)
+                             prompt_logprobs, state.seqs[0].num_cached_tokens or 0, state.error)
 
     @staticmethod
     def _completion(req: Request, text: SequenceText) -> CompletionOutput:
@@ -325,13 +356,29 @@ class LLMEngine:
             finish_reason=req.finish_reason, stop_reason=req.stop_reason, logprobs=logprobs,
             cumulative_logprob=sum(lp.logprob for lp in logprobs) if logprobs is not None else None)
 
-    # --- introspection ------------------------------------------------------------------
-    @property
-    def kv_cache_usage(self) -> float:
-        return self.kv.usage
+    @staticmethod
+    def _delta(req: Request, text: SequenceText, sent: _Sent) -> CompletionOutput:
+        """Only what is new since the last output: the cost does not grow with the output."""
+        start, end = sent.tokens, req.num_output_tokens
+        sent.tokens = end
+        logprobs = None
+        if req.params.logprobs is not None:
+            logprobs = req.logprobs[start:end]
+            sent.cumulative_logprob += sum(lp.logprob for lp in logprobs)
+        first = req.num_prompt_tokens
+        return CompletionOutput(
+            index=req.index, text=text.take(req.is_finished), token_ids=req.token_ids[first + start:first + end],
+            finish_reason=req.finish_reason, stop_reason=req.stop_reason, logprobs=logprobs,
+            cumulative_logprob=sent.cumulative_logprob if logprobs is not None else None)
 
+    # --- introspection ------------------------------------------------------------------
     def check_invariants(self) -> None:
         self.scheduler.check_invariants()
+
+
+def _reports(req: Request) -> bool:
+    """Whether a new token of this sequence makes an output ("final" requests report once, at the end)."""
+    return req.is_finished or req.params.output_kind != "final"
 
 
 def _is_device_fault(error: BaseException) -> bool:

@@ -10,9 +10,9 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import torch
 
@@ -193,7 +193,7 @@ def iter_weights(src: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:
 
         for f in files:
             with safe_open(str(f), framework="pt") as st:
-                for name in st.keys():
+                for name in st.keys():  # noqa: SIM118 - a safetensors handle, not a dict
                     yield name, st.get_tensor(name)
         return
     bins = sorted(src.path.glob("pytorch_model*.bin"))
@@ -233,8 +233,8 @@ def build_model(src: ModelSource, hf_config, max_len: int, dtype: torch.dtype, d
                 load_format: str = "auto", linear_backend: str = "auto", enforce_eager: bool = False):
     """Our model of the checkpoint's shape, with its weights (or random ones for 'dummy')."""
     from engine.kernels import cpu
-    from engine.models.llama import LlamaForCausalLM
     from engine.models.gguf_linear import use_gguf_linears
+    from engine.models.llama import LlamaForCausalLM
     from engine.models.packed_linear import onednn_available, pack_linears
 
     with torch.device(device):

@@ -12,6 +12,9 @@ MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 64
 MAX_LOGIT_BIAS_ENTRIES = 1024
 SEED_RANGE = (-(1 << 63), 1 << 64)  # signed or unsigned 64-bit; both map onto torch's unsigned seed
+# What each engine output carries (vLLM's RequestOutputKind): "cumulative" the whole answer so far,
+# "delta" only what is new since the last output, "final" one output, when the request ends.
+OUTPUT_KINDS = ("cumulative", "delta", "final")
 
 
 @dataclass
@@ -34,6 +37,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     logit_bias: dict[int, float] | None = None
     skip_special_tokens: bool = True
+    output_kind: str = "cumulative"  # one of OUTPUT_KINDS
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -47,10 +51,6 @@ class SamplingParams:
         if self.logit_bias:
             self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
         self.validate()
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
 
     @property
     def needs_penalties(self) -> bool:
@@ -87,6 +87,7 @@ class SamplingParams:
              "must be in (0, 2]")
         for name in ("logprobs", "prompt_logprobs"):
             need(integer(name, 0, MAX_LOGPROBS, optional=True), name, f"must be in [0, {MAX_LOGPROBS}]")
+        need(self.output_kind in OUTPUT_KINDS, "output_kind", f"must be one of {OUTPUT_KINDS}")
         need(len(self.stop_strings) <= MAX_STOP_STRINGS, "stop", f"must hold at most {MAX_STOP_STRINGS} strings")
         need(all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_STRING_CHARS for s in self.stop_strings), "stop",
              f"must be non-empty strings of at most {MAX_STOP_STRING_CHARS} characters")

@@ -3,14 +3,15 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import functools
 import json
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -26,9 +27,7 @@ from server.errors import APIError, call, invalid_request
 from server.guard import Guard, ServerOptions
 from server.logprobs import TokenText, chat_logprobs, completion_logprobs, concat, num_tokens
 from server.openapi import document
-from server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
-                             message_dicts)
-
+from server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, message_dicts
 
 logger = logging.getLogger("kvserve.server")
 
@@ -105,10 +104,10 @@ def create_app(engine: AsyncLLM, model_name: str, options: ServerOptions | None 
     app.state.engine = engine
     app.state.model_name = model_name
     app.state.draining = False
-    app.state.admission = admission = _Admission(engine.engine.config.max_num_seqs, options.max_queue_len)
+    app.state.admission = admission = _Admission(engine.max_num_seqs, options.max_queue_len)
     app.add_middleware(Guard, options=options, app_state=app.state)
-    token_text = TokenText(engine.engine.tokenizer)
-    work = _Offload(engine.engine.tokenizer)
+    token_text = TokenText(engine.tokenizer)
+    work = _Offload(engine.tokenizer)
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, e: APIError):
@@ -132,13 +131,13 @@ def create_app(engine: AsyncLLM, model_name: str, options: ServerOptions | None 
 
     @app.get("/metrics")
     async def metrics():
-        return Response(generate_latest(engine.engine.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(engine.metrics_registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
                                             "owned_by": "kvserve",
-                                            "max_model_len": engine.engine.max_model_len}]}
+                                            "max_model_len": engine.max_model_len}]}
 
     @app.post("/tokenize")
     async def tokenize(raw: Request):
@@ -149,19 +148,19 @@ def create_app(engine: AsyncLLM, model_name: str, options: ServerOptions | None 
         if body.messages is not None:
             messages = call(lambda: message_dicts(body.messages))
             size = _num_chars(messages)
-            call(lambda: engine.engine.check_prompt_chars(size))
+            call(lambda: engine.check_prompt_chars(size))
             ids = await work.tokenize(lambda tok: _chat_ids(tok, messages, body.add_generation_prompt), size)
         else:
-            call(lambda: engine.engine.check_prompt_chars(len(body.prompt)))
+            call(lambda: engine.check_prompt_chars(len(body.prompt)))
             ids = await work.tokenize(lambda tok: tok.encode(body.prompt, add_special_tokens=body.add_special_tokens),
                                       len(body.prompt))
-        return {"tokens": ids, "count": len(ids), "max_model_len": engine.engine.max_model_len}
+        return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len}
 
     @app.post("/detokenize")
     async def detokenize(raw: Request):
         body = await work.parse(raw, DetokenizeRequest)
         _check_model(body.model, model_name)
-        vocab = engine.engine.hf_config.vocab_size
+        vocab = engine.vocab_size
 
         def decode(tok) -> str:
             if any(not 0 <= t < vocab for t in body.tokens):
@@ -196,7 +195,7 @@ def create_app(engine: AsyncLLM, model_name: str, options: ServerOptions | None 
         messages = call(body.message_dicts)
         admission.check_size(1, params.n)
         size = _num_chars(messages)
-        call(lambda: engine.engine.check_prompt_chars(size))  # before templating megabytes
+        call(lambda: engine.check_prompt_chars(size))  # before templating megabytes
         prompts = await work.tokenize(lambda tok: [_prompt_ids(engine, tok, _chat_ids(tok, messages, True), params)],
                                       size)
         render = _Render(True, token_text if body.logprobs else None, prompts)
@@ -226,7 +225,7 @@ def _check_model(asked: str | None, served: str) -> None:
 
 def _prompt_ids(engine: AsyncLLM, tokenizer, prompt: str | list[int], params: SamplingParams) -> list[int]:
     """Tokenize and check a prompt before any generation starts, so errors are plain 400s."""
-    return engine.engine.prepare_prompt(prompt, params, tokenizer)
+    return engine.prepare_prompt(prompt, params, tokenizer)
 
 
 async def _outputs(engine: AsyncLLM, prompts: list[list[int]], params: SamplingParams,
@@ -236,7 +235,7 @@ async def _outputs(engine: AsyncLLM, prompts: list[list[int]], params: SamplingP
 
     async def pump(i: int, ids: list[int]) -> None:
         try:
-            async for out in engine.generate(ids, params, f"{request_id}-{i}"):
+            async for out in engine.generate(ids, params, f"{request_id}-{i}", checked=True):
                 await merged.put((i, out))
         except Exception as e:  # noqa: BLE001 - handed to the consumer
             await merged.put((i, e))
@@ -261,6 +260,8 @@ async def _outputs(engine: AsyncLLM, prompts: list[list[int]], params: SamplingP
 async def _respond(raw: Request, engine: AsyncLLM, prefix: str, prompts: list[list[int]], params: SamplingParams,
                    body, render: _Render):
     state = raw.app.state
+    # A stream sends what is new at each step; a whole answer needs the engine's output once.
+    params = dataclasses.replace(params, output_kind="delta" if body.stream else "final")
     num_seqs = len(prompts) * params.n
     state.admission.admit(num_seqs)
     release = functools.partial(state.admission.release, num_seqs)
@@ -360,15 +361,15 @@ class _Sent:
     """How much of one choice has been rendered so far."""
 
     started: bool = False
-    chars: int = 0
     tokens: int = 0
     offset: int = 0  # text_offset of the next token (completions logprobs)
     finished: bool = False
 
 
 class _Render:
-    """Engine outputs -> OpenAI choices. One code path renders a whole answer (one call per choice)
-    and a stream (one call per update, each returning only what is new), so the two agree."""
+    """Engine outputs -> OpenAI choices. One code path renders a whole answer (one call per choice,
+    on the engine's final output) and a stream (one call per update, on the engine's deltas), so the
+    two agree."""
 
     def __init__(self, chat: bool, texts: TokenText | None, prompts: list[list[int]],
                  echo: list[str] | None = None, prompt_only: bool = False) -> None:
@@ -378,7 +379,7 @@ class _Render:
         self.sent: dict[int, _Sent] = {}
 
     def piece(self, idx: int, i: int, out: RequestOutput, c: CompletionOutput) -> tuple[str, dict | None]:
-        """Text and logprobs of choice `idx` (prompt `i`) not rendered before."""
+        """Text and logprobs of choice `idx` (prompt `i`): `c` holds what was not rendered before."""
         sent = self.sent.setdefault(idx, _Sent())
         text, logprobs = "", None
         if not sent.started:
@@ -387,21 +388,19 @@ class _Render:
                 text, logprobs = self.echo[i], self._echo_logprobs(i, out, sent)
         if self.prompt_only:
             return text, logprobs
-        text += c.text[sent.chars:]
-        sent.chars = len(c.text)
+        text += c.text
         if self.texts is not None:
-            ids, entries = c.token_ids[sent.tokens:], c.logprobs[sent.tokens:]
             if self.chat:
-                logprobs = chat_logprobs(self.texts, ids, entries)
+                logprobs = chat_logprobs(self.texts, c.token_ids, c.logprobs)
             else:
-                new, sent.offset = completion_logprobs(self.texts, ids, entries, sent.offset)
+                new, sent.offset = completion_logprobs(self.texts, c.token_ids, c.logprobs, sent.offset)
                 logprobs = concat(logprobs, new)
-        sent.tokens = len(c.token_ids)
+        sent.tokens += len(c.token_ids)
         return text, logprobs
 
     def update(self, idx: int, i: int, out: RequestOutput, c: CompletionOutput) -> dict | None:
         """The stream chunk's choice for what is new in choice `idx`; None when nothing is (a request's
-        outputs repeat every choice, finished ones too, and a finish reason goes out once)."""
+        outputs hold every choice, finished ones too, and a finish reason goes out once)."""
         sent = self.sent.setdefault(idx, _Sent())
         if sent.finished:
             return None
@@ -434,8 +433,9 @@ class _Render:
         return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
 
     def usage(self, finals) -> dict:
+        """`finals`: each prompt's last output (for its cached-token count)."""
         prompt_tokens = sum(len(p) for p in self.prompts)
-        completion = 0 if self.prompt_only else sum(len(c.token_ids) for out in finals for c in out.outputs)
+        completion = 0 if self.prompt_only else sum(s.tokens for s in self.sent.values())
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                 "total_tokens": prompt_tokens + completion,
                 "prompt_tokens_details": {"cached_tokens": sum(out.num_cached_tokens for out in finals)}}

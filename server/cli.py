@@ -16,9 +16,11 @@ from server.guard import ServerOptions, header_deadline_protocol
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvserve", description="A small OpenAI-compatible LLM server.")
     sub = parser.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("serve", help="load a model and serve it", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s = sub.add_parser("serve", help="load a model and serve it",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d = EngineConfig()
-    s.add_argument("--model", default=None, help="HF directory, .gguf file or hub id (default: bundled SmolLM2-135M-Instruct)")
+    s.add_argument("--model", default=None,
+                   help="HF directory, .gguf file or hub id (default: bundled SmolLM2-135M-Instruct)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on")
     s.add_argument("--port", type=int, default=8000, help="port to listen on")
     s.add_argument("--served-model-name", default=None, help="model name in the API (default: the model's)")
@@ -33,13 +35,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "sequences) prompt tokens a step, bounding inter-token latency when long prompts arrive "
                         "(0 = no cap)")
     s.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV-cache block")
-    s.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size in blocks (overrides the memory options)")
-    s.add_argument("--kv-cache-memory", type=parse_bytes, default=None, help="KV pool size in bytes, e.g. 2GiB (CPU default 1GiB)")
+    s.add_argument("--num-kv-blocks", type=int, default=None,
+                   help="KV pool size in blocks (overrides the memory options)")
+    s.add_argument("--kv-cache-memory", type=parse_bytes, default=None,
+                   help="KV pool size in bytes, e.g. 2GiB (CPU default 1GiB)")
     s.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization,
                    help="fraction of GPU memory the process may fill (CUDA only)")
     s.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=d.enable_prefix_caching,
                    help="reuse the KV blocks of prompt prefixes seen before")
-    s.add_argument("--load-format", choices=LOAD_FORMATS, default=d.load_format, help="dummy = random weights, for benchmarks")
+    s.add_argument("--load-format", choices=LOAD_FORMATS, default=d.load_format,
+                   help="dummy = random weights, for benchmarks")
     s.add_argument("--linear-backend", choices=LINEAR_BACKENDS, default=d.linear_backend,
                    help="CPU linear layers: auto = oneDNN pre-packed weights plus a C++ kernel for decode steps of "
                         "1-2 sequences (holds the weights twice); onednn = packed only; torch = the reference")
@@ -104,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                             body_read_timeout=args.body_read_timeout)
     engine = AsyncLLM(config)
     print(describe(engine.engine), flush=True)
-    app = create_app(engine, engine.engine.model_name, options)
+    app = create_app(engine, engine.model_name, options)
     print(f"kvserve: serving on http://{args.host}:{args.port}", flush=True)
     server = _DrainingServer(app, engine, options.shutdown_timeout, host=args.host, port=args.port,
                              log_level=args.log_level, timeout_keep_alive=args.timeout_keep_alive,

@@ -57,7 +57,7 @@ class Guard:
 
         try:
             await self._guarded(scope, receive, send_with_id, headers)
-        except Exception:  # noqa: BLE001 - the catch-all: a 500 in the OpenAI shape, never a bare text
+        except Exception:
             logger.exception("request %s: unexpected error", request_id)
             if not started:
                 await self._reject(send_with_id, 500, f"Internal server error (request id {request_id}).",

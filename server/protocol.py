@@ -5,8 +5,16 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from engine.sampling_params import (MAX_LOGIT_BIAS_ENTRIES, MAX_LOGPROBS, MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS,
-                                    MAX_STOP_TOKEN_IDS, MAX_TEMPERATURE, SEED_RANGE, SamplingParams)
+from engine.sampling_params import (
+    MAX_LOGIT_BIAS_ENTRIES,
+    MAX_LOGPROBS,
+    MAX_STOP_STRING_CHARS,
+    MAX_STOP_STRINGS,
+    MAX_STOP_TOKEN_IDS,
+    MAX_TEMPERATURE,
+    SEED_RANGE,
+    SamplingParams,
+)
 
 # Fields the API knows and this server does not implement yet: a request that sets one to anything
 # but its "off" value gets a 400 saying so (the value each field may safely have is listed).

@@ -18,7 +18,7 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from offline_throughput import hf_generate_batch, load_hf  # noqa: E402
+from offline_throughput import hf_generate_batch, load_hf
 
 
 def main() -> None:
@@ -31,7 +31,8 @@ def main() -> None:
 
     tok = AutoTokenizer.from_pretrained(args.model)
     model = load_hf(args.model)
-    prompts = [tok.encode(p) for p in json.load(open(args.prompts))]
+    with open(args.prompts) as f:
+        prompts = [tok.encode(p) for p in json.load(f)]
     hf_generate_batch(model, prompts[:1], 4)  # warm-up
     batches = [prompts[i:i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
     start = time.perf_counter()

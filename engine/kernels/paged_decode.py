@@ -32,7 +32,7 @@ def _paged_decode_kernel(q_ptr, kv_ptr, out_ptr, tables_ptr, lens_ptr, scale,
     q = tl.load(q_ptr + seq * stride_q_seq + heads[:, None] * stride_q_head + d[None, :], mask=q_mask, other=0.0)
 
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)  # running max of the scores
-    l = tl.zeros([GROUP_PAD], tl.float32)  # running sum of exp(score - m)
+    denom = tl.zeros([GROUP_PAD], tl.float32)  # running sum of exp(score - m)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
     k_base = kv_ptr + kv_head * stride_kv_head
     for i in range(0, tl.cdiv(ctx, BLOCK_SIZE)):
@@ -49,13 +49,13 @@ def _paged_decode_kernel(q_ptr, kv_ptr, out_ptr, tables_ptr, lens_ptr, scale,
         m_new = tl.maximum(m, tl.max(s, axis=1))
         p = tl.exp(s - m_new[:, None])
         alpha = tl.exp(m - m_new)
-        l = l * alpha + tl.sum(p, axis=1)
+        denom = denom * alpha + tl.sum(p, axis=1)
         if IEEE:
             acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m = m_new
-    out = acc / l[:, None]
+    out = acc / denom[:, None]
     tl.store(out_ptr + seq * stride_out_seq + heads[:, None] * stride_out_head + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=q_mask)
 

@@ -41,7 +41,7 @@ class Blocks:
         self.q, self.d, self.m = q, d, m
 
     @classmethod
-    def from_gguf(cls, kind: str, raw: np.ndarray, n: int, k: int) -> "Blocks":
+    def from_gguf(cls, kind: str, raw: np.ndarray, n: int, k: int) -> Blocks:
         d_bytes, m_bytes, q_bytes = KINDS[kind]
         b = torch.from_numpy(np.array(raw, copy=True).reshape(n, k // BLOCK, d_bytes + m_bytes + q_bytes))
         d = b[..., :2].contiguous().view(torch.float16)[..., 0].float()
@@ -53,11 +53,11 @@ class Blocks:
         q = torch.cat([qs & 15, qs >> 4], dim=-1).reshape(n, k)
         return cls(q, d, m if m is not None else -8 * d)
 
-    def rows(self, index: torch.Tensor) -> "Blocks":
+    def rows(self, index: torch.Tensor) -> Blocks:
         return Blocks(self.q[index], self.d[index], None if self.m is None else self.m[index])
 
     @staticmethod
-    def cat(parts: list["Blocks"]) -> "Blocks":
+    def cat(parts: list[Blocks]) -> Blocks:
         if len({p.m is None for p in parts}) > 1:
             raise ValueError("cannot fuse 4-bit and 8-bit blocks into one layer")
         return Blocks(torch.cat([p.q for p in parts]), torch.cat([p.d for p in parts]),

@@ -2,8 +2,7 @@
 import pytest
 import torch
 
-from engine.attention import (SPLIT_MIN_TOKENS, PrefillSpan, _prefill, _prefill_after_history, _prefill_masked,
-                              write_kv)
+from engine.attention import SPLIT_MIN_TOKENS, PrefillSpan, _prefill, _prefill_after_history, _prefill_masked, write_kv
 
 
 def reference(q, k_all, v_all, scale):

@@ -6,8 +6,8 @@ import torch
 
 from engine import LLM, SamplingParams
 from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
 from engine.kernels import cpu
+from engine.llm_engine import LLMEngine
 from engine.models.packed_linear import PackedLinear, onednn_available
 from server.cli import linear_kinds
 from tests.conftest import MAX_NEW_TOKENS, PASSAGE, hf_greedy
@@ -21,7 +21,8 @@ def _tokens(outputs) -> list[list[int]]:
 
 def _assert_same(got: list[list[int]], want: list[list[int]]) -> None:
     for i, (g, w) in enumerate(zip(got, want)):
-        assert g == w, f"prompt {i}: first difference at token {next(j for j, (a, b) in enumerate(zip(g + [-1], w + [-2])) if a != b)}"
+        first = next(j for j, (a, b) in enumerate(zip(g + [-1], w + [-2])) if a != b) if g != w else None
+        assert g == w, f"prompt {i}: first difference at token {first}"
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """Offline and async APIs on SmolLM2: stopping rules, errors, aborts, seeds, n > 1."""
 import asyncio
+import dataclasses
 
 import pytest
 
@@ -134,3 +135,40 @@ def test_async_engine_streams_and_aborts(smollm2_dir, reference_prompts):
         assert engine.is_alive
     finally:
         engine.shutdown()
+
+
+def _outputs_by_kind(engine, prompt, params, kind: str) -> list:
+    engine.add_request(kind, prompt, dataclasses.replace(params, output_kind=kind))
+    outs = []
+    while engine.has_unfinished_requests():
+        outs += [o for o in engine.step() if o.request_id == kind]
+    return outs
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(n=2, temperature=0.8, seed=7, max_tokens=40, logprobs=2, prompt_logprobs=1, stop=[" the", "."]),
+    SamplingParams(temperature=0.0, max_tokens=30, logprobs=0),
+])
+def test_deltas_add_up_to_the_cumulative_output(llm, chat_prompt, params):
+    """Each delta holds only what is new; joined they are the cumulative output's last state, and
+    "final" hands back that one output alone."""
+    cumulative = _outputs_by_kind(llm.engine, chat_prompt, params, "cumulative")
+    deltas = _outputs_by_kind(llm.engine, chat_prompt, params, "delta")
+    final = _outputs_by_kind(llm.engine, chat_prompt, params, "final")
+    assert len(final) == 1 and final[0].finished and len(deltas) == len(cumulative) > 1
+    last = cumulative[-1]
+    assert [(c.text, c.token_ids, c.finish_reason) for c in final[0].outputs] == \
+        [(c.text, c.token_ids, c.finish_reason) for c in last.outputs]
+    for i, whole in enumerate(last.outputs):
+        parts = [d.outputs[i] for d in deltas]
+        assert "".join(p.text for p in parts) == whole.text
+        assert [t for p in parts for t in p.token_ids] == whole.token_ids
+        assert [lp for p in parts for lp in p.logprobs] == whole.logprobs
+        assert parts[-1].cumulative_logprob == pytest.approx(whole.cumulative_logprob, abs=1e-6)
+        assert parts[-1].finish_reason == whole.finish_reason and parts[-1].stop_reason == whole.stop_reason
+    # running text is shown as it becomes safe: each delta's text is what the cumulative one added
+    for d, c, before in zip(deltas, cumulative, [None] + cumulative[:-1]):
+        for i in range(len(c.outputs)):
+            assert d.outputs[i].text == c.outputs[i].text[len(before.outputs[i].text) if before else 0:]
+    assert deltas[0].prompt_logprobs == last.prompt_logprobs and all(d.prompt_logprobs is None for d in deltas[1:])
+    _assert_pool_empty(llm)

@@ -152,7 +152,7 @@ def test_a_device_fault_ends_the_engine(tiny_dir):
 def test_async_engine_fails_one_stream_and_serves_on(tiny_dir, clean_tokens):
     async def collect(llm, prompt, params, rid):
         out = None
-        async for out in llm.generate(prompt, params, rid):
+        async for out in llm.generate(prompt, params, rid):  # noqa: B007 - the last one is returned
             pass
         return out
 

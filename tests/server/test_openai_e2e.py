@@ -11,6 +11,7 @@ import torch
 from tests.conftest import hf_greedy
 from tests.server.launch import launch, metrics, stop, wait_idle
 
+
 @pytest.fixture(scope="module")
 def server(smollm2_dir):
     proc, base = launch(smollm2_dir)

@@ -160,7 +160,7 @@ def test_control_characters_in_x_request_id_are_replaced(server):
     reply = _raw(server, b"GET /health HTTP/1.1\r\nHost: x\r\nX-Request-Id: \x1b[31mred\r\nConnection: close\r\n\r\n")
     head = reply.split(b"\r\n\r\n")[0].lower()
     assert b"\x1b" not in reply and b" 200 " in head.split(b"\r\n")[0]
-    request_id = [h for h in head.split(b"\r\n") if h.startswith(b"x-request-id:")][0].split(b":", 1)[1].strip()
+    request_id = next(h for h in head.split(b"\r\n") if h.startswith(b"x-request-id:")).split(b":", 1)[1].strip()
     assert len(request_id) == 32 and request_id.isalnum()
 
 
@@ -175,7 +175,7 @@ def test_slow_headers_are_cut_off(server):
                 s.sendall(b"X")  # a byte at a time, never finishing the headers
                 s.settimeout(0.3)
                 closed = s.recv(1) == b""
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 closed = True
