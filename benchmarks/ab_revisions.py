@@ -14,15 +14,13 @@ import argparse
 import json
 import statistics
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+from compare import PORT, ROOT, start, stop
+from serve import Workload, benchmark, load_tokenizer, make_prompts, served_model
 
-from compare import PORT, ROOT, start, stop  # noqa: E402
-from serve import Workload, benchmark, load_tokenizer, make_prompts, served_model  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 
 def measure(tree: Path, prompts: list[str], levels: list[int], log: Path) -> dict[int, dict]:
@@ -76,7 +74,6 @@ def main() -> None:
               f"{ttft['base']:.0f} / {ttft['head']:.0f} |")
     if args.json:
         args.json.write_text(json.dumps({"base": args.base, "head": args.head, "runs": runs}, indent=1))
-
 
 if __name__ == "__main__":
     main()

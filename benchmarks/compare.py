@@ -32,15 +32,12 @@ import time
 from pathlib import Path
 
 import httpx
+from serve import Workload, benchmark, load_tokenizer, make_prompts, run
+
+from engine import bundled_model_dir
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(ROOT))
-
-from serve import Workload, benchmark, load_tokenizer, make_prompts, run  # noqa: E402
-
-from engine.model_loader import bundled_model_dir  # noqa: E402
 
 PORT = 8765
 
@@ -251,7 +248,6 @@ def main() -> None:
     (out / "compare.md").write_text(md + "\n")
     print(md)
     plot(results, args.levels, out / "compare.png")
-
 
 if __name__ == "__main__":
     main()

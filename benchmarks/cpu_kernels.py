@@ -10,7 +10,7 @@
 2. The same linears as a decode step runs them: 30 layers of distinct weights in order (540 MB in
    float32, so they stream from DRAM as in the engine), at 1-4 rows: oneDNN packed against the
    C++ skinny kernel (engine/kernels/cpu.cpp), float32 and bfloat16.
-3. Decode attention for one layer: the eager gather + SDPA (engine/attention.py) against the
+3. Decode attention for one layer: the eager gather + SDPA (engine/layers/attention.py) against the
    C++ paged kernel (engine/kernels/cpu.cpp), float32 and bfloat16, over 30 layers' pools in
    turn so the cache is read from DRAM as in a step.
 4. The element-wise pieces of a step (30 layers x RMSNorm, add + RMSNorm, RoPE, SiLU-and-multiply)
@@ -18,7 +18,7 @@
 5. Whole decode steps of the engine on the bundled model at batch 1 and 32, eager against C++
    element-wise pieces, alternated every 8 steps in one process (so drift and the sequences'
    growing context hit both alike).
-6. gguf: the linears of one step on the bundled GGUF's own blocks (engine/models/gguf_linear.py)
+6. gguf: the linears of one step on the bundled GGUF's own blocks (engine/layers/gguf_linear.py)
    against oneDNN packed and the C++ skinny kernel on the same float32 weights, 1-256 rows,
    interleaved.
 7. gguf_steps: whole decode steps at batch 1, 16 and 32, linears on the GGUF blocks against
@@ -26,7 +26,7 @@
 
 8. history: prefill attention of a 2048-token chunk after a cached history (a long prompt's later
    chunks), SmolLM2's 9 query / 3 key-value heads x 30 layers, float32: the masked SDPA against the
-   history attended unmasked and the chunk causally, merged (engine/attention.py), interleaved.
+   history attended unmasked and the chunk causally, merged (engine/layers/attention.py), interleaved.
 
     python benchmarks/cpu_kernels.py --parts streamed,attention   # only the second and third
 
@@ -43,19 +43,18 @@ import functools
 import json
 import re
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from engine import platform
+from engine.kernels import cpu
+from engine.layers.attention import decode_reference, prefill_after_history, prefill_masked
+from engine.layers.packed_linear import PackedLinear, onednn_available
 
-from engine.attention import _decode, _prefill_after_history, _prefill_masked  # noqa: E402
-from engine.kernels import cpu  # noqa: E402
-from engine.models.packed_linear import PackedLinear, onednn_available  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 # (out, in) and how many a step runs
 LINEARS = {"qkv": ((960, 576), 30), "o": ((576, 576), 30), "gate_up": ((3072, 576), 30),
@@ -114,7 +113,7 @@ def bench_linears() -> dict:
 def bench_linears_streamed() -> dict:
     results = {}
     for dtype in (torch.float32, torch.bfloat16):
-        if not (onednn_available(dtype) and cpu.available(dtype)):
+        if not (onednn_available(dtype) and platform.cpp_kernels_available(dtype)):
             continue
         packed = [PackedLinear(torch.nn.Linear(shape[1], shape[0], bias=False).to(dtype), skinny=True)
                   for shape, count in LINEARS.values() for _ in range(count)]  # shape: (out, in)
@@ -138,7 +137,7 @@ def bench_attention(layers: int = 30, baseline=None) -> dict:
     The kernels take turns (with a baseline, its paged_decode too)."""
     heads, kv_heads, head_dim, bs = 9, 3, 64, 16
     results = {}
-    built = cpu.available(torch.float32) and cpu.available(torch.bfloat16)
+    built = platform.cpp_kernels_available(torch.float32) and platform.cpp_kernels_available(torch.bfloat16)
     for dtype in (torch.float32, torch.bfloat16):
         for batch, ctx in ((1, 80), (1, 1000), (16, 180), (64, 180), (64, 400)):
             width = -(-ctx // bs)
@@ -150,7 +149,7 @@ def bench_attention(layers: int = 30, baseline=None) -> dict:
                 lens = torch.full((batch,), ctx)
                 mask = (torch.arange(width * bs)[None, :] < lens[:, None])[:, None, None, :]
                 scale = head_dim ** -0.5
-                kernels = {"eager gather + SDPA": lambda: [_decode(q, kv, tables, mask, scale)
+                kernels = {"eager gather + SDPA": lambda: [decode_reference(q, kv, tables, mask, scale)
                                                            for q, kv, tables in step]}
                 if built:
                     kernels["C++ paged"] = lambda: [cpu.paged_decode(q, kv, tables, lens, scale)
@@ -167,7 +166,7 @@ def bench_attention(layers: int = 30, baseline=None) -> dict:
 
 
 def bench_elementwise() -> dict:
-    from engine.models.llama import Ops
+    from engine.layers.ops import Ops
 
     results = {}
     for dtype in (torch.float32, torch.bfloat16):
@@ -230,7 +229,7 @@ def _alternate(engine, setups: dict, rounds: int) -> dict[str, float]:
 
 
 def bench_steps(rounds: int = 12) -> dict:
-    from engine.model_loader import bundled_model_dir
+    from engine import bundled_model_dir
 
     results = {}
     for batch in (1, 32):
@@ -268,7 +267,7 @@ def baseline_kernels(rev: str):
 
 def _baseline_gguf_linear(baseline, modules: list):
     """The baseline's gguf_linear with cpu.gguf_linear's signature, once its results agree with
-    ours: the blocks are packed by today's engine/models/gguf_linear.py, and a kernel that read
+    ours: the blocks are packed by today's engine/layers/gguf_linear.py, and a kernel that read
     another layout would be timed on garbage."""
     if not hasattr(baseline, "gguf_linear"):
         raise SystemExit("the baseline's cpu.cpp has no gguf_linear")
@@ -286,8 +285,8 @@ def _baseline_gguf_linear(baseline, modules: list):
 
 def _gguf_step_linears() -> list:
     """The bundled model's linears of one step as GGUF blocks, fused as the engine fuses them."""
-    from engine.model_loader import bundled_gguf_path
-    from engine.models.gguf_linear import Blocks, read_gguf_blocks
+    from engine.layers.gguf_linear import Blocks, read_gguf_blocks
+    from engine.models.loader import bundled_gguf_path
 
     blocks = read_gguf_blocks(bundled_gguf_path())
     step = []
@@ -298,9 +297,9 @@ def _gguf_step_linears() -> list:
 
 
 def bench_gguf_linears(reps: int = 7, baseline=None) -> dict:
-    from engine.models.gguf_linear import GGUFLinear
+    from engine.layers.gguf_linear import GGUFLinear
 
-    if not cpu.available():
+    if not platform.cpp_kernels_available():
         print("C++ kernels unavailable: no GGUF linears to time", flush=True)
         return {}
     step = _gguf_step_linears()
@@ -334,8 +333,8 @@ def bench_gguf_steps(rounds: int = 10, baseline=None) -> dict:
     float32 weights (the path a plain HF directory of the model takes), alternated in one engine;
     with a baseline, also the GGUF blocks through the baseline's kernel."""
     from engine import LLM
-    from engine.model_loader import GGUF_ORIGIN_FILE, bundled_model_dir
-    from engine.models.gguf_linear import GGUFLinear
+    from engine.layers.gguf_linear import GGUFLinear
+    from engine.models.loader import GGUF_ORIGIN_FILE, bundled_model_dir
 
     results, current = {}, cpu.gguf_linear
     with tempfile.TemporaryDirectory() as plain:
@@ -371,15 +370,14 @@ def bench_history(n: int = 2048, layers: int = 30, reps: int = 3) -> dict:
         ctx = history + n
         k, v = torch.randn(ctx, 3, 64), torch.randn(ctx, 3, 64)
         qs = torch.randn(1, 9, n, 64)
-        kinds = {"masked SDPA": lambda: _prefill_masked(qs, k, v, 0.125),
-                 "split + merge": lambda: _prefill_after_history(qs, k[:history], v[:history], k[history:],
+        kinds = {"masked SDPA": lambda: prefill_masked(qs, k, v, 0.125),
+                 "split + merge": lambda: prefill_after_history(qs, k[:history], v[:history], k[history:],
                                                                  v[history:], 0.125)}
         row = results[f"{n} after {history}"] = _interleaved(
             {name: lambda fn=fn: [fn() for _ in range(layers)] for name, fn in kinds.items()}, reps)
         print(f"prefill attention, {n} tokens after {history}, {layers} layers: "
               + ", ".join(f"{name} {ms:.0f} ms" for name, ms in row.items()), flush=True)
     return results
-
 
 # --parts name -> (its key in the JSON, the function that measures it), in the order they run
 PARTS = {"linears": ("linears_ms_per_step", bench_linears),
@@ -390,7 +388,6 @@ PARTS = {"linears": ("linears_ms_per_step", bench_linears),
          "gguf": ("gguf_linears_ms_per_step", bench_gguf_linears),
          "gguf_steps": ("decode_step_ms_linears_onednn_vs_gguf", bench_gguf_steps),
          "history": ("prefill_attention_ms_after_history", bench_history)}
-
 
 BASELINE_PARTS = ("attention", "gguf", "gguf_steps")  # those that time --baseline-rev's kernels too
 
@@ -404,10 +401,10 @@ def main() -> None:
     args = ap.parse_args()
     parts = args.parts.split(",")
     torch.manual_seed(0)
-    cpu.available()  # loads the kernel library (registers torch.ops.kvserve.*) whichever parts run
+    platform.cpp_kernels_available()  # loads the kernel library (registers torch.ops.kvserve.*) whichever parts run
     result = {"threads": torch.get_num_threads()}
     baseline = None
-    if args.baseline_rev and cpu.available():
+    if args.baseline_rev and platform.cpp_kernels_available():
         baseline = baseline_kernels(args.baseline_rev)
         result["baseline_rev"] = args.baseline_rev
     for part, (key, bench) in PARTS.items():
@@ -416,7 +413,6 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
-
 
 if __name__ == "__main__":
     main()

@@ -22,21 +22,17 @@ import cProfile
 import gc
 import io
 import json
-import os
 import pstats
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
 from engine import LLM, SamplingParams
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
+from engine.core.config import EngineConfig
+from engine.frontend.llm_engine import LLMEngine
 
 SHAPE = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
              num_key_value_heads=8, head_dim=64, vocab_size=49152, max_position_embeddings=4096,

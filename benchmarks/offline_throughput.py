@@ -18,15 +18,11 @@ import json
 import os
 import platform
 import random
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-from engine import LLM, SamplingParams
-from engine.model_loader import bundled_model_dir
+from engine import LLM, SamplingParams, bundled_model_dir
 
 TEXT = ("A river runs through the valley, past orchards and old stone mills, carrying snow melt from the "
         "mountains to the sea. Travellers have followed it for centuries, trading wool, salt and stories. ")

@@ -17,15 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+from compare import PORT, median_of, server_command, start, stop
+from serve import Workload, benchmark, load_tokenizer, make_prompts, served_model
 
-from compare import PORT, median_of, server_command, start, stop  # noqa: E402
-from serve import Workload, benchmark, load_tokenizer, make_prompts, served_model  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 WORKLOADS = {  # name: (requests, max in flight, request rate)
     "burst16": (16, 16, float("inf")),
@@ -91,7 +89,6 @@ def main() -> None:
         i, t = m["poisson_itl_ms"], m["poisson_ttft_ms"]
         print(f"| {c} | {m['burst16_tok_per_s']} | {m['burst64_tok_per_s']} | {m['burst16_ttft_p99_ms']} | "
               f"{i['mean']} / {i['p50']} / {i['p99']} | {m['poisson_itl_p99_over_p50']}× | {t['p50']} / {t['p99']} |")
-
 
 if __name__ == "__main__":
     main()

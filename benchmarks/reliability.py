@@ -35,11 +35,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+from compare import PORT, ROOT, start, stop
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-from compare import PORT, ROOT, start, stop  # noqa: E402
 
 BASE = f"http://127.0.0.1:{PORT}"
 GREEDY_PROMPTS = ["The lighthouse keeper climbed the stairs and", "In spring the council voted to",
@@ -51,12 +49,10 @@ BAD_BODIES = [{"prompt": "x", "seed": 2**64}, {"prompt": "x", "top_k": 2**63}, {
               {"prompt": "x", "stop": ["a"] * 50}, {"prompt": "x", "logit_bias": {"999999": 1}},
               {"prompt": "x", "max_tokens": 100000}, {"prompt": [10**12]}]
 
-
 # --- load ----------------------------------------------------------------------------------
 async def _complete(client: httpx.AsyncClient, body: dict, path: str = "/v1/completions") -> tuple[int, dict | None]:
     r = await client.post(path, json=body)
     return r.status_code, (r.json() if r.headers.get("content-type", "").startswith("application/json") else None)
-
 
 async def _stream(client: httpx.AsyncClient, body: dict, path: str, drop_after: int | None) -> tuple[int, str]:
     """(status, outcome): outcome 'done' ([DONE] after a finish reason), 'dropped', 'error-chunk' or 'cut'."""
@@ -94,7 +90,6 @@ def _mix(n: int, drop: float, rng: random.Random) -> list[tuple[str, dict]]:
             jobs.append((kind, {"after": rng.randint(1, 4)}))
     return jobs
 
-
 async def _job(client, kind: str, spec: dict, references: list[str]) -> str:
     """The job's outcome: 'ok', 'mismatch', 'lost', '5xx' or 'wrong-status'."""
     try:
@@ -125,7 +120,6 @@ async def _job(client, kind: str, spec: dict, references: list[str]) -> str:
     except httpx.HTTPError as e:
         return f"lost ({type(e).__name__})"
 
-
 async def _greedy_stream(client, body: dict, reference: str) -> str:
     text = ""
     async with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
@@ -139,12 +133,10 @@ async def _greedy_stream(client, body: dict, reference: str) -> str:
                 text += data["choices"][0]["text"]
     return "ok" if text == reference else "mismatch"
 
-
 async def _references(client) -> list[str]:
     """Each greedy prompt's text, sent alone before any load."""
     return [(await _complete(client, {"prompt": p, "max_tokens": 24, "temperature": 0}))[1]["choices"][0]["text"]
             for p in GREEDY_PROMPTS]
-
 
 async def load(args) -> dict:
     async with httpx.AsyncClient(base_url=BASE, timeout=300, limits=httpx.Limits(max_connections=None)) as client:
@@ -188,7 +180,6 @@ def _wait_idle(timeout: float = 60.0) -> dict:
                     "sequences_left": busy}
         time.sleep(0.2)
 
-
 # --- fuzz ----------------------------------------------------------------------------------
 def fuzz(args) -> dict:
     exe = Path(sys.executable).with_name("schemathesis")
@@ -213,7 +204,6 @@ def schemathesis_summary(text: str) -> dict:
     generated = re.search(r"(\d+) generated", summary)
     return {"test_cases": int(generated.group(1)) if generated else None, "failures": failures,
             "server_errors": sum(n for name, n in failures.items() if "server error" in name.lower())}
-
 
 # --- stall ---------------------------------------------------------------------------------
 STALL_BODIES = {"10 MB text prompt": ("/v1/completions", {"prompt": "x" * 10_000_000}),
@@ -240,14 +230,12 @@ def stall(args) -> dict:
                      "health_max_s": round(max(waits), 3), "health_median_s": round(statistics.median(waits), 3)}
     return out
 
-
 # --- soak ----------------------------------------------------------------------------------
 def _rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError("no VmRSS")
-
 
 async def soak(args, pid: int) -> dict:
     rng = random.Random(args.seed + 1)
@@ -321,7 +309,6 @@ def main() -> None:
     args.json.parent.mkdir(exist_ok=True)
     args.json.write_text(json.dumps(report, indent=1))
     print(f"wrote {args.json}")
-
 
 if __name__ == "__main__":
     main()

@@ -20,7 +20,6 @@ import asyncio
 import json
 import random
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -189,8 +188,7 @@ def load_tokenizer(path: str | None):
     from transformers import AutoTokenizer
 
     if path is None:
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-        from engine.model_loader import bundled_model_dir
+        from engine import bundled_model_dir
 
         path = str(bundled_model_dir())
     return AutoTokenizer.from_pretrained(path)

@@ -1,12 +1,12 @@
 """kvserve engine: paged KV cache, continuous batching, token-exact with transformers."""
-from engine.async_llm import AsyncLLM, EngineDeadError, RequestFailedError
-from engine.config import EngineConfig
-from engine.llm import LLM
-from engine.llm_engine import ContextLengthError, LLMEngine
-from engine.model_loader import bundled_model_dir
-from engine.outputs import CompletionOutput, RequestOutput
-from engine.request import TokenLogprobs
-from engine.sampling_params import SamplingParams
+from engine.core.config import EngineConfig
+from engine.core.outputs import CompletionOutput, RequestOutput
+from engine.core.request import TokenLogprobs
+from engine.core.sampling_params import SamplingParams
+from engine.frontend.async_llm import AsyncLLM, EngineDeadError, RequestFailedError
+from engine.frontend.llm import LLM
+from engine.frontend.llm_engine import ContextLengthError, LLMEngine
+from engine.models.loader import bundled_model_dir
 
 __all__ = [
            "LLM",

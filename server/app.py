@@ -20,9 +20,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engine.async_llm import AsyncLLM, EngineDeadError, RequestFailedError
-from engine.outputs import CompletionOutput, RequestOutput
-from engine.sampling_params import SamplingParams
+from engine.core.outputs import CompletionOutput, RequestOutput
+from engine.core.sampling_params import SamplingParams
+from engine.frontend.async_llm import AsyncLLM, EngineDeadError, RequestFailedError
 from server.errors import APIError, call, invalid_request
 from server.guard import Guard, ServerOptions
 from server.logprobs import TokenText, chat_logprobs, completion_logprobs, concat, num_tokens

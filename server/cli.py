@@ -9,7 +9,7 @@ import signal
 import sys
 import time
 
-from engine.config import ATTENTION_BACKENDS, DTYPES, LINEAR_BACKENDS, LOAD_FORMATS, EngineConfig, parse_bytes
+from engine.core.config import ATTENTION_BACKENDS, DTYPES, LINEAR_BACKENDS, LOAD_FORMATS, EngineConfig, parse_bytes
 from server.guard import ServerOptions, header_deadline_protocol
 
 
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"kvserve: {e}", file=sys.stderr)
         return 2
-    from engine.async_llm import AsyncLLM
+    from engine.frontend.async_llm import AsyncLLM
     from server.app import create_app
 
     problem = _check_server_flags(args)
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                             max_body_bytes=args.max_request_body, shutdown_timeout=args.shutdown_timeout,
                             body_read_timeout=args.body_read_timeout)
     engine = AsyncLLM(config)
-    print(describe(engine.engine), flush=True)
+    print(engine.describe(), flush=True)
     app = create_app(engine, engine.model_name, options)
     print(f"kvserve: serving on http://{args.host}:{args.port}", flush=True)
     server = _DrainingServer(app, engine, options.shutdown_timeout, host=args.host, port=args.port,
@@ -186,29 +186,3 @@ class _DrainingServer:
                 await asyncio.sleep(0.05)
         server.should_exit = True
 
-
-def describe(engine) -> str:
-    c = engine.config
-    return (f"model={engine.model_name} device={engine.device} dtype={str(engine.dtype).removeprefix('torch.')} "
-            f"kv_blocks={engine.num_kv_blocks} x {c.block_size} tokens = {engine.num_kv_blocks * c.block_size} tokens "
-            f"max_model_len={engine.max_model_len} max_num_seqs={c.max_num_seqs} "
-            f"prefix_caching={'on' if c.enable_prefix_caching else 'off'} "
-            f"linears={linear_kinds(engine.runner.model)} decode_attention={engine.runner.decode_backend} "
-            f"elementwise={engine.runner.model.norm.ops.kind}")
-
-
-def linear_kinds(model) -> str:
-    """The linear layers' kinds, e.g. "gguf" (all GGUF blocks), "onednn+cpp", "gguf,onednn"."""
-    from torch import nn
-
-    from engine.models.gguf_linear import GGUFLinear
-    from engine.models.packed_linear import PackedLinear
-
-    def kind(m) -> str | None:
-        if isinstance(m, GGUFLinear):
-            return "gguf"
-        if isinstance(m, PackedLinear):
-            return "onednn+cpp" if m.weight is not None else "onednn"
-        return "torch" if isinstance(m, nn.Linear) else None
-
-    return ",".join(sorted({k for k in map(kind, model.modules()) if k}))

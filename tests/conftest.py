@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.model_loader import bundled_model_dir
+from engine.models.loader import bundled_model_dir
 
 # Natural text from which prompts of any length are cut (written for these tests).
 PASSAGE = (
@@ -81,13 +81,13 @@ def hf_reference(hf_smollm2, reference_prompts):
 
 
 def decode_reference(q, kv, tables, lens, scale):
-    """The eager decode attention (engine/attention.py `_decode`) in float64, masked to each
+    """The eager decode attention (engine/layers/attention.py `decode_reference`) in float64, masked to each
     sequence's context length: what a paged-decode kernel is checked against."""
-    from engine.attention import _decode
+    from engine.layers.attention import decode_reference
 
     keys = torch.arange(tables.shape[1] * kv.shape[2], device=q.device)  # kv [2, blocks, block_size, ...]
     mask = (keys[None, :] < lens[:, None])[:, None, None, :]
-    return _decode(q.double(), kv.double(), tables, mask, scale)
+    return decode_reference(q.double(), kv.double(), tables, mask, scale)
 
 
 def random_decode_batch(batch, heads, kv_heads, head_dim, block_size, dtype, device, max_len=300):

@@ -1,2 +1,2 @@
 """Paged decode attention kernels: Triton on CUDA, C++ on CPU; each is optional and has a PyTorch twin
-(engine/attention.py)."""
+(engine/layers/attention.py)."""

@@ -3,7 +3,7 @@ for a few rows, a linear layer on GGUF blocks, and a layer's element-wise pieces
 SiLU-and-multiply).
 
 Decode attention: eager PyTorch has to gather every sequence's blocks into a dense copy before
-attending (engine/attention.py `_decode`): the cache is read, the copy written, and the copy read
+attending (engine/layers/attention.py `decode_reference`): the cache is read, the copy written, and the copy read
 again by scaled_dot_product_attention. The kernel reads each sequence's blocks in place, all
 heads of a token in one contiguous run, fetching the next block ahead (with AVX-512 also the one
 after it and the values into L2 while the keys are scored, 16 tokens at a time); with fewer
@@ -15,13 +15,13 @@ cpu-kernels-attention-dot16.json).
 Skinny linear: at a row or two a linear layer is a pass over its weight, and oneDNN's packed
 kernels stream it at ~20 GB/s here; one plain loop per weight row, the rows split between
 threads, reaches ~30 GB/s: all of SmolLM2's linears at one row 26 -> 17 ms (BENCHMARKS.md). From
-3 rows on oneDNN is as fast or faster (engine/models/packed_linear.py picks).
+3 rows on oneDNN is as fast or faster (engine/layers/packed_linear.py picks).
 
 GGUF linear: float32 activations times a weight kept in its GGUF blocks (Q4_0, Q4_1, Q8_0),
 rebuilt in registers to exactly the float32 values and multiplied in float32: a broadcast micro-
 kernel over 12 rows x 32 outputs, each group of 32 output rows dequantised once per call (once per
 32-weight block when all rows fit one tile), the next group's blocks fetched into L2 meanwhile.
-engine/models/gguf_linear.py decides where it applies; timings in BENCHMARKS.md.
+engine/layers/gguf_linear.py decides where it applies; timings in BENCHMARKS.md.
 
 Element-wise pieces (engine/models/llama.py Ops "cpp"): each one pass over its rows where eager
 PyTorch runs five to ten kernels and allocates between them; they round to the model dtype where
@@ -30,8 +30,8 @@ process alternating eager and C++ (benchmarks/cpu_kernels.py --parts steps): bat
 ms, batch 32 90.1 -> 86.8 ms.
 
 The library is compiled once per source, torch version and CPU (`-march=native`) into the
-kvserve cache directory (~10 s) and loaded from there afterwards. Where no C++ compiler works,
-`available()` logs why and the engine stays on the eager paths.
+kvserve cache directory and loaded from there afterwards. Where no C++ compiler works,
+engine/platform.py logs why and the engine stays on the eager paths.
 """
 from __future__ import annotations
 
@@ -45,6 +45,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from engine.paths import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +76,6 @@ def _compile_command(out: Path, source: Path = SOURCE) -> list[str]:
 
 
 def _library() -> Path:
-    from engine.model_loader import cache_root
-
     key = hashlib.sha256(b"\0".join(s.encode() if isinstance(s, str) else s for s in (
         SOURCE.read_bytes(), torch.__version__, " ".join(FLAGS), os.environ.get("CXX", "c++"), _cpu_fingerprint()
     ))).hexdigest()[:16]
@@ -96,8 +96,10 @@ def _library() -> Path:
 
 
 @functools.cache
-def _load() -> None:
-    torch.ops.load_library(str(_library()))  # registers torch.ops.kvserve.*
+def load() -> None:
+    """Build (once per source, torch and CPU) and load the library: registers torch.ops.kvserve.*.
+    Raises where it cannot; engine/platform.py decides whether the kernels are used."""
+    torch.ops.load_library(str(_library()))
 
 
 def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
@@ -114,7 +116,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 def gguf_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, out_features: int,
                 bias: torch.Tensor | None) -> torch.Tensor:
-    """x [M, K] float32; q, scales: GGUF blocks repacked by engine/models/gguf_linear.py; bias [N]
+    """x [M, K] float32; q, scales: GGUF blocks repacked by engine/layers/gguf_linear.py; bias [N]
     -> [M, N]."""
     return torch.ops.kvserve.gguf_linear(x.contiguous(), q, scales, out_features, bias)
 
@@ -143,57 +145,3 @@ def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads:
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """gate_up [T, 2 I] -> silu(gate) * up [T, I]."""
     return torch.ops.kvserve.silu_mul(gate_up.contiguous())
-
-
-def available(dtype: torch.dtype = torch.float32) -> bool:
-    """Whether the kernels build, load and agree with the eager paths here; tried once per dtype."""
-    return _probe(dtype)  # (a cache on this function would tell available() from available(float32))
-
-
-@functools.cache
-def _probe(dtype: torch.dtype) -> bool:
-    from engine.attention import _decode
-
-    try:
-        _load()
-        kv = torch.rand(2, 7, 4, 3, 8, dtype=dtype)  # 7 blocks of 4 slots, 3 KV heads, head_dim 8
-        q = torch.rand(5, 6, 8, dtype=dtype)  # 5 sequences, 6 query heads
-        tables, lens = torch.randint(0, 7, (5, 9)), torch.tensor([17, 3, 36, 1, 30])
-        mask = (torch.arange(36)[None, :] < lens[:, None])[:, None, None, :]
-        want = _decode(q.float(), kv.float(), tables, mask, 0.5).to(dtype)
-        torch.testing.assert_close(paged_decode(q, kv, tables, lens, 0.5), want)
-        x, w, b = torch.rand(3, 40, dtype=dtype), torch.rand(24, 40, dtype=dtype), torch.rand(24, dtype=dtype)
-        want = torch.nn.functional.linear(x.float(), w.float(), b.float()).to(dtype)
-        torch.testing.assert_close(skinny_linear(x, w, b), want)
-        _probe_elementwise(dtype)
-        if dtype == torch.float32:
-            _probe_gguf()
-        return True
-    except Exception as e:  # noqa: BLE001 - no compiler, no headers, a broken toolchain: the eager paths still work
-        log.warning("C++ CPU kernels unavailable (%s: %s); using the eager paths",
-                    type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-        return False
-
-
-def _probe_gguf() -> None:
-    from engine.models.gguf_linear import Blocks
-
-    x = torch.rand(13, 64)  # 13 rows: more than one tile of rows on every instruction set
-    for m in (torch.rand(40, 2), None):  # 4-bit with minimums, 8-bit
-        q = torch.randint(0, 16, (40, 64), dtype=torch.uint8) if m is not None else torch.randint(
-            -128, 128, (40, 64), dtype=torch.int8)
-        blocks = Blocks(q, torch.rand(40, 2), m)
-        w = blocks.dequantize().double()
-        error = (gguf_linear(x, *blocks.pack(), 40, None) - x.double() @ w.T).abs()
-        if not (error <= 1e-6 * (x.double() @ w.abs().T)).all():  # float32 sums of positive terms
-            raise AssertionError(f"gguf_linear disagrees with float64 by up to {error.max():.3g}")
-
-
-def _probe_elementwise(dtype: torch.dtype) -> None:
-    from engine.models import llama
-
-    h, delta, w = torch.rand(3, 40, dtype=dtype), torch.rand(3, 40, dtype=dtype), torch.rand(40, dtype=dtype)
-    torch.testing.assert_close(add_rms_norm(h, delta, w, 1e-5), llama.add_rms_norm(h, delta, w, 1e-5))
-    qkv, cos, sin = torch.rand(3, 64, dtype=dtype), torch.rand(3, 1, 8, dtype=dtype), torch.rand(3, 1, 8, dtype=dtype)
-    torch.testing.assert_close(rope_qkv(qkv, cos, sin, 4, 2, 8), llama.rope_qkv(qkv, cos, sin, 4, 2, 8))
-    torch.testing.assert_close(silu_mul(qkv), llama.silu_mul(qkv))

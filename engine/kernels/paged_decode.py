@@ -5,7 +5,7 @@ One program per (sequence, KV head) handles all query heads of that KV head's gr
 KV block is read once per group; the group is padded to a 16-row tile so that both products run
 on tensor cores. Softmax runs online over the blocks (flash-decoding style), accumulating in
 float32; float32 caches use IEEE products (Triton's default for float32 is TF32). Shapes follow
-engine/attention.py: the pool of one layer is [2, num_blocks, block_size, kv_heads, head_dim].
+engine/layers/attention.py: the pool of one layer is [2, num_blocks, block_size, kv_heads, head_dim].
 """
 from __future__ import annotations
 

@@ -8,63 +8,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from engine.attention import AttentionMetadata, paged_attention
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # Same arithmetic as transformers: normalise in float32, scale in the model dtype.
-    dtype = x.dtype
-    x = x.float()
-    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x.to(dtype)
-
-
-def add_rms_norm(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
-                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The residual sum and its norm."""
-    h = h + delta
-    return h, rms_norm(h, weight, eps)
-
-
-def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, num_kv_heads: int,
-             head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """qkv [T, (heads + 2 kv_heads) * D] -> q [T, heads, D], k and v [T, kv_heads, D], q and k rotated."""
-    t = qkv.shape[0]
-    q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
-    q = apply_rope(q.view(t, num_heads, head_dim), cos, sin)
-    k = apply_rope(k.view(t, num_kv_heads, head_dim), cos, sin)
-    return q, k, v.view(t, num_kv_heads, head_dim)
-
-
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
-
-
-class Ops:
-    """A layer's element-wise pieces. Eager they are the reference (five to ten small kernels
-    each). "compiled" (CUDA): torch.compile fuses each into one kernel, which matters when a decode
-    step of a small batch is mostly kernel launches. "cpp" (CPU): the C++ kernels of
-    engine/kernels/cpu.cpp, one pass each, rounding where the eager code rounds."""
-
-    def __init__(self, kind: str = "eager") -> None:
-        if kind == "cpp":
-            from engine.kernels import cpu
-            fns = [cpu.rms_norm, cpu.add_rms_norm, cpu.rope_qkv, cpu.silu_mul]
-        else:
-            fns = [rms_norm, add_rms_norm, rope_qkv, silu_mul]
-        if kind == "compiled":
-            fns = [torch.compile(fn, dynamic=True, fullgraph=True) for fn in fns]
-        elif kind not in ("eager", "cpp"):
-            raise ValueError(f"unknown ops kind {kind!r}")
-        self.kind = kind
-        self.rms_norm, self.add_rms_norm, self.rope_qkv, self.silu_mul = fns
-
-
-EAGER_OPS = Ops()
+from engine.layers.attention import AttentionMetadata, paged_attention
+from engine.layers.ops import EAGER_OPS, Ops
 
 
 class RMSNorm(nn.Module):
@@ -100,13 +47,6 @@ def rope_tables(hf_config, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     freqs = torch.arange(max_len, dtype=torch.float)[:, None] * inv_freq.float()[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos() * scaling, emb.sin() * scaling
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, D]; cos/sin [T, 1, D]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
 
 
 class Attention(nn.Module):

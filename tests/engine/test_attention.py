@@ -2,7 +2,14 @@
 import pytest
 import torch
 
-from engine.attention import SPLIT_MIN_TOKENS, PrefillSpan, _prefill, _prefill_after_history, _prefill_masked, write_kv
+from engine.layers.attention import (
+    SPLIT_MIN_TOKENS,
+    PrefillSpan,
+    prefill_after_history,
+    prefill_masked,
+    prefill_span,
+    write_kv,
+)
 
 
 def reference(q, k_all, v_all, scale):
@@ -23,7 +30,7 @@ def reference(q, k_all, v_all, scale):
 @pytest.mark.parametrize("history,n", [(37, 1), (16, 5), (100, 60), (3, 120), (50, SPLIT_MIN_TOKENS + 9)])
 @pytest.mark.parametrize("path", ["paged", "split"])
 def test_prefill_after_a_history_matches_masked_attention(path, dtype, rel, tol, history, n):
-    # "paged": the engine's _prefill through a block table (the split from SPLIT_MIN_TOKENS new
+    # "paged": the engine's prefill_span through a block table (the split from SPLIT_MIN_TOKENS new
     # tokens on, the masked SDPA below); "split": the history + causal-span merge at every size.
     # (The masked SDPA in bfloat16 is not within one rounding: it is checked against itself.)
     torch.manual_seed(history + n)
@@ -39,14 +46,14 @@ def test_prefill_after_a_history_matches_masked_attention(path, dtype, rel, tol,
         slots = table[torch.arange(ctx) // block_size] * block_size + torch.arange(ctx) % block_size
         write_kv(kv_cache, k_all, v_all, slots)  # as earlier steps and this one have written them
         span = PrefillSpan(start=0, end=n, context_len=ctx, block_table=table)
-        out = _prefill(q, k_all[history:], v_all[history:], kv_cache, span, d ** -0.5)
+        out = prefill_span(q, k_all[history:], v_all[history:], kv_cache, span, d ** -0.5)
     else:
         qs = q.transpose(0, 1).unsqueeze(0)
-        out = _prefill_after_history(qs, k_all[:history], v_all[:history], k_all[history:], v_all[history:],
+        out = prefill_after_history(qs, k_all[:history], v_all[:history], k_all[history:], v_all[history:],
                                      d ** -0.5).squeeze(0).transpose(0, 1)
     assert out.dtype == dtype and out.shape == (n, heads, d)
     if path == "paged" and n < SPLIT_MIN_TOKENS:  # the masked SDPA, on the history read through the blocks
-        dense = _prefill_masked(q.transpose(0, 1).unsqueeze(0), k_all, v_all, d ** -0.5)
+        dense = prefill_masked(q.transpose(0, 1).unsqueeze(0), k_all, v_all, d ** -0.5)
         assert torch.equal(out, dense.squeeze(0).transpose(0, 1))
     else:
         want = reference(q, k_all, v_all, d ** -0.5)

@@ -1,8 +1,8 @@
 """BlockPool and KVCacheManager: exact block ids, reference counts, invariants."""
 import pytest
 
-from engine.block_pool import BlockPool, NoFreeBlocksError
-from engine.kv_cache_manager import KVCacheManager
+from engine.core.block_pool import BlockPool, NoFreeBlocksError
+from engine.core.kv_cache_manager import KVCacheManager
 
 
 def test_allocate_and_free_exact_ids():

@@ -4,12 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import LLM, SamplingParams
-from engine.config import EngineConfig
-from engine.kernels import cpu
-from engine.llm_engine import LLMEngine
-from engine.models.packed_linear import PackedLinear, onednn_available
-from server.cli import linear_kinds
+from engine import LLM, SamplingParams, platform
+from engine.core.config import EngineConfig
+from engine.frontend.llm_engine import LLMEngine
+from engine.layers.packed_linear import PackedLinear, onednn_available
+from engine.platform import linear_kinds
 from tests.conftest import MAX_NEW_TOKENS, PASSAGE, hf_greedy
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS)
@@ -32,7 +31,7 @@ def llm(smollm2_dir):
 
 def test_one_batch_matches_hf(llm, reference_prompts, hf_reference):
     # the fast path: the GGUF file's own blocks where the C++ kernels build, else oneDNN packed weights
-    fast = "gguf" if cpu.available() else "onednn" if torch.backends.mkldnn.is_available() else "torch"
+    fast = "gguf" if platform.cpp_kernels_available() else "onednn" if torch.backends.mkldnn.is_available() else "torch"
     assert linear_kinds(llm.engine.runner.model) == fast
     outs = llm.generate(reference_prompts, GREEDY)
     _assert_same(_tokens(outs), hf_reference)

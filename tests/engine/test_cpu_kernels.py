@@ -8,17 +8,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.config import EngineConfig
+from engine import platform
+from engine.core.config import EngineConfig
+from engine.frontend.llm_engine import LLMEngine
 from engine.kernels import cpu
-from engine.llm_engine import LLMEngine
-from engine.model_loader import GGUF_ORIGIN_FILE
+from engine.layers import ops
+from engine.layers.packed_linear import SKINNY_MAX_ROWS, PackedLinear
 from engine.models import llama
-from engine.models.packed_linear import SKINNY_MAX_ROWS, PackedLinear
-from server.cli import describe
+from engine.models.loader import GGUF_ORIGIN_FILE
+from engine.platform import describe
 from tests.conftest import decode_reference, random_decode_batch
 from tests.engine.test_correctness import GREEDY, _assert_same, _run_staggered
 
-needs_kernel = pytest.mark.skipif(not cpu.available(), reason="the C++ kernel cannot be built here")
+needs_kernel = pytest.mark.skipif(not platform.cpp_kernels_available(), reason="the C++ kernel cannot be built here")
 
 
 @needs_kernel
@@ -127,11 +129,11 @@ def test_elementwise_kernels_match_eager(dtype, tokens):
     # within a few units of rounding of the dtype: the kernels round where the eager code does, and
     # only float32 sums (the norm's) and exp differ in their last bits
     eps = torch.finfo(dtype).eps
-    for got, want in zip(_elementwise(cpu, x), _elementwise(llama, x), strict=True):
+    for got, want in zip(_elementwise(cpu, x), _elementwise(ops, x), strict=True):
         assert got.shape == want.shape and got.dtype == dtype
         torch.testing.assert_close(got, want, rtol=4 * eps, atol=eps)
     if dtype == torch.float32:  # and close to the exact values, not merely to the eager float32 ones
-        exact = _elementwise(llama, {k: v.double() for k, v in x.items()})
+        exact = _elementwise(ops, {k: v.double() for k, v in x.items()})
         for got, want in zip(_elementwise(cpu, x), exact, strict=True):
             torch.testing.assert_close(got.double(), want, rtol=2e-6, atol=1e-6)
 
@@ -198,8 +200,8 @@ def test_engine_falls_back_to_eager_without_a_compiler(smollm2_dir, monkeypatch,
     # as on a machine without a C++ compiler: the build fails, the engine warns and stays eager
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("KVSERVE_CACHE_DIR", str(tmp_path))  # no library built before
-    monkeypatch.setattr(cpu, "_load", functools.cache(cpu._load.__wrapped__))
-    monkeypatch.setattr(cpu, "_probe", functools.cache(cpu._probe.__wrapped__))
+    monkeypatch.setattr(cpu, "load", functools.cache(cpu.load.__wrapped__))
+    monkeypatch.setattr(platform, "_probe", functools.cache(platform._probe.__wrapped__))
     with caplog.at_level("WARNING"):
         engine = LLMEngine(EngineConfig(model=str(smollm2_dir), num_kv_blocks=8))
     assert engine.runner.decode_backend == "torch"

@@ -1,7 +1,7 @@
 """Incremental detokenization (UTF-8 safe) and stop strings across token boundaries."""
 import pytest
 
-from engine.detokenizer import IncrementalDetokenizer, SequenceText
+from engine.frontend.detokenizer import IncrementalDetokenizer, SequenceText
 
 TEXTS = [
     "Plain ASCII text, with punctuation!",

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from engine import LLM, AsyncLLM, EngineDeadError, RequestFailedError, SamplingParams
-from engine.llm_engine import DeviceFaultError, LLMEngine
+from engine.frontend.llm_engine import DeviceFaultError, LLMEngine
 from tests.engine.test_models import make_tiny
 
 POISON = 4242  # a token id; the model double raises when it is in a step's input

@@ -1,4 +1,4 @@
-"""Linear layers on a GGUF file's own blocks (engine/models/gguf_linear.py, the C++ gguf_linear
+"""Linear layers on a GGUF file's own blocks (engine/layers/gguf_linear.py, the C++ gguf_linear
 kernel): parsing against the gguf package, the kernel against float64, and the swap in a model,
 which must happen only where the blocks reproduce the float32 weight bit for bit."""
 import numpy as np
@@ -6,12 +6,13 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType, quants
 
+from engine import platform
 from engine.kernels import cpu
-from engine.model_loader import bundled_gguf_path, iter_weights, load_hf_config, resolve_source
-from engine.models.gguf_linear import Blocks, GGUFLinear, read_gguf_blocks, use_gguf_linears
+from engine.layers.gguf_linear import Blocks, GGUFLinear, read_gguf_blocks, use_gguf_linears
 from engine.models.llama import LlamaForCausalLM
+from engine.models.loader import bundled_gguf_path, iter_weights, load_hf_config, resolve_source
 
-needs_kernel = pytest.mark.skipif(not cpu.available(), reason="the C++ kernel cannot be built here")
+needs_kernel = pytest.mark.skipif(not platform.cpp_kernels_available(), reason="the C++ kernel cannot be built here")
 KINDS = ["Q4_0", "Q4_1", "Q8_0"]
 
 

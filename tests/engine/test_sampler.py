@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from engine.sampler import Sampler, SamplingMetadata, apply_penalties, mask_top_k_top_p_min_p
+from engine.runner.sampler import Sampler, SamplingMetadata, apply_penalties, mask_top_k_top_p_min_p
 
 V = 40
 

@@ -1,10 +1,10 @@
 """Scheduler without a model: exact batches, block ids, preemption order, no leaks."""
 import pytest
 
-from engine.kv_cache_manager import KVCacheManager
-from engine.request import Request
-from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
+from engine.core.kv_cache_manager import KVCacheManager
+from engine.core.request import Request
+from engine.core.sampling_params import SamplingParams
+from engine.core.scheduler import Scheduler
 
 
 def make(request_id: str, prompt_len: int, max_tokens: int = 8, n: int = 1) -> list[Request]:

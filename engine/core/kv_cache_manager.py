@@ -1,7 +1,7 @@
 """Per-sequence block tables on top of the block pool (pure Python)."""
 from __future__ import annotations
 
-from engine.block_pool import BlockKey, BlockPool
+from engine.core.block_pool import BlockKey, BlockPool
 
 
 def cdiv(a: int, b: int) -> int:

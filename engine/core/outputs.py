@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.request import TokenLogprobs
+from engine.core.request import TokenLogprobs
 
 
 @dataclass

@@ -11,7 +11,7 @@ At 1-2 rows (a decode step of one or two sequences) a C++ kernel streaming the p
 faster still (engine/kernels/cpu.py); for it the layer keeps both forms, twice the weight memory.
 
 A model that came from a GGUF file multiplies with the file's blocks instead where they reproduce
-its float32 weights (engine/models/gguf_linear.py); these packed layers serve every other model.
+its float32 weights (engine/layers/gguf_linear.py); these packed layers serve every other model.
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.attention import AttentionMetadata
+from engine.layers.attention import AttentionMetadata
 
 
 def bucket_sizes(max_batch: int) -> list[int]:

@@ -11,8 +11,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from engine.kernels import cpu
+
 # From this many new tokens on, a CPU prefill chunk after a cached history attends to the history
-# and to itself separately (_prefill_after_history): 0.6-0.7x the masked SDPA's time at 2048 new
+# and to itself separately (prefill_after_history): 0.6-0.7x the masked SDPA's time at 2048 new
 # tokens, 0.75-1.0x at 512-1024, but 1.1-1.2x at 64-256 (benchmarks/cpu_kernels.py --parts history,
 # and a one-off sweep).
 SPLIT_MIN_TOKENS = 512
@@ -62,21 +64,46 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     write_kv(kv_cache, k, v, meta.slot_mapping)
     out = torch.empty_like(q)
     for span in meta.prefills:
-        out[span.start:span.end] = _prefill(q, k, v, kv_cache, span, scale)
+        out[span.start:span.end] = prefill_span(q, k, v, kv_cache, span, scale)
     if meta.decode_block_tables is not None:
         p = meta.num_prefill_tokens
-        if meta.decode_backend == "torch":
-            out[p:] = _decode(q[p:], kv_cache, meta.decode_block_tables, meta.decode_key_mask, scale)
-        else:
-            if meta.decode_backend == "triton":
-                from engine.kernels.paged_decode import paged_decode
-            else:
-                from engine.kernels.cpu import paged_decode
-            out[p:] = paged_decode(q[p:], kv_cache, meta.decode_block_tables, meta.decode_context_lens, scale)
+        out[p:] = _DECODERS[meta.decode_backend](q[p:], kv_cache, meta, scale)
     return out
 
 
-def _prefill(q, k, v, kv_cache, span: PrefillSpan, scale: float) -> torch.Tensor:
+# --- decode backends: each takes what it needs from the metadata set_decode_inputs filled in ------
+def set_decode_inputs(meta: AttentionMetadata, backend: str, block_tables: torch.Tensor,
+                      context_lens: torch.Tensor, block_size: int) -> None:
+    """block_tables [B, width], context_lens [B] int64 (keys in context, the new token's included)."""
+    meta.decode_block_tables = block_tables
+    meta.decode_backend = backend
+    if backend == "triton":
+        meta.decode_context_lens = context_lens.to(torch.int32)
+    elif backend == "cpp":
+        meta.decode_context_lens = context_lens
+    else:
+        keys = torch.arange(block_tables.shape[1] * block_size, device=block_tables.device)
+        meta.decode_key_mask = (keys[None, :] < context_lens[:, None])[:, None, None, :]  # [B, 1, 1, L]
+
+
+def _decode_torch(q, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    return decode_reference(q, kv_cache, meta.decode_block_tables, meta.decode_key_mask, scale)
+
+
+def _decode_cpp(q, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    return cpu.paged_decode(q, kv_cache, meta.decode_block_tables, meta.decode_context_lens, scale)
+
+
+def _decode_triton(q, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    from engine.kernels.paged_decode import paged_decode  # needs the triton package
+
+    return paged_decode(q, kv_cache, meta.decode_block_tables, meta.decode_context_lens, scale)
+
+
+_DECODERS = {"torch": _decode_torch, "cpp": _decode_cpp, "triton": _decode_triton}
+
+
+def prefill_span(q, k, v, kv_cache, span: PrefillSpan, scale: float) -> torch.Tensor:
     n = span.end - span.start
     qs = q[span.start:span.end].transpose(0, 1).unsqueeze(0)  # [1, heads, n, D]
     if span.block_table is None:  # nothing earlier in the cache: attend to the span itself
@@ -87,14 +114,14 @@ def _prefill(q, k, v, kv_cache, span: PrefillSpan, scale: float) -> torch.Tensor
         kc, vc = gather_kv(kv_cache, span.block_table)  # [nb * block_size, kv_heads, D]
         ctx = span.context_len
         if q.device.type == "cpu" and ctx > n and n >= SPLIT_MIN_TOKENS:
-            o = _prefill_after_history(qs, kc[:ctx - n], vc[:ctx - n], k[span.start:span.end],
+            o = prefill_after_history(qs, kc[:ctx - n], vc[:ctx - n], k[span.start:span.end],
                                        v[span.start:span.end], scale)
         else:
-            o = _prefill_masked(qs, kc[:ctx], vc[:ctx], scale)
+            o = prefill_masked(qs, kc[:ctx], vc[:ctx], scale)
     return o.squeeze(0).transpose(0, 1)  # [n, heads, D]
 
 
-def _prefill_masked(qs, k_ctx, v_ctx, scale: float) -> torch.Tensor:
+def prefill_masked(qs, k_ctx, v_ctx, scale: float) -> torch.Tensor:
     """qs [1, heads, n, D], the last n of the positions of k/v_ctx [ctx, kv_heads, D] -> [1, heads, n, D]."""
     n, ctx = qs.shape[2], k_ctx.shape[0]
     ks = k_ctx.transpose(0, 1).unsqueeze(0)  # [1, kv_heads, ctx, D]
@@ -105,11 +132,11 @@ def _prefill_masked(qs, k_ctx, v_ctx, scale: float) -> torch.Tensor:
     return F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
 
 
-def _prefill_after_history(qs, k_hist, v_hist, k_new, v_new, scale: float) -> torch.Tensor:
+def prefill_after_history(qs, k_hist, v_hist, k_new, v_new, scale: float) -> torch.Tensor:
     """qs [1, heads, n, D] after h cached positions (k/v_hist [h, kv_heads, D]; the span's own
     k/v_new [n, kv_heads, D]) -> [1, heads, n, D].
 
-    On CPU the masked SDPA of _prefill_masked costs as much as if nothing were masked, and the
+    On CPU the masked SDPA of prefill_masked costs as much as if nothing were masked, and the
     span's causal half is masked. Here the history is attended without a mask and the span
     causally (whose kernel skips the masked half), and the two softmaxes are merged by their
     log-sum-exps, as flash attention merges its own blocks: a 4000-token prompt's second
@@ -142,8 +169,9 @@ def _heads_first(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(0, 1).unsqueeze(0).float()
 
 
-def _decode(q, kv_cache, block_tables, key_mask, scale: float) -> torch.Tensor:
-    """One new token per sequence; no causal mask, only each sequence's context length."""
+def decode_reference(q, kv_cache, block_tables, key_mask, scale: float) -> torch.Tensor:
+    """The reference decode: one new token per sequence, attending to its context (key_mask) through
+    a gathered copy of its blocks. q [B, heads, D] -> [B, heads, D]."""
     kc, vc = gather_kv(kv_cache, block_tables)  # [B, L, kv_heads, D]
     qs = q.unsqueeze(2)  # [B, heads, 1, D]
     o = F.scaled_dot_product_attention(qs, kc.transpose(1, 2), vc.transpose(1, 2), attn_mask=key_mask,

@@ -1,16 +1,15 @@
 """Turns a SchedulerOutput into tensors, runs the model, samples: one ModelRunnerOutput back."""
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass, field
 
 import torch
 
-from engine.attention import AttentionMetadata, PrefillSpan
-from engine.cuda_graphs import DecodeGraphs
-from engine.request import Request, TokenLogprobs
-from engine.sampler import Sampler, SamplingMetadata, logprobs_of
-from engine.scheduler import ScheduledSeq, SchedulerOutput
+from engine.core.request import Request, TokenLogprobs
+from engine.core.scheduler import ScheduledSeq, SchedulerOutput
+from engine.layers.attention import AttentionMetadata, PrefillSpan, set_decode_inputs
+from engine.runner.cuda_graphs import DecodeGraphs
+from engine.runner.sampler import Sampler, SamplingMetadata, logprobs_of
 
 
 @dataclass
@@ -32,15 +31,16 @@ class _Batch:
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, hf_config, num_blocks: int, block_size: int,
-                 device: torch.device, dtype: torch.dtype, seed: int, attention_backend: str = "auto",
-                 graph_max_batch: int = 0, max_model_len: int = 0, enforce_eager: bool = False) -> None:
-        """graph_max_batch > 0: capture CUDA graphs for decode batches up to that size (CUDA + Triton only)."""
+                 device: torch.device, dtype: torch.dtype, seed: int, decode_backend: str = "torch",
+                 graph_max_batch: int = 0, max_model_len: int = 0) -> None:
+        """decode_backend: engine/platform.py's choice; graph_max_batch > 0: capture CUDA graphs for
+        decode batches up to that size (Triton decode only)."""
         self.model = model
         self.device = device
         self.block_size = block_size
         self.vocab_size = hf_config.vocab_size
         attn = model.layers[0].self_attn
-        self.decode_backend = _decode_backend(attention_backend, device, attn, block_size, dtype, enforce_eager)
+        self.decode_backend = decode_backend
         use_graphs = graph_max_batch > 0 and self.decode_backend == "triton"
         # With graphs, one block more than the pool hands out: padding rows of a graph write there.
         shape = (2, num_blocks + int(use_graphs), block_size, attn.num_kv_heads, attn.head_dim)
@@ -114,17 +114,9 @@ class ModelRunner:
 
     def _decode_metadata(self, decodes: list[ScheduledSeq], meta: AttentionMetadata) -> None:
         width = max(len(s.block_ids) for s in decodes)
-        tables = self._tensor([s.block_ids + [0] * (width - len(s.block_ids)) for s in decodes])
-        ctx = self._tensor([s.request.num_computed_tokens + 1 for s in decodes])
-        meta.decode_block_tables = tables  # [B, width]
-        meta.decode_backend = self.decode_backend
-        if meta.decode_backend == "triton":
-            meta.decode_context_lens = ctx.to(torch.int32)
-        elif meta.decode_backend == "cpp":
-            meta.decode_context_lens = ctx
-        else:
-            keys = torch.arange(width * self.block_size, device=self.device)
-            meta.decode_key_mask = (keys[None, :] < ctx[:, None])[:, None, None, :]  # [B, 1, 1, L]
+        tables = self._tensor([s.block_ids + [0] * (width - len(s.block_ids)) for s in decodes])  # [B, width]
+        ctx = self._tensor([s.request.num_computed_tokens + 1 for s in decodes])  # [B]
+        set_decode_inputs(meta, self.decode_backend, tables, ctx, self.block_size)
 
     @staticmethod
     def _prompt_positions(req: Request, start: int, end: int) -> tuple[int, int]:
@@ -219,34 +211,3 @@ class ModelRunner:
             derived = seed if req.index == 0 else hash((seed, req.index)) & 0x7FFF_FFFF_FFFF_FFFF
             g = self.generators[req.seq_id] = torch.Generator(device=self.device).manual_seed(derived)
         return g
-
-
-def _decode_backend(backend: str, device: torch.device, attn, block_size: int, dtype: torch.dtype,
-                    enforce_eager: bool) -> str:
-    """Which decode attention runs ("auto": the Triton kernel on CUDA, the C++ one on CPU, each
-    where it can; otherwise the plain-torch reference)."""
-    if backend == "torch":
-        return "torch"
-    if device.type == "cuda":
-        triton = importlib.util.find_spec("triton") is not None
-        if triton:
-            from engine.kernels.paged_decode import supports
-
-            triton = supports(attn.num_heads, attn.num_kv_heads, attn.head_dim, block_size)
-        if backend == "triton" and not triton:
-            raise ValueError("attention_backend: 'triton' needs CUDA, the triton package, a power-of-two head_dim "
-                             "and block_size")
-        if backend == "cpp":
-            raise ValueError("attention_backend: 'cpp' is the CPU kernel; use 'triton' or 'auto' on CUDA")
-        return "triton" if triton else "torch"
-    if backend == "triton":
-        raise ValueError("attention_backend: 'triton' needs CUDA")
-    if backend == "auto" and enforce_eager:
-        return "torch"
-    from engine.kernels import cpu
-
-    built = cpu.available(dtype)
-    if backend == "cpp" and not built:
-        raise ValueError("attention_backend: 'cpp' needs a working C++ compiler to build the CPU kernel; "
-                         "see the warning above")
-    return "cpp" if built else "torch"

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.request import TokenLogprobs
+from engine.core.request import TokenLogprobs
 
 
 @dataclass

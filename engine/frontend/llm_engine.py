@@ -9,11 +9,16 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
-from engine.detokenizer import IncrementalDetokenizer, SequenceText
-from engine.kv_cache_manager import KVCacheManager
-from engine.metrics import EngineMetrics
-from engine.model_loader import (
+from engine import platform
+from engine.core.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
+from engine.core.kv_cache_manager import KVCacheManager
+from engine.core.outputs import CompletionOutput, RequestOutput
+from engine.core.request import Request, TokenLogprobs
+from engine.core.sampling_params import SamplingParams
+from engine.core.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
+from engine.frontend.detokenizer import IncrementalDetokenizer, SequenceText
+from engine.frontend.metrics import EngineMetrics
+from engine.models.loader import (
     build_model,
     eos_token_ids,
     load_hf_config,
@@ -22,11 +27,7 @@ from engine.model_loader import (
     pick_dtype,
     resolve_source,
 )
-from engine.model_runner import ModelRunner, ModelRunnerOutput
-from engine.outputs import CompletionOutput, RequestOutput
-from engine.request import Request, TokenLogprobs
-from engine.sampling_params import SamplingParams
-from engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
+from engine.runner.model_runner import ModelRunner, ModelRunnerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -78,18 +79,17 @@ class LLMEngine:
         longest = max((len(t) for t in self.tokenizer.get_vocab()), default=1)
         self.max_prompt_chars = 2 * longest * self.max_model_len
         torch.manual_seed(config.seed)
+        self.backends = platform.choose(config, self.device, self.dtype, _attention_shape(self.hf_config),
+                                        src.gguf_origin is not None)
         model = build_model(src, self.hf_config, self.max_model_len, self.dtype, self.device, config.load_format,
-                            config.linear_backend, config.enforce_eager)
+                            self.backends)
         self.num_kv_blocks = self._num_kv_blocks()
         self.kv = KVCacheManager(self.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.max_prefill_tokens_while_decoding)
-        graph_max_batch = 0 if config.enforce_eager or self.device.type != "cuda" else config.max_num_seqs
-        if graph_max_batch:
-            model.use_ops("compiled")
-        self.runner = ModelRunner(model, self.hf_config, self.num_kv_blocks, config.block_size,
-                                  self.device, self.dtype, config.seed, config.attention_backend,
-                                  graph_max_batch, self.max_model_len, config.enforce_eager)
+        self.runner = ModelRunner(model, self.hf_config, self.num_kv_blocks, config.block_size, self.device,
+                                  self.dtype, config.seed, self.backends.attention,
+                                  config.max_num_seqs if self.backends.cuda_graphs else 0, self.max_model_len)
         self._requests: dict[str, _RequestState] = {}
         self._failed: list[RequestOutput] = []  # outputs of requests failed during the current step
         self.metrics = EngineMetrics(self.model_name, self.scheduler, self.kv)
@@ -372,8 +372,19 @@ class LLMEngine:
             cumulative_logprob=sent.cumulative_logprob if logprobs is not None else None)
 
     # --- introspection ------------------------------------------------------------------
+    def describe(self) -> str:
+        """The start-up line: model, pool and which kernels run."""
+        return platform.describe(self)
+
     def check_invariants(self) -> None:
         self.scheduler.check_invariants()
+
+
+def _attention_shape(hf_config) -> tuple[int, int, int]:
+    """(query heads, KV heads, head_dim)."""
+    heads = hf_config.num_attention_heads
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
+    return heads, getattr(hf_config, "num_key_value_heads", None) or heads, head_dim
 
 
 def _reports(req: Request) -> bool:

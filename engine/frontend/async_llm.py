@@ -12,10 +12,10 @@ import queue
 import threading
 from collections.abc import AsyncIterator
 
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
-from engine.outputs import RequestOutput
-from engine.sampling_params import SamplingParams
+from engine.core.config import EngineConfig
+from engine.core.outputs import RequestOutput
+from engine.core.sampling_params import SamplingParams
+from engine.frontend.llm_engine import LLMEngine
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +79,9 @@ class AsyncLLM:
     @property
     def metrics_registry(self):
         return self.engine.metrics.registry
+
+    def describe(self) -> str:
+        return self.engine.describe()
 
     def check_prompt_chars(self, num_chars: int) -> None:
         self.engine.check_prompt_chars(num_chars)

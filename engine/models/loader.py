@@ -16,6 +16,12 @@ from pathlib import Path
 
 import torch
 
+from engine.layers.gguf_linear import use_gguf_linears
+from engine.layers.packed_linear import pack_linears
+from engine.models.llama import LlamaForCausalLM
+from engine.paths import cache_root
+from engine.platform import Backends
+
 logger = logging.getLogger(__name__)
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -38,12 +44,6 @@ class ModelSource:
 
 # Written into a directory converted from a GGUF file: {"gguf": "<path of that file>"}.
 GGUF_ORIGIN_FILE = "kvserve_gguf_origin.json"
-
-
-def cache_root() -> Path:
-    if os.environ.get("KVSERVE_CACHE_DIR"):
-        return Path(os.environ["KVSERVE_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kvserve"
 
 
 def bundled_gguf_path() -> Path:
@@ -230,13 +230,9 @@ def pick_dtype(dtype: str, hf_config, device: torch.device) -> torch.dtype:
 
 
 def build_model(src: ModelSource, hf_config, max_len: int, dtype: torch.dtype, device: torch.device,
-                load_format: str = "auto", linear_backend: str = "auto", enforce_eager: bool = False):
-    """Our model of the checkpoint's shape, with its weights (or random ones for 'dummy')."""
-    from engine.kernels import cpu
-    from engine.models.gguf_linear import use_gguf_linears
-    from engine.models.llama import LlamaForCausalLM
-    from engine.models.packed_linear import onednn_available, pack_linears
-
+                load_format: str, backends: Backends):
+    """Our model of the checkpoint's shape, with its weights (or random ones for 'dummy'), its
+    linears and element-wise ops as engine/platform.py chose."""
     with torch.device(device):
         model = LlamaForCausalLM(hf_config, max_len)
     if load_format == "dummy":
@@ -244,20 +240,13 @@ def build_model(src: ModelSource, hf_config, max_len: int, dtype: torch.dtype, d
     else:
         model.load_weights(iter_weights(src))
     model = model.to(dtype=dtype).eval().requires_grad_(False)
-    packable = device.type == "cpu" and onednn_available(dtype)
-    if linear_backend == "onednn" and not packable:
-        raise ValueError("linear_backend: 'onednn' needs a CPU with oneDNN and float32 (or bfloat16 where the CPU "
-                         "has native bf16 dot products)")
-    cpp_kernels = device.type == "cpu" and not enforce_eager and cpu.available(dtype)
-    if (linear_backend == "auto" and cpp_kernels and dtype == torch.float32 and load_format != "dummy"
-            and src.gguf_origin is not None):
+    if backends.gguf_linears:
         n = use_gguf_linears(model, src.gguf_origin, hf_config)
         logger.info("%d linear layers multiply with the GGUF blocks of %s", n, src.gguf_origin.name)
-    if linear_backend != "torch" and packable:
-        # the rest; "auto": the C++ kernel for decode steps of 1-2 rows where it builds
-        pack_linears(model, skinny=linear_backend == "auto" and cpp_kernels)
-    if cpp_kernels:
-        model.use_ops("cpp")
+    if backends.packed_linears:
+        pack_linears(model, skinny=backends.skinny_linears)  # the rest
+    if backends.elementwise != "eager":
+        model.use_ops(backends.elementwise)
     return model
 
 
