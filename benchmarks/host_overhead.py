@@ -7,8 +7,11 @@ The model is a random 1-layer Llama 64 wide with a 1,024-token vocabulary (the b
 tokenizer's first 1,024 tokens), so a step's time is the engine's own: scheduling, input
 tensors, sampling, detokenizing, stop checks, building outputs. Workload: SEQS requests at
 once through the offline `LLM.generate`, 8-token prompts, exactly LEN tokens each (EOS ignored),
-temperature 0.8, every fourth request seeded. Reported: wall time / generated tokens, in
-microseconds, median over --repeats (after one warm-up).
+temperature 0.8, every fourth request seeded. Reported, in microseconds per generated token,
+median over --repeats (after one warm-up): `us_per_token`, wall time / generated tokens, and
+`host_us_per_token`, the same less the time inside the model's forward pass (timed around
+`llm.engine.runner.model.forward`; on CPU the kernels run synchronously): at 4,000 tokens of
+context even this model's attention reads megabytes a step, which is not host work.
 
 --revisions BASE,HEAD checks both revisions out into git worktrees and runs this script on each
 in turn (alternating every repeat), so the two are measured side by side. --profile prints
@@ -58,9 +61,21 @@ def measure(path: str, seqs: int, length: int, repeats: int, profile: bool = Fal
     def params(i: int):
         return SamplingParams(temperature=0.8, max_tokens=length, ignore_eos=True, seed=i if i % 4 == 0 else None)
 
+    model = llm.engine.runner.model
+    forward, in_model = model.forward, [0.0]
+
+    def timed_forward(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            in_model[0] += time.perf_counter() - t
+
+    model.forward = timed_forward
     llm.generate(prompts, [SamplingParams(temperature=0.8, max_tokens=8, ignore_eos=True)] * seqs)  # warm-up
     out = []
     for _ in range(repeats):
+        in_model[0] = 0.0
         t0 = time.perf_counter()
         if profile:
             prof = cProfile.Profile()
@@ -70,7 +85,7 @@ def measure(path: str, seqs: int, length: int, repeats: int, profile: bool = Fal
         elapsed = time.perf_counter() - t0
         tokens = sum(len(c.token_ids) for r in results for c in r.outputs)
         assert tokens == seqs * length, tokens
-        out.append(elapsed / tokens * 1e6)
+        out.append((elapsed / tokens * 1e6, (elapsed - in_model[0]) / tokens * 1e6))
         if profile:
             pstats.Stats(prof).sort_stats("tottime").print_stats(25)
     return out
@@ -86,8 +101,10 @@ def run_here(args) -> dict:
     for seqs in [int(x) for x in args.seqs.split(",")]:
         for length in [int(x) for x in args.lens.split(",")]:
             runs = measure(path, seqs, length, args.repeats)
-            results[f"{seqs}x{length}"] = {"us_per_token": round(statistics.median(runs), 2),
-                                           "runs": [round(r, 2) for r in runs]}
+            results[f"{seqs}x{length}"] = {
+                "us_per_token": round(statistics.median(w for w, _ in runs), 2),
+                "host_us_per_token": round(statistics.median(h for _, h in runs), 2),
+                "runs": [[round(w, 2), round(h, 2)] for w, h in runs]}
             print(f"  seqs={seqs} len={length}: {results[f'{seqs}x{length}']}", flush=True)
     return results
 
@@ -116,13 +133,19 @@ def run_revisions(args) -> dict:
         finally:
             for tree in trees.values():
                 subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
-    print(f"| seqs x len | {' | '.join(revs)} | ratio |")
-    print("|---|" + "---|" * len(revs) + "---|")
+    print(f"| seqs x len | wall {' / '.join(revs)} | ratio | host {' / '.join(revs)} | ratio |")
+    print("|---|---|---|---|---|")
+    summary = {rev: {} for rev in revs}
     for key in out[revs[0]]:
-        med = [statistics.median(out[rev][key]) for rev in revs]
-        print(f"| {key} | {' | '.join(f'{m:.1f} us' for m in med)} | {med[-1] / med[0]:.3f} |")
-    return {rev: {k: {"us_per_token": statistics.median(v), "runs": v} for k, v in runs.items()}
-            for rev, runs in out.items()}
+        for rev in revs:
+            summary[rev][key] = {"us_per_token": statistics.median(w for w, _ in out[rev][key]),
+                                 "host_us_per_token": statistics.median(h for _, h in out[rev][key]),
+                                 "runs": out[rev][key]}
+        wall = [summary[rev][key]["us_per_token"] for rev in revs]
+        host = [summary[rev][key]["host_us_per_token"] for rev in revs]
+        print(f"| {key} | {' / '.join(f'{m:.1f}' for m in wall)} | {wall[-1] / wall[0]:.3f} | "
+              f"{' / '.join(f'{m:.1f}' for m in host)} | {host[-1] / host[0]:.3f} |")
+    return summary
 
 
 def main() -> None:

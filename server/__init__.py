@@ -1,1 +1,1 @@
-"""kvserve's command line and (with the HTTP-server issue) its OpenAI-compatible front end."""
+"""kvserve's command line and its OpenAI-compatible HTTP front end."""

@@ -8,52 +8,26 @@ import os
 import signal
 import sys
 import time
+import typing
+from dataclasses import fields
 
-from engine.core.config import ATTENTION_BACKENDS, DTYPES, LINEAR_BACKENDS, LOAD_FORMATS, EngineConfig, parse_bytes
+from engine.core.config import EngineConfig, parse_bytes
 from server.guard import ServerOptions, header_deadline_protocol
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action) -> str:  # no "(default: None)": the help says what None means
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvserve", description="A small OpenAI-compatible LLM server.")
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="load a model and serve it",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    d = EngineConfig()
-    s.add_argument("--model", default=None,
-                   help="HF directory, .gguf file or hub id (default: bundled SmolLM2-135M-Instruct)")
+                       formatter_class=_Help)
+    add_engine_flags(s)
     s.add_argument("--host", default="127.0.0.1", help="address to listen on")
     s.add_argument("--port", type=int, default=8000, help="port to listen on")
-    s.add_argument("--served-model-name", default=None, help="model name in the API (default: the model's)")
-    s.add_argument("--dtype", choices=DTYPES, default=d.dtype, help="weights and KV-cache dtype (auto: float32 on CPU)")
-    s.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device, help="where the model runs")
-    s.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
-    s.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="sequences decoded together")
-    s.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
-                   help="tokens per engine step; longer prompts are prefilled in chunks")
-    s.add_argument("--max-prefill-tokens-while-decoding", type=int, default=d.max_prefill_tokens_while_decoding,
-                   help="while more sequences decode than wait to start, prefill at most max(this, decoding "
-                        "sequences) prompt tokens a step, bounding inter-token latency when long prompts arrive "
-                        "(0 = no cap)")
-    s.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV-cache block")
-    s.add_argument("--num-kv-blocks", type=int, default=None,
-                   help="KV pool size in blocks (overrides the memory options)")
-    s.add_argument("--kv-cache-memory", type=parse_bytes, default=None,
-                   help="KV pool size in bytes, e.g. 2GiB (CPU default 1GiB)")
-    s.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization,
-                   help="fraction of GPU memory the process may fill (CUDA only)")
-    s.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=d.enable_prefix_caching,
-                   help="reuse the KV blocks of prompt prefixes seen before")
-    s.add_argument("--load-format", choices=LOAD_FORMATS, default=d.load_format,
-                   help="dummy = random weights, for benchmarks")
-    s.add_argument("--linear-backend", choices=LINEAR_BACKENDS, default=d.linear_backend,
-                   help="CPU linear layers: auto = oneDNN pre-packed weights plus a C++ kernel for decode steps of "
-                        "1-2 sequences (holds the weights twice); onednn = packed only; torch = the reference")
-    s.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default=d.attention_backend,
-                   help="decode attention: auto = the Triton paged kernel on CUDA where Triton is installed, "
-                        "a C++ paged kernel on CPU where a C++ compiler is; torch = the reference")
-    s.add_argument("--enforce-eager", action="store_true",
-                   help="no compiled kernels and no CUDA graphs (faster start, slower decode)")
-    s.add_argument("--seed", type=int, default=d.seed, help="seed of the shared sampling generator")
     s.add_argument("--api-key", default=os.environ.get("KVSERVE_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on every route but /health and /metrics (the docs "
                         "too) (default: env KVSERVE_API_KEY, else open)")
@@ -76,17 +50,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per EngineConfig field, from the field's type, default and metadata."""
+    hints = typing.get_type_hints(EngineConfig)
+    for f in fields(EngineConfig):
+        flag = "--" + f.name.replace("_", "-")
+        meta = f.metadata
+        if hints[f.name] is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=meta["help"])
+            continue
+        kind = next(t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None))
+        parser.add_argument(flag, type=meta["parse"] or kind, default=f.default, choices=meta["choices"],
+                            help=meta["help"])
+
+
 def engine_config(args: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(
-        model=args.model, served_model_name=args.served_model_name, dtype=args.dtype, device=args.device,
-        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
-        max_prefill_tokens_while_decoding=args.max_prefill_tokens_while_decoding,
-        num_kv_blocks=args.num_kv_blocks, kv_cache_memory=args.kv_cache_memory,
-        gpu_memory_utilization=args.gpu_memory_utilization, load_format=args.load_format, seed=args.seed,
-        linear_backend=args.linear_backend, attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
-        enable_prefix_caching=args.enable_prefix_caching,
-    ).validate()
+    return EngineConfig(**{f.name: getattr(args, f.name) for f in fields(EngineConfig)}).validate()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,8 +38,8 @@ class _Strict(BaseModel):
 # The static bounds, here so that /openapi.json states them; SamplingParams.validate checks the
 # same (from the same constants) for the offline API, and the engine those set by the model.
 # Lists stop at their first bad item (fail_fast): pydantic otherwise records an error per item, and
-# in a union for every member that is a list, so a 10 MB list of token ids took 3x longer to
-# validate (holding the GIL: every stream paused) and a bad one built an error per token.
+# in a union for every member that is a list, so a long list of token ids took several times longer
+# to validate (holding the GIL: every stream paused) and a bad one built an error per token.
 TokenId = Annotated[int, Field(ge=0)]
 TokenIds = Annotated[list[TokenId], Field(min_length=1, fail_fast=True)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]

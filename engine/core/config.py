@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -14,36 +14,56 @@ ATTENTION_BACKENDS = ("auto", "torch", "triton", "cpp")
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
 
 
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
+          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40, "t": 1e12, "tb": 1e12}
+
+
+def parse_bytes(text: str) -> int:
+    """'2GiB' -> 2147483648, '512MB' -> 512000000, '1024' -> 1024."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"kv_cache_memory: cannot parse {text!r} as a size such as '2GiB' or '512MB'")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def _option(default, help: str, choices: tuple | None = None, parse=None):
+    """A config field with what its command-line flag needs (server/cli.py makes one per field)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "parse": parse})
+
+
 @dataclass(frozen=True)
 class EngineConfig:
-    model: str | None = None  # HF directory, .gguf file, hub id; None = bundled SmolLM2
-    tokenizer: str | None = None  # defaults to the model's own
-    served_model_name: str | None = None
-    dtype: str = "auto"
-    device: str = "auto"
-    max_model_len: int | None = None  # None = the model's max_position_embeddings
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    # > 0: while more sequences decode than wait to start, a step takes at most max(this, decoding
-    # sequences) prompt tokens (a burst of new requests is still admitted at once)
-    max_prefill_tokens_while_decoding: int = 0
-    block_size: int = 16
-    num_kv_blocks: int | None = None
-    kv_cache_memory: int | None = None  # bytes
-    gpu_memory_utilization: float = 0.9
-    enable_prefix_caching: bool = True
-    load_format: str = "auto"
+    model: str | None = _option(None, "HF directory, .gguf file or hub id (default: bundled SmolLM2-135M-Instruct)")
+    tokenizer: str | None = _option(None, "tokenizer directory or hub id (default: the model's own)")
+    served_model_name: str | None = _option(None, "model name in the API (default: the model's)")
+    dtype: str = _option("auto", "weights and KV-cache dtype (auto: float32 on CPU)", DTYPES)
+    device: str = _option("auto", "where the model runs", DEVICES)
+    max_model_len: int | None = _option(None, "context length (default: the model's)")
+    max_num_seqs: int = _option(64, "sequences decoded together")
+    max_num_batched_tokens: int = _option(2048, "tokens per engine step; longer prompts are prefilled in chunks")
+    max_prefill_tokens_while_decoding: int = _option(
+        0, "while more sequences decode than wait to start, prefill at most max(this, decoding sequences) prompt "
+           "tokens a step, bounding inter-token latency when long prompts arrive (0 = no cap)")
+    block_size: int = _option(16, "tokens per KV-cache block")
+    num_kv_blocks: int | None = _option(None, "KV pool size in blocks (overrides the memory options)")
+    kv_cache_memory: int | None = _option(None, "KV pool size in bytes, e.g. 2GiB (CPU default 1GiB)",
+                                          parse=parse_bytes)
+    gpu_memory_utilization: float = _option(0.9, "fraction of GPU memory the process may fill (CUDA only)")
+    enable_prefix_caching: bool = _option(True, "reuse the KV blocks of prompt prefixes seen before")
+    load_format: str = _option("auto", "dummy = random weights, for benchmarks", LOAD_FORMATS)
     # "auto", on CPU: float32 layers of a model converted from a GGUF multiply with its quantised
     # blocks (a C++ kernel, lossless: used only where the blocks reproduce the float32 weight bit for
     # bit); the rest use oneDNN pre-packed weights (float32, or bfloat16 where the CPU has bf16 dot
-    # products) plus the C++ kernel for 1-2 rows. "onednn": the packed weights only; "torch": plain
-    # nn.Linear everywhere (the reference)
-    linear_backend: str = "auto"
-    # decode attention. "auto": the Triton paged kernel on CUDA where Triton is installed; on CPU
-    # the C++ paged kernel where a C++ compiler is at hand; plain torch otherwise
-    attention_backend: str = "auto"
-    enforce_eager: bool = False  # True: the reference paths only (no compiled kernels, no CUDA graphs)
-    seed: int = 0
+    # products) plus the C++ kernel for 1-2 rows. engine/platform.py decides.
+    linear_backend: str = _option(
+        "auto", "CPU linear layers: auto = the GGUF blocks where the model came from one, else oneDNN pre-packed "
+                "weights plus a C++ kernel for decode steps of 1-2 sequences (holds the weights twice); onednn = "
+                "packed only; torch = the reference", LINEAR_BACKENDS)
+    attention_backend: str = _option(
+        "auto", "decode attention: auto = the Triton paged kernel on CUDA where Triton is installed, a C++ paged "
+                "kernel on CPU where a C++ compiler is; torch = the reference", ATTENTION_BACKENDS)
+    enforce_eager: bool = _option(False, "no compiled kernels and no CUDA graphs (faster start, slower decode)")
+    seed: int = _option(0, "seed of the shared sampling generator")
 
     def validate(self) -> EngineConfig:
         def need(ok: bool, field: str, why: str) -> None:
@@ -76,15 +96,3 @@ class EngineConfig:
         if isinstance(kwargs.get("kv_cache_memory"), str):
             kwargs["kv_cache_memory"] = parse_bytes(kwargs["kv_cache_memory"])
         return cls(**kwargs).validate()
-
-
-_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
-          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40, "t": 1e12, "tb": 1e12}
-
-
-def parse_bytes(text: str) -> int:
-    """'2GiB' -> 2147483648, '512MB' -> 512000000, '1024' -> 1024."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"kv_cache_memory: cannot parse {text!r} as a size such as '2GiB' or '512MB'")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])

@@ -50,10 +50,7 @@ class Request:
     def __post_init__(self) -> None:
         self.token_ids: list[int] = list(self.prompt_token_ids)  # prompt then outputs
         self.num_prompt_tokens = len(self.prompt_token_ids)
-
-    @property
-    def seq_id(self) -> str:
-        return f"{self.request_id}#{self.index}"
+        self.seq_id = f"{self.request_id}#{self.index}"  # read many times a step: not a property
 
     @property
     def num_tokens(self) -> int:

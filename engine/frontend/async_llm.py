@@ -35,9 +35,9 @@ class AsyncLLM:
         self._ids = itertools.count()
         self._stopping = threading.Event()
         self.error: BaseException | None = None
-        # The engine is built on the thread that steps it. Loading it on this thread and stepping
-        # it on the worker made CPU decode steps 20-40% slower on 2 cores (measured; each thread
-        # that runs torch ops gets its own OpenMP team, and the loading thread's competes).
+        # The engine is built on the thread that steps it: each thread that runs torch ops gets its
+        # own OpenMP team, and a loading thread's team competed with the worker's (CPU decode steps
+        # were measurably slower when the engine was loaded here and stepped there).
         self.engine: LLMEngine
         built: queue.Queue = queue.Queue()  # the worker puts None once self.engine is set, or the error
         self._worker = threading.Thread(target=self._run, args=(config, built), name="kvserve-engine", daemon=True)

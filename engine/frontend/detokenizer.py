@@ -1,6 +1,8 @@
 """Incremental detokenization and stop-string matching for one sequence."""
 from __future__ import annotations
 
+import functools
+
 # Prompt tokens decoded ahead of the output, so the first output token gets the spacing it
 # has in context (SentencePiece drops a leading space when a token is decoded alone).
 _CONTEXT_TOKENS = 6
@@ -17,6 +19,11 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer, prompt_token_ids: list[int], skip_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
+        backend = getattr(tokenizer, "_tokenizer", None)  # a fast tokenizer's Rust object
+        if backend is not None and getattr(tokenizer, "clean_up_tokenization_spaces", None) is False:
+            # what tokenizer.decode does then, less its Python wrapping: two decodes a token, this is
+            # most of their cost (benchmarks/host_overhead.py --profile)
+            self._decode = functools.partial(backend.decode, skip_special_tokens=skip_special_tokens)
         self.ids = list(prompt_token_ids[-_CONTEXT_TOKENS:])
         self.prefix_offset = 0
         self.read_offset = len(self.ids)

@@ -252,11 +252,12 @@ class LLMEngine:
         result = self._execute(sched)
         sched.seqs = [s for s in sched.seqs if not s.request.is_finished]  # drop the failed ones
         self.scheduler.update_after_step(sched)
-        self.metrics.on_step(sched.num_batched_tokens, len(sched.preempted))
         touched: dict[str, None] = {}  # requests with a new token, in step order
+        generated = 0
         for s in sched.seqs:
             if s.request.is_finished:  # a sibling's postprocessing failed and ended the request
                 continue
+            generated += s.request.seq_id in result.sampled
             try:
                 self._postprocess(s.request, result)
             except Exception as e:  # noqa: BLE001 - e.g. a detokenizer fault: this request only
@@ -264,6 +265,7 @@ class LLMEngine:
                 continue
             if s.request.seq_id in result.sampled and _reports(s.request):
                 touched[s.request.request_id] = None
+        self.metrics.on_step(sched.num_batched_tokens, len(sched.preempted), generated)
         outputs = (self._output(rid) for rid in touched if rid in self._requests)
         return self._failed + [out for out in outputs if out is not None]
 

@@ -54,8 +54,9 @@ class EngineMetrics:
         self.iteration = metric(Histogram, "iteration_tokens_total", "Tokens computed per engine step.",
                                 buckets=_TOKENS)
 
-    def on_step(self, num_batched_tokens: int, num_preempted: int) -> None:
+    def on_step(self, num_batched_tokens: int, num_preempted: int, num_generated: int) -> None:
         self.iteration.observe(num_batched_tokens)
+        self.generation_tokens.inc(num_generated)  # once a step: a counter's inc costs microseconds
         # the scheduler keeps totals; the counters get what was added since the last step
         queries, hits = self._scheduler.prefix_cache_queries, self._scheduler.prefix_cache_hits
         if queries != self._prefix_counted[0]:
@@ -67,7 +68,6 @@ class EngineMetrics:
 
     def on_token(self, req: Request, now: float) -> None:
         """Called after a token is appended; req.last_token_time is the previous token's time."""
-        self.generation_tokens.inc()
         if req.num_output_tokens == 1:
             if req.index == 0:
                 self.ttft.observe(now - req.arrival_time)

@@ -1,37 +1,30 @@
 """CPU kernels in C++ (cpu.cpp), built here at first use: paged decode attention, a linear layer
 for a few rows, a linear layer on GGUF blocks, and a layer's element-wise pieces (RMSNorm, RoPE,
-SiLU-and-multiply).
+SiLU-and-multiply). Measurements of each against the eager path are in BENCHMARKS.md
+(benchmarks/cpu_kernels.py).
 
 Decode attention: eager PyTorch has to gather every sequence's blocks into a dense copy before
-attending (engine/layers/attention.py `decode_reference`): the cache is read, the copy written, and the copy read
-again by scaled_dot_product_attention. The kernel reads each sequence's blocks in place, all
-heads of a token in one contiguous run, fetching the next block ahead (with AVX-512 also the one
-after it and the values into L2 while the keys are scored, 16 tokens at a time); with fewer
-sequences than threads, each is cut into stretches merged at the end (batch 1 x 1000 tokens:
-~1.9x faster than one thread). One layer read from DRAM, 64 sequences of 180 tokens, float32,
-2-core dev machine: ~1.1 ms against ~11.7 ms for gather + SDPA, timed in turn (benchmarks/results/
-cpu-kernels-attention-dot16.json).
+attending (engine/layers/attention.py `decode_reference`): the cache is read, the copy written,
+and the copy read again. The kernel reads each sequence's blocks in place, all heads of a token in
+one contiguous run, fetching the next block ahead; with fewer sequences than threads, each is cut
+into stretches merged at the end.
 
-Skinny linear: at a row or two a linear layer is a pass over its weight, and oneDNN's packed
-kernels stream it at ~20 GB/s here; one plain loop per weight row, the rows split between
-threads, reaches ~30 GB/s: all of SmolLM2's linears at one row 26 -> 17 ms (BENCHMARKS.md). From
-3 rows on oneDNN is as fast or faster (engine/layers/packed_linear.py picks).
+Skinny linear: at a row or two a linear layer is a pass over its weight, and one plain loop per
+weight row, the rows split between threads, streams it faster than oneDNN's packed kernels
+(engine/layers/packed_linear.py picks by row count).
 
 GGUF linear: float32 activations times a weight kept in its GGUF blocks (Q4_0, Q4_1, Q8_0),
 rebuilt in registers to exactly the float32 values and multiplied in float32: a broadcast micro-
-kernel over 12 rows x 32 outputs, each group of 32 output rows dequantised once per call (once per
-32-weight block when all rows fit one tile), the next group's blocks fetched into L2 meanwhile.
-engine/layers/gguf_linear.py decides where it applies; timings in BENCHMARKS.md.
+kernel over 12 rows x 32 outputs, each group of 32 output rows dequantised once per call, the next
+group's blocks fetched into L2 meanwhile. engine/layers/gguf_linear.py decides where it applies.
 
-Element-wise pieces (engine/models/llama.py Ops "cpp"): each one pass over its rows where eager
+Element-wise pieces (engine/layers/ops.py Ops "cpp"): each one pass over its rows where eager
 PyTorch runs five to ten kernels and allocates between them; they round to the model dtype where
-the eager code does (bfloat16 results agree bit for bit in the tests' runs). A decode step, one
-process alternating eager and C++ (benchmarks/cpu_kernels.py --parts steps): batch 1 22.4 -> 19.6
-ms, batch 32 90.1 -> 86.8 ms.
+the eager code does.
 
 The library is compiled once per source, torch version and CPU (`-march=native`) into the
-kvserve cache directory and loaded from there afterwards. Where no C++ compiler works,
-engine/platform.py logs why and the engine stays on the eager paths.
+kvserve cache directory and loaded from there afterwards. engine/platform.py checks it against
+the eager references before the engine uses it, and stays on the eager paths where it cannot.
 """
 from __future__ import annotations
 
@@ -52,8 +45,8 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu.cpp")
 # Floating-point reassociation: without it the compiler ends every vectorised dot product with 16
-# scalar adds in lane order (bf16 decode attention 0.65 -> 0.43 ms a layer; both kernels are
-# tested against float64 references with tolerances, not bitwise).
+# scalar adds in lane order (a third of bf16 decode attention's time; the kernels are tested
+# against float64 references with tolerances, not bitwise).
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC",
          "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"]
 

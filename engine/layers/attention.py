@@ -14,9 +14,8 @@ import torch.nn.functional as F
 from engine.kernels import cpu
 
 # From this many new tokens on, a CPU prefill chunk after a cached history attends to the history
-# and to itself separately (prefill_after_history): 0.6-0.7x the masked SDPA's time at 2048 new
-# tokens, 0.75-1.0x at 512-1024, but 1.1-1.2x at 64-256 (benchmarks/cpu_kernels.py --parts history,
-# and a one-off sweep).
+# and to itself separately (prefill_after_history): faster for long chunks, slower for short ones,
+# where the crossing lies (benchmarks/cpu_kernels.py --parts history; BENCHMARKS.md).
 SPLIT_MIN_TOKENS = 512
 
 

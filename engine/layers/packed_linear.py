@@ -1,9 +1,8 @@
 """CPU fast path for linear layers: weights pre-packed once into oneDNN's blocked layout.
 
 On CPU, MKL's sgemm re-reads the plain [out, in] weight in a cache-unfriendly order at every
-call; a weight packed by oneDNN streams through the cache in the order its kernel wants. Measured
-on the 2-core dev machine, all of SmolLM2's linears at 64 rows: 235 ms -> 115 ms per step
-(benchmarks/BENCHMARKS.md). bfloat16 weights are packed too where the CPU has native bf16 dot
+call; a weight packed by oneDNN streams through the cache in the order its kernel wants, about
+twice as fast (BENCHMARKS.md, "Offline throughput"). bfloat16 weights are packed too where the CPU has native bf16 dot
 products (AVX512-BF16/AMX): half the bytes to stream, and the same kernels at a higher rate.
 The plain `nn.Linear` stays the reference path.
 
@@ -30,10 +29,8 @@ def onednn_available(dtype: torch.dtype = torch.float32) -> bool:
     return dtype == torch.float32
 
 
-# Up to this many rows the C++ kernel beats oneDNN's packed one: all of SmolLM2's linears in step
-# order, 2-core dev machine (benchmarks/cpu_kernels.py --parts streamed; two runs in BENCHMARKS.md),
-# ms, oneDNN / C++: float32 1 row 26.0 / 17.2, 2 rows 28.6 / 19.6, 3 rows 24.6 / 21.1 (the other
-# run 21.1 / 22.2); bfloat16 13.4 / 9.6, 14.5 / 11.1, 13.3 / 16.9.
+# Up to this many rows the C++ kernel beats oneDNN's packed one; at 3 they are even (float32) or
+# oneDNN wins (bfloat16): benchmarks/cpu_kernels.py --parts streamed, BENCHMARKS.md.
 SKINNY_MAX_ROWS = 2
 
 

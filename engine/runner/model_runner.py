@@ -9,7 +9,7 @@ from engine.core.request import Request, TokenLogprobs
 from engine.core.scheduler import ScheduledSeq, SchedulerOutput
 from engine.layers.attention import AttentionMetadata, PrefillSpan, set_decode_inputs
 from engine.runner.cuda_graphs import DecodeGraphs
-from engine.runner.sampler import Sampler, SamplingMetadata, logprobs_of
+from engine.runner.sampler import Sampler, SamplingMetadata, logprobs_of, seeded_uniform
 
 
 @dataclass
@@ -46,7 +46,6 @@ class ModelRunner:
         shape = (2, num_blocks + int(use_graphs), block_size, attn.num_kv_heads, attn.head_dim)
         self.kv_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in model.layers]
         self.sampler = Sampler(torch.Generator(device=device).manual_seed(seed))
-        self.generators: dict[str, torch.Generator] = {}  # seeded sequences
         self.graphs = DecodeGraphs(model, self.kv_caches, graph_max_batch, -(-max_model_len // block_size),
                                    scratch_block=num_blocks, block_size=block_size) if use_graphs else None
 
@@ -58,8 +57,6 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
-        for seq_id in sched.finished_seq_ids:
-            self.generators.pop(seq_id, None)
         batch = self._prepare(sched)
         meta = batch.meta
         if (self.graphs is not None and meta.num_prefill_tokens == 0
@@ -134,15 +131,8 @@ class ModelRunner:
     def _sample(self, logits: torch.Tensor, rows: list[tuple[ScheduledSeq, int]], out: ModelRunnerOutput) -> None:
         reqs = [s.request for s, _ in rows]
         md = self._sampling_metadata(reqs)
-        # A step that fails is retried request by request; seeded rows must then draw again
-        # from where they were, so a failure puts their generators back.
-        seeded = [(g, g.get_state()) for g in md.generators if g is not None]
-        try:
-            tokens, logprobs = self.sampler(logits, md)
-        except Exception:
-            for g, state in seeded:
-                g.set_state(state)
-            raise
+        # (a step that fails is retried request by request: a seeded row then draws the same number)
+        tokens, logprobs = self.sampler(logits, md)
         for req, tok, lp in zip(reqs, tokens, logprobs):
             out.sampled[req.seq_id] = tok
             if lp is not None:
@@ -168,7 +158,8 @@ class ModelRunner:
             top_k=self._tensor([p.top_k or vocab for p in params]) if any(p.top_k for p in params) else None,
             top_p=floats([p.top_p for p in params]) if any(p.top_p < 1.0 for p in params) else None,
             min_p=floats([p.min_p for p in params]) if any(p.min_p > 0.0 for p in params) else None,
-            generators=[self._generator(r) for r in reqs],
+            uniforms=[None if r.params.seed is None else seeded_uniform(r.params.generator_seed, r.index,
+                                                                         r.num_output_tokens) for r in reqs],
             presence_penalty=None, frequency_penalty=None, repetition_penalty=None,
             output_counts=None, seen_mask=None, logit_bias=None, banned=None,
             num_logprobs=[p.logprobs for p in params])
@@ -200,14 +191,3 @@ class ModelRunner:
             md.output_counts[i].index_add_(0, out_ids, torch.ones(len(out_ids), device=dev))
             md.seen_mask[i, self._tensor(r.prompt_token_ids)] = True
         md.seen_mask |= md.output_counts > 0
-
-    def _generator(self, req: Request) -> torch.Generator | None:
-        seed = req.params.generator_seed
-        if seed is None:
-            return None
-        g = self.generators.get(req.seq_id)
-        if g is None:
-            # choice 0 uses the seed itself; further choices derive distinct streams from it
-            derived = seed if req.index == 0 else hash((seed, req.index)) & 0x7FFF_FFFF_FFFF_FFFF
-            g = self.generators[req.seq_id] = torch.Generator(device=self.device).manual_seed(derived)
-        return g

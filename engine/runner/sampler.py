@@ -1,7 +1,9 @@
 """Batched sampling: penalties, logit bias, min_tokens, greedy or random with top-k/top-p/min-p.
 
-Every row is processed by itself, so a seeded request draws the same tokens alone or in any
-batch: its own generator advances by exactly one vocab-sized draw per step.
+A random row draws one uniform number and takes the token whose interval of the cumulative
+distribution holds it (inverse-CDF sampling). A seeded row's number is a hash of (seed, choice,
+output position): counter-based, so it is the same alone or in any batch, after a preemption or a
+retried step, and needs no generator state per request. Unseeded rows draw from one generator.
 """
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ class SamplingMetadata:
     top_k: torch.Tensor | None  # [B] int64, vocab size = off; None when no row uses it
     top_p: torch.Tensor | None  # [B] float32
     min_p: torch.Tensor | None  # [B] float32
-    generators: list[torch.Generator | None]  # per row; None = the shared generator
+    # per row: the uniform number of a seeded row (seeded_uniform), None = draw from the shared generator
+    uniforms: list[float | None]
     presence_penalty: torch.Tensor | None  # [B]; the four penalty fields are None together
     frequency_penalty: torch.Tensor | None  # [B]
     repetition_penalty: torch.Tensor | None  # [B]
@@ -87,16 +90,35 @@ class Sampler:
         if md.top_k is not None or md.top_p is not None or md.min_p is not None:
             logits = mask_top_k_top_p_min_p(logits, md.top_k, md.top_p, md.min_p)
         probs = logits.softmax(dim=-1)
-        # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p, one row at a time.
-        noise = torch.empty_like(probs)
-        unseeded = [i for i, g in enumerate(md.generators) if g is None]
-        if unseeded:
-            noise[unseeded] = torch.empty(len(unseeded), probs.shape[1], device=probs.device).exponential_(
-                generator=self.generator)
-        for i, g in enumerate(md.generators):
-            if g is not None:
-                noise[i].exponential_(generator=g)
-        return (probs / noise).argmax(dim=-1)
+        # float64: float32 sums over a 50k vocabulary drift by ~1e-5, which would bias the tail
+        cdf = probs.cumsum(dim=-1, dtype=torch.float64)  # [B, V]
+        u = self._uniforms(md.uniforms, probs.device)  # [B] in [0, 1)
+        tokens = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
+        return tokens.clamp_(max=probs.shape[-1] - 1)
+
+    def _uniforms(self, given: list[float | None], device: torch.device) -> torch.Tensor:
+        drawn = iter(torch.rand(sum(x is None for x in given), dtype=torch.float64, generator=self.generator)
+                     .tolist())
+        return torch.tensor([next(drawn) if x is None else x for x in given], dtype=torch.float64, device=device)
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def seeded_uniform(seed: int, choice: int, position: int) -> float:
+    """A number in [0, 1) fixed by (seed, choice index, output position): splitmix64's finaliser
+    over the three, its top 53 bits."""
+    x = seed & _MASK64
+    for part in (choice, position):
+        x = _splitmix64((x ^ (part * 0x9E3779B97F4A7C15)) & _MASK64)
+    return (_splitmix64(x) >> 11) / float(1 << 53)
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
 
 
 def logprobs_of(logprobs: torch.Tensor, tokens: torch.Tensor, num_top: list[int | None]) -> list[TokenLogprobs | None]:

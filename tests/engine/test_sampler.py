@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from engine.runner.sampler import Sampler, SamplingMetadata, apply_penalties, mask_top_k_top_p_min_p
+from engine.runner.sampler import Sampler, SamplingMetadata, apply_penalties, mask_top_k_top_p_min_p, seeded_uniform
 
 V = 40
 
@@ -15,7 +15,7 @@ def logits_fixture(rows: int = 4) -> torch.Tensor:
 
 
 def metadata(rows: int, **fields) -> SamplingMetadata:
-    base = dict(temperature=torch.ones(rows), top_k=None, top_p=None, min_p=None, generators=[None] * rows,
+    base = dict(temperature=torch.ones(rows), top_k=None, top_p=None, min_p=None, uniforms=[None] * rows,
                 presence_penalty=None, frequency_penalty=None, repetition_penalty=None, output_counts=None,
                 seen_mask=None, logit_bias=None, banned=None, num_logprobs=[None] * rows)
     base.update(fields)
@@ -90,11 +90,13 @@ def test_seeded_rows_are_batch_invariant():
     logits = logits_fixture(4)
 
     def draw(rows: list[int], seeds: list[int | None], steps: int = 6) -> list[list[int]]:
-        gens = [torch.Generator().manual_seed(s) if s is not None else None for s in seeds]
-        md = metadata(len(rows), temperature=torch.full((len(rows),), 0.9), top_p=torch.full((len(rows),), 0.95),
-                      generators=gens)
+        def md(step: int) -> SamplingMetadata:  # as the runner builds it at output position `step`
+            return metadata(len(rows), temperature=torch.full((len(rows),), 0.9),
+                            top_p=torch.full((len(rows),), 0.95),
+                            uniforms=[None if s is None else seeded_uniform(s, 0, step) for s in seeds])
+
         sampler = Sampler(torch.Generator().manual_seed(99))
-        return [sampler(logits[rows], md)[0] for _ in range(steps)]
+        return [sampler(logits[rows], md(step))[0] for step in range(steps)]
 
     alone = [step[0] for step in draw([2], [7])]
     batched = [step[1] for step in draw([0, 2, 3], [None, 7, 11])]
@@ -126,3 +128,25 @@ def test_logprobs_are_raw_and_ranked():
     assert lp.logprob == pytest.approx(raw[0, 5].item(), abs=1e-6)
     assert lp.rank == int((raw[0] > raw[0, 5]).sum()) + 1
     assert [t for t, _ in lp.top] == raw[0].topk(3).indices.tolist()
+
+
+def test_seeded_draws_follow_the_distribution_and_never_pick_masked_tokens():
+    """A seeded row's numbers, over its output positions, sample the row's distribution; the
+    extremes of [0, 1) still land on tokens that may be drawn."""
+    logits = torch.tensor([[2.0, 1.0, float("-inf"), 0.0, -1.0, float("-inf")]])
+    probs = torch.softmax(logits / 0.7, dim=-1)[0]
+    sampler = Sampler(torch.Generator().manual_seed(0))
+    n, counts = 4000, [0] * 6
+    for pos in range(n):
+        counts[sampler(logits, metadata(1, temperature=torch.tensor([0.7]),
+                                        uniforms=[seeded_uniform(2**64 - 1, 1, pos)]))[0][0]] += 1
+    for c, p in zip(counts, probs.tolist()):
+        assert abs(c / n - p) < 4 * math.sqrt(p * (1 - p) / n) + 1e-3
+    for u in (0.0, 1.0 - 2**-53):
+        token = sampler(logits, metadata(1, temperature=torch.tensor([0.7]), uniforms=[u]))[0][0]
+        assert probs[token] > 0
+
+
+def test_seeded_uniforms_differ_by_seed_choice_and_position():
+    values = {seeded_uniform(s, c, p) for s in (0, 1, 2**63) for c in (0, 1) for p in range(50)}
+    assert len(values) == 300 and all(0.0 <= v < 1.0 for v in values)

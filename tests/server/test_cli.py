@@ -40,3 +40,18 @@ def test_invalid_value_names_the_field():
     args = build_parser().parse_args(["serve", "--max-num-seqs", "0"])
     with pytest.raises(ValueError, match="max_num_seqs"):
         engine_config(args)
+
+
+def test_every_engine_option_is_a_flag_with_its_default():
+    """The flags are generated from EngineConfig: none is missing, and no flag given means the defaults."""
+    from dataclasses import fields
+
+    from engine import EngineConfig
+
+    parser = build_parser()
+    assert engine_config(parser.parse_args(["serve"])) == EngineConfig()
+    options = parser._subparsers._group_actions[0].choices["serve"]._option_string_actions
+    assert all("--" + f.name.replace("_", "-") in options for f in fields(EngineConfig))
+    args = parser.parse_args(["serve", "--tokenizer", "some/dir", "--enforce-eager", "--kv-cache-memory", "512MB"])
+    cfg = engine_config(args)
+    assert (cfg.tokenizer, cfg.enforce_eager, cfg.kv_cache_memory) == ("some/dir", True, 512_000_000)
