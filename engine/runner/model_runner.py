@@ -29,6 +29,41 @@ class _Batch:
     prompt_rows: list[tuple[ScheduledSeq, int, int]]  # (seq, position, its index in the batch)
 
 
+class _BlockTables:
+    """Every sequence's block table as a row of one CPU tensor, kept between steps: a step writes
+    only the blocks added since the last one, so building a decode batch's tables does not grow
+    with the outputs' length (a fresh tensor from the block lists did)."""
+
+    def __init__(self, max_blocks: int) -> None:
+        self.table = torch.zeros(64, max_blocks, dtype=torch.int64)  # [rows, max_blocks]
+        self.rows: dict[str, int] = {}  # seq_id -> row
+        self.written: dict[str, tuple[list[int], int]] = {}  # seq_id -> (the block list, entries written)
+        self.free_rows: list[int] = []
+
+    def release(self, seq_ids) -> None:
+        for seq_id in seq_ids:
+            row = self.rows.pop(seq_id, None)
+            if row is not None:
+                self.free_rows.append(row)
+                del self.written[seq_id]
+
+    def row(self, seq_id: str, block_ids: list[int]) -> int:
+        """The row of seq_id, brought up to date with block_ids (which only grow while the same list:
+        a preempted sequence gets a new one, then the row is rewritten)."""
+        row = self.rows.get(seq_id)
+        if row is None:
+            row = self.rows[seq_id] = self.free_rows.pop() if self.free_rows else len(self.rows)
+            if row >= len(self.table):
+                self.table = torch.cat([self.table, torch.zeros_like(self.table)])
+        seen, done = self.written.get(seq_id, (None, 0))
+        if seen is not block_ids or done > len(block_ids):
+            done = 0
+        if done < len(block_ids):
+            self.table[row, done:len(block_ids)] = torch.tensor(block_ids[done:], dtype=torch.int64)
+        self.written[seq_id] = (block_ids, len(block_ids))
+        return row
+
+
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, hf_config, num_blocks: int, block_size: int,
                  device: torch.device, dtype: torch.dtype, seed: int, decode_backend: str = "torch",
@@ -46,8 +81,10 @@ class ModelRunner:
         shape = (2, num_blocks + int(use_graphs), block_size, attn.num_kv_heads, attn.head_dim)
         self.kv_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in model.layers]
         self.sampler = Sampler(torch.Generator(device=device).manual_seed(seed))
-        self.graphs = DecodeGraphs(model, self.kv_caches, graph_max_batch, -(-max_model_len // block_size),
+        max_blocks = -(-max_model_len // block_size)
+        self.graphs = DecodeGraphs(model, self.kv_caches, graph_max_batch, max_blocks,
                                    scratch_block=num_blocks, block_size=block_size) if use_graphs else None
+        self.block_tables = _BlockTables(max_blocks)
 
     @staticmethod
     def kv_bytes_per_block(hf_config, block_size: int, dtype: torch.dtype) -> int:
@@ -57,6 +94,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        self.block_tables.release(sched.finished_seq_ids)
         batch = self._prepare(sched)
         meta = batch.meta
         if (self.graphs is not None and meta.num_prefill_tokens == 0
@@ -111,7 +149,9 @@ class ModelRunner:
 
     def _decode_metadata(self, decodes: list[ScheduledSeq], meta: AttentionMetadata) -> None:
         width = max(len(s.block_ids) for s in decodes)
-        tables = self._tensor([s.block_ids + [0] * (width - len(s.block_ids)) for s in decodes])  # [B, width]
+        rows = torch.tensor([self.block_tables.row(s.request.seq_id, s.block_ids) for s in decodes])
+        # [B, width]; past a sequence's own blocks its row holds stale ids, which its context length masks
+        tables = self.block_tables.table[rows, :width].to(self.device)
         ctx = self._tensor([s.request.num_computed_tokens + 1 for s in decodes])  # [B]
         set_decode_inputs(meta, self.decode_backend, tables, ctx, self.block_size)
 
