@@ -8,17 +8,5 @@ from engine.frontend.llm import LLM
 from engine.frontend.llm_engine import ContextLengthError, LLMEngine
 from engine.models.loader import bundled_model_dir
 
-__all__ = [
-           "LLM",
-           "AsyncLLM",
-           "CompletionOutput",
-           "ContextLengthError",
-           "EngineConfig",
-           "EngineDeadError",
-           "LLMEngine",
-           "RequestFailedError",
-           "RequestOutput",
-           "SamplingParams",
-           "TokenLogprobs",
-           "bundled_model_dir",
-]
+__all__ = ["LLM", "AsyncLLM", "CompletionOutput", "ContextLengthError", "EngineConfig", "EngineDeadError", "LLMEngine",
+           "RequestFailedError", "RequestOutput", "SamplingParams", "TokenLogprobs", "bundled_model_dir"]

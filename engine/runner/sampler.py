@@ -97,8 +97,9 @@ class Sampler:
         return tokens.clamp_(max=probs.shape[-1] - 1)
 
     def _uniforms(self, given: list[float | None], device: torch.device) -> torch.Tensor:
-        drawn = iter(torch.rand(sum(x is None for x in given), dtype=torch.float64, generator=self.generator)
-                     .tolist())
+        unseeded = sum(x is None for x in given)
+        drawn = iter(torch.rand(unseeded, dtype=torch.float64, generator=self.generator,
+                                device=self.generator.device).tolist())
         return torch.tensor([next(drawn) if x is None else x for x in given], dtype=torch.float64, device=device)
 
 
