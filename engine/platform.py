@@ -84,7 +84,7 @@ def _decode_attention(config, device: torch.device, dtype: torch.dtype, attn_sha
 
 def cpp_kernels_available(dtype: torch.dtype = torch.float32) -> bool:
     """Whether the C++ CPU kernels build, load and agree with the eager references here."""
-    return _probe(dtype)  # (a cache on this function would tell available() from available(float32))
+    return _probe(dtype)  # (a cache here would tell a call without dtype from one with float32)
 
 
 @functools.cache

@@ -18,6 +18,7 @@ from engine.core.sampling_params import SamplingParams
 from engine.core.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from engine.frontend.detokenizer import IncrementalDetokenizer, SequenceText
 from engine.frontend.metrics import EngineMetrics
+from engine.models.llama import head_dim
 from engine.models.loader import (
     build_model,
     eos_token_ids,
@@ -383,10 +384,8 @@ class LLMEngine:
 
 
 def _attention_shape(hf_config) -> tuple[int, int, int]:
-    """(query heads, KV heads, head_dim)."""
-    heads = hf_config.num_attention_heads
-    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
-    return heads, getattr(hf_config, "num_key_value_heads", None) or heads, head_dim
+    """(query heads, KV heads, head_dim), as the model builds its attention."""
+    return hf_config.num_attention_heads, hf_config.num_key_value_heads, head_dim(hf_config)
 
 
 def _reports(req: Request) -> bool:

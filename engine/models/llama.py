@@ -29,6 +29,10 @@ class RMSNorm(nn.Module):
         return self.ops.add_rms_norm(h, delta, self.weight, self.eps)
 
 
+def head_dim(hf_config) -> int:
+    return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+
+
 def rope_tables(hf_config, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [max_len, head_dim] float32, computed as transformers' rotary embedding does."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
@@ -38,8 +42,7 @@ def rope_tables(hf_config, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     if rope_type == "dynamic":
         raise ValueError("rope_type 'dynamic' is not supported (its frequencies depend on the sequence length)")
     if rope_type == "default":
-        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
-        dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
+        dim = int(head_dim(hf_config) * params.get("partial_rotary_factor", 1.0))
         inv_freq = 1.0 / (params["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
         scaling = 1.0
     else:
@@ -54,7 +57,7 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads
+        self.head_dim = head_dim(cfg)
         self.scale = self.head_dim ** -0.5
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim

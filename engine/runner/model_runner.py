@@ -8,6 +8,7 @@ import torch
 from engine.core.request import Request, TokenLogprobs
 from engine.core.scheduler import ScheduledSeq, SchedulerOutput
 from engine.layers.attention import AttentionMetadata, PrefillSpan, set_decode_inputs
+from engine.models.llama import head_dim
 from engine.runner.cuda_graphs import DecodeGraphs
 from engine.runner.sampler import Sampler, SamplingMetadata, logprobs_of, seeded_uniform
 
@@ -36,31 +37,30 @@ class _BlockTables:
 
     def __init__(self, max_blocks: int) -> None:
         self.table = torch.zeros(64, max_blocks, dtype=torch.int64)  # [rows, max_blocks]
-        self.rows: dict[str, int] = {}  # seq_id -> row
-        self.written: dict[str, tuple[list[int], int]] = {}  # seq_id -> (the block list, entries written)
+        self.rows: dict[str, tuple[int, list[int], int]] = {}  # seq_id -> (row, its block list, entries written)
         self.free_rows: list[int] = []
 
     def release(self, seq_ids) -> None:
         for seq_id in seq_ids:
-            row = self.rows.pop(seq_id, None)
-            if row is not None:
-                self.free_rows.append(row)
-                del self.written[seq_id]
+            entry = self.rows.pop(seq_id, None)
+            if entry is not None:
+                self.free_rows.append(entry[0])
 
     def row(self, seq_id: str, block_ids: list[int]) -> int:
         """The row of seq_id, brought up to date with block_ids (which only grow while the same list:
         a preempted sequence gets a new one, then the row is rewritten)."""
-        row = self.rows.get(seq_id)
-        if row is None:
-            row = self.rows[seq_id] = self.free_rows.pop() if self.free_rows else len(self.rows)
+        entry = self.rows.get(seq_id)
+        if entry is None:
+            row, seen, done = self.free_rows.pop() if self.free_rows else len(self.rows), None, 0
             if row >= len(self.table):
                 self.table = torch.cat([self.table, torch.zeros_like(self.table)])
-        seen, done = self.written.get(seq_id, (None, 0))
+        else:
+            row, seen, done = entry
         if seen is not block_ids or done > len(block_ids):
             done = 0
         if done < len(block_ids):
             self.table[row, done:len(block_ids)] = torch.tensor(block_ids[done:], dtype=torch.int64)
-        self.written[seq_id] = (block_ids, len(block_ids))
+        self.rows[seq_id] = (row, block_ids, len(block_ids))
         return row
 
 
@@ -88,8 +88,7 @@ class ModelRunner:
 
     @staticmethod
     def kv_bytes_per_block(hf_config, block_size: int, dtype: torch.dtype) -> int:
-        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
-        per_token = 2 * hf_config.num_hidden_layers * hf_config.num_key_value_heads * head_dim
+        per_token = 2 * hf_config.num_hidden_layers * hf_config.num_key_value_heads * head_dim(hf_config)
         return per_token * block_size * torch.empty((), dtype=dtype).element_size()
 
     @torch.inference_mode()

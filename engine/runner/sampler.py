@@ -97,10 +97,13 @@ class Sampler:
         return tokens.clamp_(max=probs.shape[-1] - 1)
 
     def _uniforms(self, given: list[float | None], device: torch.device) -> torch.Tensor:
-        unseeded = sum(x is None for x in given)
-        drawn = iter(torch.rand(unseeded, dtype=torch.float64, generator=self.generator,
-                                device=self.generator.device).tolist())
-        return torch.tensor([next(drawn) if x is None else x for x in given], dtype=torch.float64, device=device)
+        """[B] float64: the seeded rows' numbers, the others drawn (on the device, without a sync)."""
+        u = torch.tensor([0.0 if x is None else x for x in given], dtype=torch.float64, device=device)
+        unseeded = [i for i, x in enumerate(given) if x is None]
+        if unseeded:
+            u[unseeded] = torch.rand(len(unseeded), dtype=torch.float64, generator=self.generator,
+                                     device=self.generator.device).to(device)
+        return u
 
 
 _MASK64 = (1 << 64) - 1

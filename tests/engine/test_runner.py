@@ -12,7 +12,7 @@ def test_block_table_rows_follow_growth_preemption_and_reuse():
 
     def check():
         for sid, ids in lists.items():
-            assert tables.table[tables.rows[sid], :len(ids)].tolist() == ids
+            assert tables.table[tables.rows[sid][0], :len(ids)].tolist() == ids
 
     check()
     lists["s3"].append(7)  # a new block while it decodes
