@@ -7,6 +7,10 @@ so the parent block's identity stands for the whole prefix; the token ids are co
 dict itself, so a hit is verified, never just a hash match. When a block is handed out for new
 content its generation goes up, which makes every key naming it as a parent unreachable.
 
+A salt (a string) may stand in for the missing parent of a sequence's first block: keys with a
+salt are found only by lookups with the same salt. The engine salts a request's keys with its id
+when prefix caching is off, so that its own choices (n > 1) share its prompt and nobody else can.
+
 Freed blocks keep their KV and their key: the free list is an LRU (front = evicted first) from
 which a later request with the same prefix takes them back, until allocate() reuses them.
 """
@@ -14,8 +18,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-# (parent block id or -1, the parent's generation, the block's token ids)
-BlockKey = tuple[int, int, tuple[int, ...]]
+# (parent block id, or the salt or -1 for a first block; the parent's generation; the block's token ids)
+BlockKey = tuple[int | str, int, tuple[int, ...]]
 
 
 class NoFreeBlocksError(RuntimeError):
@@ -60,12 +64,6 @@ class BlockPool:
             ids.append(i)
         return ids
 
-    def share(self, ids: list[int]) -> None:
-        """Add a reference to blocks already in use (another sequence reads them too)."""
-        for i in ids:
-            assert self.ref_counts[i] > 0, f"block {i} is free and cannot be shared"
-            self.ref_counts[i] += 1
-
     def free(self, ids: list[int]) -> None:
         # Tail blocks first, so the blocks of a sequence's start are evicted last.
         for i in reversed(ids):
@@ -75,10 +73,11 @@ class BlockPool:
                 self._free[i] = None
 
     # --- the prefix cache ----------------------------------------------------------------
-    def key(self, parent: int | None, tokens: tuple[int, ...]) -> BlockKey:
-        """The key of a block holding `tokens` right after block `parent` (None: at the start)."""
+    def key(self, parent: int | None, tokens: tuple[int, ...], salt: str | None = None) -> BlockKey:
+        """The key of a block holding `tokens` right after block `parent` (None: at the start,
+        where `salt` keeps the chain apart from unsalted ones and those of other salts)."""
         if parent is None:
-            return (-1, 0, tokens)
+            return (-1 if salt is None else salt, 0, tokens)
         return (parent, self._generation[parent], tokens)
 
     def lookup(self, key: BlockKey) -> int | None:

@@ -38,26 +38,24 @@ class KVCacheManager:
         table.extend(self.pool.allocate(missing))
         return True
 
-    def share_prefix(self, src_seq_id: str, dst_seq_id: str, num_blocks: int) -> None:
-        """Let dst start with the first `num_blocks` full blocks of src (reference counted)."""
-        assert dst_seq_id not in self.block_tables or not self.block_tables[dst_seq_id]
-        shared = self.block_tables[src_seq_id][:num_blocks]
-        self.pool.share(shared)
-        self.block_tables[dst_seq_id] = list(shared)
-
     # --- prefix caching -------------------------------------------------------------------
-    def take_cached_prefix(self, seq_id: str, token_ids: list[int], max_tokens: int) -> int:
+    # With prefix caching off, only salted sequences (the choices of one request) register and
+    # look up blocks; with it on, every sequence does.
+    def _active(self, salt: str | None) -> bool:
+        return self.enable_prefix_caching or salt is not None
+
+    def take_cached_prefix(self, seq_id: str, token_ids: list[int], max_tokens: int, salt: str | None = None) -> int:
         """Start an empty table with the cached blocks of token_ids' longest cached prefix.
 
         At most `max_tokens` tokens are taken (the caller keeps at least the last prompt token
         to compute, whose logits pick the next token). Returns the number of tokens taken.
         """
         assert not self.block_tables.get(seq_id), f"{seq_id} already holds blocks"
-        if not self.enable_prefix_caching:
+        if not self._active(salt):
             return 0
         blocks, parent = [], None
         for j in range(max_tokens // self.block_size):
-            block = self.pool.lookup(self._key(parent, token_ids, j))
+            block = self.pool.lookup(self._key(parent, token_ids, j, salt))
             if block is None:
                 break
             blocks.append(block)
@@ -68,22 +66,23 @@ class KVCacheManager:
             self._num_cached_blocks[seq_id] = len(blocks)
         return len(blocks) * self.block_size
 
-    def cache_full_blocks(self, seq_id: str, token_ids: list[int], num_computed: int) -> None:
+    def cache_full_blocks(self, seq_id: str, token_ids: list[int], num_computed: int,
+                          salt: str | None = None) -> None:
         """Register the sequence's blocks that are full and computed (token_ids[:num_computed])."""
-        if not self.enable_prefix_caching:
+        if not self._active(salt):
             return
         table = self.block_tables.get(seq_id, [])
         done = self._num_cached_blocks.get(seq_id, 0)
         full = min(num_computed // self.block_size, len(table))
         for j in range(done, full):
-            self.pool.cache(table[j], self._key(table[j - 1] if j else None, token_ids, j))
+            self.pool.cache(table[j], self._key(table[j - 1] if j else None, token_ids, j, salt))
         if full > done:
             self._num_cached_blocks[seq_id] = full
 
-    def _key(self, parent: int | None, token_ids: list[int], j: int) -> BlockKey:
+    def _key(self, parent: int | None, token_ids: list[int], j: int, salt: str | None) -> BlockKey:
         """The cache key of block j of token_ids, which follows block `parent`."""
         bs = self.block_size
-        return self.pool.key(parent, tuple(token_ids[j * bs:(j + 1) * bs]))
+        return self.pool.key(parent, tuple(token_ids[j * bs:(j + 1) * bs]), salt)
 
     def free(self, seq_id: str) -> None:
         """Release every block the sequence holds; harmless if it holds none."""

@@ -52,7 +52,8 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
-        # n > 1: the other sequences wait until the first has computed the prompt, then share it.
+        # n > 1: the other sequences wait until the first has computed the prompt, then take its
+        # blocks from the prefix cache like any hit (salted by the request when caching is off).
         self.pending_forks: dict[str, list[Request]] = {}
         self.seqs_by_request: dict[str, list[Request]] = {}
         self.num_preemptions = 0
@@ -83,6 +84,9 @@ class Scheduler:
         self.waiting.append(first)
         if rest:
             self.pending_forks[first.seq_id] = rest
+            if not self.kv.enable_prefix_caching:  # keys that only this request's choices find
+                for s in seqs:
+                    s.cache_salt = s.request_id
 
     # --- one step -----------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
@@ -166,7 +170,7 @@ class Scheduler:
         # Prompt logprobs need the logits of every prompt position, so nothing can be skipped.
         if req.params.prompt_logprobs is not None:
             return 0
-        return self.kv.take_cached_prefix(req.seq_id, req.token_ids, req.num_tokens - 1)
+        return self.kv.take_cached_prefix(req.seq_id, req.token_ids, req.num_tokens - 1, req.cache_salt)
 
     def _count_prefix_hit(self, req: Request) -> None:
         self.prefix_cache_queries += req.num_tokens
@@ -187,20 +191,17 @@ class Scheduler:
         """Advance computed tokens; release forks whose parent has now computed its prompt."""
         for s in out.seqs:
             s.request.num_computed_tokens += s.num_new_tokens
-            self.kv.cache_full_blocks(s.request.seq_id, s.request.token_ids, s.request.num_computed_tokens)
+            self.kv.cache_full_blocks(s.request.seq_id, s.request.token_ids, s.request.num_computed_tokens,
+                                      s.request.cache_salt)
             if s.request.num_computed_tokens >= s.request.num_prompt_tokens:
                 self._release_forks(s.request)
 
     def _release_forks(self, parent: Request) -> None:
-        children = self.pending_forks.pop(parent.seq_id, None)
-        if not children:
-            return
-        # Share the full blocks before the prompt's last token; each child recomputes the rest
-        # (at least the last prompt token, whose logits pick its first token).
-        num_shared = (parent.num_prompt_tokens - 1) // self.kv.block_size
-        for child in reversed(children):
-            self.kv.share_prefix(parent.seq_id, child.seq_id, num_shared)
-            child.num_computed_tokens = num_shared * self.kv.block_size
+        """The parent's full prompt blocks are now registered: each sibling takes them as a
+        prefix-cache hit and goes to the front of the queue, to compute the rest of the prompt (at
+        least its last token, whose logits pick the sibling's first token)."""
+        for child in reversed(self.pending_forks.pop(parent.seq_id, [])):
+            child.num_computed_tokens = self._take_cached_prefix(child)
             self.waiting.appendleft(child)
 
     def finish(self, req: Request, reason: str, stop_reason: int | str | None = None) -> None:
@@ -240,3 +241,4 @@ class Scheduler:
             assert req.status is RequestStatus.WAITING
         live = {r.seq_id for r in self.running} | {r.seq_id for r in self.waiting}
         assert set(self.kv.block_tables) <= live, "a block table belongs to no live sequence"
+

@@ -28,7 +28,7 @@ def test_allocate_more_than_free_raises_and_changes_nothing():
 def test_shared_block_returns_only_after_last_reference():
     pool = BlockPool(4)
     ids = pool.allocate(2)
-    pool.share(ids)
+    pool.touch(ids)  # a second sequence takes them (a prefix-cache hit on blocks in use)
     pool.free(ids)
     assert pool.num_free == 2 and pool.ref_counts[:2] == [1, 1]
     pool.free(ids)
@@ -60,22 +60,6 @@ def test_manager_grows_tables_block_by_block():
     kv.free("a")
     kv.free("a")  # harmless the second time
     assert kv.pool.num_free == 3
-    kv.check_invariants()
-
-
-def test_share_prefix_counts_references():
-    kv = KVCacheManager(num_blocks=8, block_size=4)
-    kv.allocate_slots("p", 10)  # blocks 0, 1, 2
-    kv.share_prefix("p", "c", 2)
-    assert kv.block_ids("c") == [0, 1]
-    assert kv.allocate_slots("c", 10)
-    assert kv.block_ids("c") == [0, 1, 3]
-    assert kv.pool.ref_counts[:4] == [2, 2, 1, 1]
-    kv.check_invariants()
-    kv.free("p")
-    assert kv.pool.ref_counts[:4] == [1, 1, 0, 1]
-    kv.free("c")
-    assert kv.pool.num_free == 8
     kv.check_invariants()
 
 
@@ -150,6 +134,28 @@ def test_generation_makes_stale_children_unreachable():
     assert pool.lookup(pool.key(parent, (2,))) is None
     assert pool.lookup(old_child_key) == child  # the stale key names the old generation only
     pool.check_invariants()
+
+
+@pytest.mark.parametrize("caching", [False, True])
+def test_salted_blocks_are_shared_by_reference_only_under_the_same_salt(caching):
+    """n > 1: a request's choices share its prompt blocks under its salt (caching on or off)."""
+    kv = KVCacheManager(num_blocks=8, block_size=4, enable_prefix_caching=caching)
+    tokens = list(range(10))
+    assert kv.allocate_slots("p", 10)  # blocks 0, 1, 2
+    kv.cache_full_blocks("p", tokens, 10, salt="r")
+    assert kv.take_cached_prefix("x", tokens, max_tokens=9) == 0  # unsalted: another request
+    assert kv.take_cached_prefix("y", tokens, max_tokens=9, salt="s") == 0
+    assert kv.take_cached_prefix("c", tokens, max_tokens=9, salt="r") == 8
+    assert kv.block_ids("c") == [0, 1]
+    assert kv.allocate_slots("c", 10)
+    assert kv.block_ids("c") == [0, 1, 3]
+    assert kv.pool.ref_counts[:4] == [2, 2, 1, 1]
+    kv.check_invariants()
+    kv.free("p")
+    assert kv.pool.ref_counts[:4] == [1, 1, 0, 1]
+    kv.free("c")
+    assert kv.pool.num_free == 8
+    kv.check_invariants()
 
 
 def test_caching_disabled_never_hits():
