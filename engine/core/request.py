@@ -35,6 +35,7 @@ class Request:
     params: SamplingParams
     max_tokens: int  # resolved: never None here
     min_tokens_banned: tuple[int, ...] = ()  # EOS and stop ids, masked until min_tokens are out
+    cache_salt: str | None = None  # set: its prefix-cache keys are found only by the same salt
     arrival_time: float = field(default_factory=time.monotonic)
     status: RequestStatus = RequestStatus.WAITING
     num_computed_tokens: int = 0
@@ -45,7 +46,6 @@ class Request:
     first_scheduled_time: float | None = None  # time.monotonic() stamps, for metrics
     last_token_time: float | None = None
     logprobs: list[TokenLogprobs] = field(default_factory=list)
-    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
     def __post_init__(self) -> None:
         self.token_ids: list[int] = list(self.prompt_token_ids)  # prompt then outputs

@@ -57,6 +57,8 @@ class _RequestState:
     texts: list[SequenceText]
     sent: list[_Sent]
     error: str | None = None  # why serving it failed (finish_reason "error")
+    # [None, then one entry per prompt token after the first] while the first choice scores them
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
     prompt_logprobs_sent: bool = False
 
 
@@ -295,10 +297,14 @@ class LLMEngine:
         return merged
 
     def _postprocess(self, req: Request, result: ModelRunnerOutput) -> None:
+        state = self._requests[req.request_id]
         if req.seq_id in result.prompt_logprobs:
-            if req.prompt_logprobs is None:
-                req.prompt_logprobs = [None]
-            req.prompt_logprobs += result.prompt_logprobs[req.seq_id]
+            first, entries = result.prompt_logprobs[req.seq_id]
+            if state.prompt_logprobs is None:
+                state.prompt_logprobs = [None]
+            have = state.prompt_logprobs
+            assert first <= len(have), f"prompt logprobs from token {first}, {len(have)} scored so far"
+            have += entries[len(have) - first:]  # tokens scored again after a preemption are kept once
         token = result.sampled.get(req.seq_id)
         if token is None:
             return  # a prefill chunk that did not reach the end of the prompt
@@ -308,7 +314,7 @@ class LLMEngine:
         req.last_token_time = now
         if req.seq_id in result.logprobs:
             req.logprobs.append(result.logprobs[req.seq_id])
-        text = self._requests[req.request_id].texts[req.index]
+        text = state.texts[req.index]
         past_min = req.num_output_tokens >= req.params.min_tokens
         stop_string = text.append(token, check_stops=past_min)
         reason = self._stop_reason(req, token, past_min, stop_string)
@@ -343,11 +349,11 @@ class LLMEngine:
             self.metrics.on_finished(state.seqs)
         if kind == "delta":
             outputs = [self._delta(s, t, sent) for s, t, sent in zip(state.seqs, state.texts, state.sent)]
-            prompt_logprobs = None if state.prompt_logprobs_sent else state.seqs[0].prompt_logprobs
+            prompt_logprobs = None if state.prompt_logprobs_sent else state.prompt_logprobs
             state.prompt_logprobs_sent |= prompt_logprobs is not None
         else:
             outputs = [self._completion(s, t) for s, t in zip(state.seqs, state.texts)]
-            prompt_logprobs = state.seqs[0].prompt_logprobs
+            prompt_logprobs = state.prompt_logprobs
         return RequestOutput(request_id, state.prompt, state.prompt_token_ids, outputs, finished,
                              prompt_logprobs, state.seqs[0].num_cached_tokens or 0, state.error)
 

@@ -28,16 +28,23 @@ class PrefillSpan:
 
 
 @dataclass
+class DecodeInputs:
+    """What a decode backend reads, built once a step by its `prepare` and shared by every layer."""
+
+    backend: DecodeBackend
+    block_tables: torch.Tensor  # [num_decodes, width] int64 (int32 for Triton); past a row's context: stale
+    # [num_decodes] keys in context, the new token's included (int32 for Triton); the kernels read it
+    context_lens: torch.Tensor | None = None
+    # [num_decodes, 1, 1, width * block_size] bool, True where a key is in context; the reference reads it
+    key_mask: torch.Tensor | None = None
+
+
+@dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] int64, pool slot of each new token
     prefills: list[PrefillSpan]
     num_prefill_tokens: int
-    decode_block_tables: torch.Tensor | None  # [num_decodes, max_blocks] int64, padded with block 0
-    # [num_decodes, 1, 1, max_blocks * block_size] bool, True where a key position is in context
-    decode_key_mask: torch.Tensor | None
-    # [num_decodes] context lengths (int32 for Triton); set instead of the mask when a kernel decodes
-    decode_context_lens: torch.Tensor | None = None
-    decode_backend: str = "torch"  # "torch" (gather + SDPA, the reference), "triton" (CUDA) or "cpp" (CPU)
+    decode: DecodeInputs | None = None  # None: no decoding sequence this step
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -64,42 +71,68 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     out = torch.empty_like(q)
     for span in meta.prefills:
         out[span.start:span.end] = prefill_span(q, k, v, kv_cache, span, scale)
-    if meta.decode_block_tables is not None:
+    if meta.decode is not None:
         p = meta.num_prefill_tokens
-        out[p:] = _DECODERS[meta.decode_backend](q[p:], kv_cache, meta, scale)
+        out[p:] = meta.decode.backend.decode(q[p:], kv_cache, meta.decode, scale)
     return out
 
 
-# --- decode backends: each takes what it needs from the metadata set_decode_inputs filled in ------
-def set_decode_inputs(meta: AttentionMetadata, backend: str, block_tables: torch.Tensor,
-                      context_lens: torch.Tensor, block_size: int) -> None:
-    """block_tables [B, width], context_lens [B] int64 (keys in context, the new token's included)."""
-    meta.decode_block_tables = block_tables
-    meta.decode_backend = backend
-    if backend == "triton":
-        meta.decode_context_lens = context_lens.to(torch.int32)
-    elif backend == "cpp":
-        meta.decode_context_lens = context_lens
-    else:
+# --- decode backends: one new token per sequence against its cached context ----------------------
+class DecodeBackend:
+    """A way to run decode attention. `prepare` turns the step's block tables and context lengths
+    into the inputs this backend reads; `decode` runs one layer: q [B, heads, D] -> [B, heads, D]."""
+
+    name: str
+
+    def prepare(self, block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int) -> DecodeInputs:
+        """block_tables [B, width] int64, context_lens [B] int64."""
+        raise NotImplementedError
+
+    def decode(self, q: torch.Tensor, kv_cache: torch.Tensor, inputs: DecodeInputs, scale: float) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class ReferenceDecode(DecodeBackend):
+    """Plain PyTorch on any device: gather the blocks, then SDPA under a mask of the context."""
+
+    name = "torch"
+
+    def prepare(self, block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int) -> DecodeInputs:
         keys = torch.arange(block_tables.shape[1] * block_size, device=block_tables.device)
-        meta.decode_key_mask = (keys[None, :] < context_lens[:, None])[:, None, None, :]  # [B, 1, 1, L]
+        mask = (keys[None, :] < context_lens[:, None])[:, None, None, :]  # [B, 1, 1, width * block_size]
+        return DecodeInputs(self, block_tables, key_mask=mask)
+
+    def decode(self, q: torch.Tensor, kv_cache: torch.Tensor, inputs: DecodeInputs, scale: float) -> torch.Tensor:
+        return decode_reference(q, kv_cache, inputs.block_tables, inputs.key_mask, scale)
 
 
-def _decode_torch(q, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    return decode_reference(q, kv_cache, meta.decode_block_tables, meta.decode_key_mask, scale)
+class CppDecode(DecodeBackend):
+    """The CPU kernel (engine/kernels/cpu.py): reads each block in place, no gathered copy."""
+
+    name = "cpp"
+
+    def prepare(self, block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int) -> DecodeInputs:
+        return DecodeInputs(self, block_tables, context_lens=context_lens)
+
+    def decode(self, q: torch.Tensor, kv_cache: torch.Tensor, inputs: DecodeInputs, scale: float) -> torch.Tensor:
+        return cpu.paged_decode(q, kv_cache, inputs.block_tables, inputs.context_lens, scale)
 
 
-def _decode_cpp(q, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    return cpu.paged_decode(q, kv_cache, meta.decode_block_tables, meta.decode_context_lens, scale)
+class TritonDecode(DecodeBackend):
+    """The CUDA kernel (engine/kernels/paged_decode.py); its int32 inputs are what CUDA graphs copy into."""
+
+    name = "triton"
+
+    def prepare(self, block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int) -> DecodeInputs:
+        return DecodeInputs(self, block_tables, context_lens=context_lens.to(torch.int32))
+
+    def decode(self, q: torch.Tensor, kv_cache: torch.Tensor, inputs: DecodeInputs, scale: float) -> torch.Tensor:
+        from engine.kernels.paged_decode import paged_decode  # needs the triton package
+
+        return paged_decode(q, kv_cache, inputs.block_tables, inputs.context_lens, scale)
 
 
-def _decode_triton(q, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    from engine.kernels.paged_decode import paged_decode  # needs the triton package
-
-    return paged_decode(q, kv_cache, meta.decode_block_tables, meta.decode_context_lens, scale)
-
-
-_DECODERS = {"torch": _decode_torch, "cpp": _decode_cpp, "triton": _decode_triton}
+DECODE_BACKENDS: dict[str, DecodeBackend] = {b.name: b for b in (ReferenceDecode(), CppDecode(), TritonDecode())}
 
 
 def prefill_span(q, k, v, kv_cache, span: PrefillSpan, scale: float) -> torch.Tensor:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.layers.attention import AttentionMetadata
+from engine.layers.attention import DECODE_BACKENDS, AttentionMetadata, DecodeInputs
 
 
 def bucket_sizes(max_batch: int) -> list[int]:
@@ -41,9 +41,8 @@ class DecodeGraphs:
         self._capture()
 
     def _meta(self, size: int) -> AttentionMetadata:
-        return AttentionMetadata(slot_mapping=self.slots[:size], prefills=[], num_prefill_tokens=0,
-                                 decode_block_tables=self.tables[:size], decode_key_mask=None,
-                                 decode_context_lens=self.lens[:size], decode_backend="triton")
+        decode = DecodeInputs(DECODE_BACKENDS["triton"], self.tables[:size], context_lens=self.lens[:size])
+        return AttentionMetadata(slot_mapping=self.slots[:size], prefills=[], num_prefill_tokens=0, decode=decode)
 
     def _forward(self, size: int) -> torch.Tensor:
         return self.model(self.input_ids[:size], self.positions[:size], self._meta(size), self.kv_caches)
@@ -73,15 +72,15 @@ class DecodeGraphs:
         return num_seqs <= self.sizes[-1] and num_blocks <= self.tables.shape[1]
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """One decode token per sequence (meta from ModelRunner with decode_context_lens) -> hidden [B, hidden]."""
+        """One decode token per sequence (meta from ModelRunner, Triton's decode inputs) -> hidden [B, hidden]."""
         n = input_ids.shape[0]
         size = next(s for s in self.sizes if s >= n)
-        tables = meta.decode_block_tables  # [n, width]
+        tables = meta.decode.block_tables  # [n, width]
         self.input_ids[:n].copy_(input_ids)
         self.positions[:n].copy_(positions)
         self.slots[:n].copy_(meta.slot_mapping)
         self.tables[:n, :tables.shape[1]].copy_(tables)  # columns past a row's length are never read
-        self.lens[:n].copy_(meta.decode_context_lens)
+        self.lens[:n].copy_(meta.decode.context_lens)
         self._pad(n, size)
         graph, hidden = self.graphs[size]
         graph.replay()

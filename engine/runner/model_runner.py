@@ -7,18 +7,19 @@ import torch
 
 from engine.core.request import Request, TokenLogprobs
 from engine.core.scheduler import ScheduledSeq, SchedulerOutput
-from engine.layers.attention import AttentionMetadata, PrefillSpan, set_decode_inputs
+from engine.layers.attention import DECODE_BACKENDS, AttentionMetadata, PrefillSpan
 from engine.models.llama import head_dim
 from engine.runner.cuda_graphs import DecodeGraphs
-from engine.runner.sampler import Sampler, SamplingMetadata, logprobs_of, seeded_uniform
+from engine.runner.sampler import Sampler, SamplingInputs, logprobs_of
 
 
 @dataclass
 class ModelRunnerOutput:
     sampled: dict[str, int] = field(default_factory=dict)  # seq_id -> next token
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
-    # seq_id -> logprobs of the prompt tokens this step covered, in order
-    prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
+    # seq_id -> (index of the first prompt token scored, logprobs of the prompt tokens this step
+    # scored, in order); after a preemption the recomputed ones come again
+    prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -76,11 +77,13 @@ class ModelRunner:
         self.vocab_size = hf_config.vocab_size
         attn = model.layers[0].self_attn
         self.decode_backend = decode_backend
+        self.decoder = DECODE_BACKENDS[decode_backend]
         use_graphs = graph_max_batch > 0 and self.decode_backend == "triton"
         # With graphs, one block more than the pool hands out: padding rows of a graph write there.
         shape = (2, num_blocks + int(use_graphs), block_size, attn.num_kv_heads, attn.head_dim)
         self.kv_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in model.layers]
         self.sampler = Sampler(torch.Generator(device=device).manual_seed(seed))
+        self.sampling_inputs = SamplingInputs(self.vocab_size, device)
         max_blocks = -(-max_model_len // block_size)
         self.graphs = DecodeGraphs(model, self.kv_caches, graph_max_batch, max_blocks,
                                    scratch_block=num_blocks, block_size=block_size) if use_graphs else None
@@ -94,10 +97,11 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         self.block_tables.release(sched.finished_seq_ids)
+        self.sampling_inputs.release(sched.finished_seq_ids)
         batch = self._prepare(sched)
         meta = batch.meta
         if (self.graphs is not None and meta.num_prefill_tokens == 0
-                and self.graphs.can_run(len(batch.input_ids), meta.decode_block_tables.shape[1])):
+                and self.graphs.can_run(len(batch.input_ids), meta.decode.block_tables.shape[1])):
             hidden = self.graphs.run(batch.input_ids, batch.positions, meta)  # [T, hidden]
         else:
             hidden = self.model(batch.input_ids, batch.positions, meta, self.kv_caches)  # [T, hidden]
@@ -135,13 +139,10 @@ class ModelRunner:
                 decodes.append(s)
             if end == req.num_tokens:
                 sample_rows.append((s, len(ids) - 1))
-            first, n = self._prompt_positions(req, start, end)
-            if n:
-                prompt_rows += [(s, first + j, offset + first - start + j) for j in range(n)]
+            prompt_rows += [(s, start + j, offset + j) for j in range(self._num_prompt_positions(req, start, end))]
         meta = AttentionMetadata(
             slot_mapping=self._tensor(slots), prefills=spans,
-            num_prefill_tokens=sum(sp.end - sp.start for sp in spans),
-            decode_block_tables=None, decode_key_mask=None)
+            num_prefill_tokens=sum(sp.end - sp.start for sp in spans))
         if decodes:
             self._decode_metadata(decodes, meta)
         return _Batch(self._tensor(ids), self._tensor(positions), meta, sample_rows, prompt_rows)
@@ -152,16 +153,14 @@ class ModelRunner:
         # [B, width]; past a sequence's own blocks its row holds stale ids, which its context length masks
         tables = self.block_tables.table[rows, :width].to(self.device)
         ctx = self._tensor([s.request.num_computed_tokens + 1 for s in decodes])  # [B]
-        set_decode_inputs(meta, self.decode_backend, tables, ctx, self.block_size)
+        meta.decode = self.decoder.prepare(tables, ctx, self.block_size)
 
     @staticmethod
-    def _prompt_positions(req: Request, start: int, end: int) -> tuple[int, int]:
-        """Positions in [start, end) whose logits score a prompt token not yet scored."""
+    def _num_prompt_positions(req: Request, start: int, end: int) -> int:
+        """How many positions from `start` on (up to `end`) have logits that score a prompt token."""
         if req.params.prompt_logprobs is None:
-            return start, 0
-        done = len(req.prompt_logprobs or [None])  # entries cover tokens 0..done-1
-        first = max(start, done - 1)
-        return first, max(0, min(end, req.num_prompt_tokens - 1) - first)
+            return 0
+        return max(0, min(end, req.num_prompt_tokens - 1) - start)
 
     def _tensor(self, data) -> torch.Tensor:
         return torch.tensor(data, dtype=torch.int64, device=self.device)
@@ -169,7 +168,7 @@ class ModelRunner:
     # --- outputs --------------------------------------------------------------------------
     def _sample(self, logits: torch.Tensor, rows: list[tuple[ScheduledSeq, int]], out: ModelRunnerOutput) -> None:
         reqs = [s.request for s, _ in rows]
-        md = self._sampling_metadata(reqs)
+        md = self.sampling_inputs.build(reqs)
         # (a step that fails is retried request by request: a seeded row then draws the same number)
         tokens, logprobs = self.sampler(logits, md)
         for req, tok, lp in zip(reqs, tokens, logprobs):
@@ -182,51 +181,5 @@ class ModelRunner:
         targets = self._tensor([s.request.token_ids[pos + 1] for s, pos, _ in batch.prompt_rows])
         nums = [s.request.params.prompt_logprobs for s, _, _ in batch.prompt_rows]
         lps = logprobs_of(logits.log_softmax(dim=-1), targets, nums)
-        for (s, _, _), lp in zip(batch.prompt_rows, lps):
-            out.prompt_logprobs.setdefault(s.request.seq_id, []).append(lp)
-
-    def _sampling_metadata(self, reqs: list[Request]) -> SamplingMetadata:
-        params = [r.params for r in reqs]
-        dev, vocab = self.device, self.vocab_size
-
-        def floats(values) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.float32, device=dev)
-
-        md = SamplingMetadata(
-            temperature=floats([p.temperature for p in params]),
-            top_k=self._tensor([p.top_k or vocab for p in params]) if any(p.top_k for p in params) else None,
-            top_p=floats([p.top_p for p in params]) if any(p.top_p < 1.0 for p in params) else None,
-            min_p=floats([p.min_p for p in params]) if any(p.min_p > 0.0 for p in params) else None,
-            uniforms=[None if r.params.seed is None else seeded_uniform(r.params.generator_seed, r.index,
-                                                                         r.num_output_tokens) for r in reqs],
-            presence_penalty=None, frequency_penalty=None, repetition_penalty=None,
-            output_counts=None, seen_mask=None, logit_bias=None, banned=None,
-            num_logprobs=[p.logprobs for p in params])
-        if any(p.needs_penalties for p in params):
-            self._penalty_metadata(reqs, md)
-        if any(p.logit_bias for p in params):
-            md.logit_bias = torch.zeros(len(reqs), vocab, device=dev)
-            for i, p in enumerate(params):
-                for tok, bias in (p.logit_bias or {}).items():
-                    if 0 <= tok < vocab:
-                        md.logit_bias[i, tok] += bias
-        banned = [(i, r.min_tokens_banned) for i, r in enumerate(reqs)
-                  if r.num_output_tokens < r.params.min_tokens]
-        if banned:
-            md.banned = torch.zeros(len(reqs), vocab, dtype=torch.bool, device=dev)
-            for i, ids in banned:
-                md.banned[i, [t for t in ids if 0 <= t < vocab]] = True
-        return md
-
-    def _penalty_metadata(self, reqs: list[Request], md: SamplingMetadata) -> None:
-        n, vocab, dev = len(reqs), self.vocab_size, self.device
-        md.presence_penalty = torch.tensor([r.params.presence_penalty for r in reqs], device=dev)
-        md.frequency_penalty = torch.tensor([r.params.frequency_penalty for r in reqs], device=dev)
-        md.repetition_penalty = torch.tensor([r.params.repetition_penalty for r in reqs], device=dev)
-        md.output_counts = torch.zeros(n, vocab, device=dev)
-        md.seen_mask = torch.zeros(n, vocab, dtype=torch.bool, device=dev)
-        for i, r in enumerate(reqs):
-            out_ids = self._tensor(r.output_token_ids)
-            md.output_counts[i].index_add_(0, out_ids, torch.ones(len(out_ids), device=dev))
-            md.seen_mask[i, self._tensor(r.prompt_token_ids)] = True
-        md.seen_mask |= md.output_counts > 0
+        for (s, pos, _), lp in zip(batch.prompt_rows, lps):
+            out.prompt_logprobs.setdefault(s.request.seq_id, (pos + 1, []))[1].append(lp)

@@ -1,5 +1,8 @@
 """Batched sampling: penalties, logit bias, min_tokens, greedy or random with top-k/top-p/min-p.
 
+The whole logits pipeline lives here: SamplingInputs turns a step's requests into the tensors
+of SamplingMetadata, and Sampler applies each stage in order and picks the tokens.
+
 A random row draws one uniform number and takes the token whose interval of the cumulative
 distribution holds it (inverse-CDF sampling). A seeded row's number is a hash of (seed, choice,
 output position): counter-based, so it is the same alone or in any batch, after a preemption or a
@@ -11,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.core.request import TokenLogprobs
+from engine.core.request import Request, TokenLogprobs
 
 
 @dataclass
@@ -60,6 +63,91 @@ def mask_top_k_top_p_min_p(logits: torch.Tensor, top_k, top_p, min_p) -> torch.T
         remove |= probs < min_p[:, None] * probs[:, :1]
     mask = torch.zeros_like(remove).scatter_(1, order, remove)
     return logits.masked_fill(mask, float("-inf"))
+
+
+class SamplingInputs:
+    """Builds each step's SamplingMetadata. A penalised sequence's output-token counts and
+    seen-token mask are kept between steps and brought up to date with the tokens added since
+    (rebuilding them from the whole output each step grew with its length)."""
+
+    def __init__(self, vocab_size: int, device: torch.device) -> None:
+        self.vocab_size = vocab_size
+        self.device = device
+        # seq_id -> (counts [V] float32, seen [V] bool, output tokens counted so far)
+        self._penalty_rows: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}
+
+    def release(self, seq_ids) -> None:
+        for seq_id in seq_ids:
+            self._penalty_rows.pop(seq_id, None)
+
+    def build(self, reqs: list[Request]) -> SamplingMetadata:
+        params = [r.params for r in reqs]
+        md = SamplingMetadata(
+            temperature=self._floats([p.temperature for p in params]),
+            top_k=self._ints([p.top_k or self.vocab_size for p in params]) if any(p.top_k for p in params) else None,
+            top_p=self._floats([p.top_p for p in params]) if any(p.top_p < 1.0 for p in params) else None,
+            min_p=self._floats([p.min_p for p in params]) if any(p.min_p > 0.0 for p in params) else None,
+            uniforms=[None if r.params.seed is None else seeded_uniform(r.params.generator_seed, r.index,
+                                                                         r.num_output_tokens) for r in reqs],
+            presence_penalty=None, frequency_penalty=None, repetition_penalty=None,
+            output_counts=None, seen_mask=None, logit_bias=self._logit_bias(reqs), banned=self._banned(reqs),
+            num_logprobs=[p.logprobs for p in params])
+        if any(p.needs_penalties for p in params):
+            self._penalties(reqs, md)
+        return md
+
+    def _floats(self, values) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float32, device=self.device)
+
+    def _ints(self, values) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int64, device=self.device)
+
+    def _logit_bias(self, reqs: list[Request]) -> torch.Tensor | None:
+        if not any(r.params.logit_bias for r in reqs):
+            return None
+        bias = torch.zeros(len(reqs), self.vocab_size, device=self.device)  # [B, V]
+        for i, r in enumerate(reqs):
+            for tok, value in (r.params.logit_bias or {}).items():
+                if 0 <= tok < self.vocab_size:
+                    bias[i, tok] += value
+        return bias
+
+    def _banned(self, reqs: list[Request]) -> torch.Tensor | None:
+        """[B, V] bool: the EOS and stop tokens of the rows still short of min_tokens."""
+        rows = [(i, r.min_tokens_banned) for i, r in enumerate(reqs) if r.num_output_tokens < r.params.min_tokens]
+        if not rows:
+            return None
+        banned = torch.zeros(len(reqs), self.vocab_size, dtype=torch.bool, device=self.device)
+        for i, ids in rows:
+            banned[i, [t for t in ids if 0 <= t < self.vocab_size]] = True
+        return banned
+
+    def _penalties(self, reqs: list[Request], md: SamplingMetadata) -> None:
+        md.presence_penalty = self._floats([r.params.presence_penalty for r in reqs])
+        md.frequency_penalty = self._floats([r.params.frequency_penalty for r in reqs])
+        md.repetition_penalty = self._floats([r.params.repetition_penalty for r in reqs])
+        rows = [self._penalty_row(r) for r in reqs]
+        md.output_counts = torch.stack([counts for counts, _ in rows])  # [B, V]
+        md.seen_mask = torch.stack([seen for _, seen in rows])  # [B, V]
+
+    def _penalty_row(self, req: Request) -> tuple[torch.Tensor, torch.Tensor]:
+        """req's output counts [V] and seen mask [V], up to date with its output; zeros for a row
+        without penalties (the pipeline leaves such a row as it is)."""
+        if not req.params.needs_penalties:
+            return (torch.zeros(self.vocab_size, device=self.device),
+                    torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device))
+        entry = self._penalty_rows.get(req.seq_id)
+        if entry is None:
+            seen = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
+            seen[self._ints(req.prompt_token_ids)] = True
+            entry = (torch.zeros(self.vocab_size, device=self.device), seen, 0)
+        counts, seen, done = entry
+        if done < req.num_output_tokens:
+            new = self._ints(req.token_ids[req.num_prompt_tokens + done:])
+            counts.index_add_(0, new, torch.ones(len(new), device=self.device))
+            seen[new] = True
+        self._penalty_rows[req.seq_id] = (counts, seen, req.num_output_tokens)
+        return counts, seen
 
 
 class Sampler:

@@ -123,6 +123,64 @@ def test_prompt_logprobs_survive_chunked_prefill(smollm2_dir, llm, reference_pro
         assert a.token_id == b.token_id and abs(a.logprob - b.logprob) < 1e-4
 
 
+def test_prompt_logprobs_survive_preemption_mid_prefill(smollm2_dir, llm, reference_prompts):
+    """A prompt scored in chunks, preempted half-way and recomputed from the start: each prompt
+    token's logprob is reported once, as without the preemption."""
+    params = SamplingParams(temperature=0.0, max_tokens=4, prompt_logprobs=2)
+    prompt = reference_prompts[9]  # 220 tokens: 14 blocks with its outputs
+    whole = llm.generate(prompt, params)[0].prompt_logprobs
+    # "long" (7 blocks at the start, growing) and the scored prompt do not fit 20 blocks together:
+    # the newest, the scored prompt, is preempted while it prefills 15 tokens a step
+    engine = LLMEngine(EngineConfig(model=str(smollm2_dir), num_kv_blocks=20, max_num_batched_tokens=16))
+    engine.add_request("long", reference_prompts[7], SamplingParams(temperature=0.0, max_tokens=150))
+    engine.step()
+    engine.add_request("scored", prompt, params)
+    outs = {}
+    while engine.has_unfinished_requests():
+        outs.update((o.request_id, o) for o in engine.step() if o.finished)
+        engine.check_invariants()
+    assert engine.scheduler.seqs_by_request == {} and engine.kv.pool.num_free == 20
+    assert engine.scheduler.num_preemptions > 0
+    got = outs["scored"].prompt_logprobs
+    assert len(got) == len(whole) == len(prompt)
+    for a, b in zip(whole[1:], got[1:]):
+        assert a.token_id == b.token_id and abs(a.logprob - b.logprob) < 1e-4
+
+
+def _penalised_greedy(model, prompt: list[int], n: int, presence: float, frequency: float,
+                      repetition: float) -> list[int]:
+    """Greedy decoding with vLLM's penalties, written out: the whole sequence through transformers
+    each step, then repetition over prompt and output tokens, frequency and presence over the output."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([ids])).logits[0, -1].float()
+            out = ids[len(prompt):]
+            for t in set(ids):
+                logits[t] = logits[t] / repetition if logits[t] > 0 else logits[t] * repetition
+            for t in set(out):
+                logits[t] -= frequency * out.count(t) + presence
+            ids.append(int(logits.argmax()))
+    return ids[len(prompt):]
+
+
+def test_penalties_over_many_steps_match_a_direct_implementation(smollm2_dir, hf_smollm2, reference_prompts):
+    """Penalties count every output token so far, step after step, in a batch beside rows without
+    them and through a preemption (the counts are kept between steps, not rebuilt)."""
+    settings = [(0.4, 0.6, 1.3), (0.0, 0.0, 1.0), (-0.2, 1.1, 0.9)]
+    prompts = [reference_prompts[i] for i in (4, 7, 8)]
+    want = [_penalised_greedy(hf_smollm2, p, 40, *s) for p, s in zip(prompts, settings)]
+    engine = LLMEngine(EngineConfig(model=str(smollm2_dir), num_kv_blocks=18, max_num_batched_tokens=64))
+    for i, (p, (pres, freq, rep)) in enumerate(zip(prompts, settings)):
+        engine.add_request(str(i), p, SamplingParams(temperature=0.0, max_tokens=40, presence_penalty=pres,
+                                                     frequency_penalty=freq, repetition_penalty=rep))
+    done = {}
+    while engine.has_unfinished_requests():
+        done.update((o.request_id, o.outputs[0].token_ids) for o in engine.step() if o.finished)
+    assert engine.scheduler.num_preemptions > 0
+    _assert_same([done[str(i)] for i in range(3)], want)
+
+
 def test_prefix_cache_hits_match_hf(smollm2_dir, hf_smollm2, smollm2_tokenizer):
     # Prompts that share a 200-token start, an exact repeat, a prompt that is a whole number of
     # blocks (all cached but its last token), and one that is a prefix of another.

@@ -54,6 +54,6 @@ def test_engine_on_cuda_matches_hf(tmp_path, tokenizer, mode):
     for p, o in zip(prompts, outs):
         assert o.outputs[0].token_ids == hf_greedy(hf, p, 40)
     runner = llm.engine.runner
-    assert runner.decode_kernel == (mode != "eager-torch")
+    assert (runner.decode_backend == "triton") == (mode != "eager-torch")
     assert (runner.graphs is not None and runner.graphs.replays > 0) == (mode == "graphs")
     assert llm.engine.scheduler.num_preemptions > 0
