@@ -1,7 +1,7 @@
 """Host cost per generated token: the engine's Python work, with the model's arithmetic made negligible.
 
     python benchmarks/host_overhead.py [--seqs 1,64,256] [--lens 200,4000] [--repeats 3]
-        [--revisions BASE,HEAD] [--profile SEQS:LEN] [--json out.json]
+        [--revisions BASE,HEAD] [--profile SEQS:LEN] [--first-block-attention] [--json out.json]
 
 The model is a random 1-layer Llama 64 wide (8 query heads, one KV head) with a 1,024-token
 vocabulary (the bundled tokenizer's first 1,024 tokens), so a step's time is the engine's own: scheduling, input
@@ -12,6 +12,11 @@ median over --repeats (after one warm-up): `us_per_token`, wall time / generated
 `host_us_per_token`, the same less the time inside the model's forward pass (timed around
 `llm.engine.runner.model.forward`; on CPU the kernels run synchronously): at 4,000 tokens of
 context even this model's attention reads megabytes a step, which is not host work.
+
+--first-block-attention makes decode attention read only each sequence's first KV block (the
+tokens are then meaningless, the host's work the same): what is left of the growth from 200- to
+4,000-token outputs is the host's own, without the attention's memory traffic, which evicts the
+host's data from the CPU caches at every step.
 
 --revisions BASE,HEAD checks both revisions out into git worktrees and runs this script on each
 in turn (alternating every repeat), so the two are measured side by side. --profile prints
@@ -50,6 +55,23 @@ def model_dir() -> str:
     LlamaForCausalLM(LlamaConfig(**SHAPE)).save_pretrained(path)
     AutoTokenizer.from_pretrained(bundled_model_dir()).save_pretrained(path)
     return path
+
+
+def attend_first_block_only() -> None:
+    """Every decode backend attends to each sequence's first block alone (--first-block-attention)."""
+    import dataclasses
+
+    from engine.layers.attention import DECODE_BACKENDS
+
+    for backend in DECODE_BACKENDS.values():
+        def decode(q, kv_cache, inputs, scale, full=backend.decode):
+            first = dataclasses.replace(
+                inputs, block_tables=inputs.block_tables[:, :1].contiguous(),
+                context_lens=None if inputs.context_lens is None else inputs.context_lens.clamp(max=1),
+                key_mask=None if inputs.key_mask is None else inputs.key_mask[..., :1].contiguous())
+            return full(q, kv_cache, first, scale)
+
+        backend.decode = decode
 
 
 def measure(path: str, seqs: int, length: int, repeats: int, profile: bool = False) -> list[float]:
@@ -95,6 +117,8 @@ def measure(path: str, seqs: int, length: int, repeats: int, profile: bool = Fal
 
 def run_here(args) -> dict:
     path = args.model_dir or model_dir()
+    if args.first_block_attention:
+        attend_first_block_only()
     if args.profile:
         seqs, length = (int(x) for x in args.profile.split(":"))
         measure(path, seqs, length, 1, profile=True)
@@ -157,6 +181,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--revisions")
     ap.add_argument("--profile")
+    ap.add_argument("--first-block-attention", action="store_true",
+                    help="decode attention reads only each sequence's first block (not with --revisions)")
     ap.add_argument("--model-dir", help="a model made by an earlier run (default: make one)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
