@@ -8,7 +8,7 @@ dict itself, so a hit is verified, never just a hash match. When a block is hand
 content its generation goes up, which makes every key naming it as a parent unreachable.
 
 A salt (a string) may stand in for the missing parent of a sequence's first block: keys with a
-salt are found only by lookups with the same salt. The engine salts a request's keys with its id
+salt are found only by lookups with the same salt. The scheduler salts a request's keys with its id
 when prefix caching is off, so that its own choices (n > 1) share its prompt and nobody else can.
 
 Freed blocks keep their KV and their key: the free list is an LRU (front = evicted first) from

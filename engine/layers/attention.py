@@ -32,7 +32,7 @@ class DecodeInputs:
     """What a decode backend reads, built once a step by its `prepare` and shared by every layer."""
 
     backend: DecodeBackend
-    block_tables: torch.Tensor  # [num_decodes, width] int64 (int32 for Triton); past a row's context: stale
+    block_tables: torch.Tensor  # [num_decodes, width] int64 (int32 in CUDA graphs); past a row's context: stale
     # [num_decodes] keys in context, the new token's included (int32 for Triton); the kernels read it
     context_lens: torch.Tensor | None = None
     # [num_decodes, 1, 1, width * block_size] bool, True where a key is in context; the reference reads it
