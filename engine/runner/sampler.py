@@ -33,10 +33,8 @@ class SamplingMetadata:
     logit_bias: torch.Tensor | None  # [B, V] float32, added to the logits
     banned: torch.Tensor | None  # [B, V] bool, tokens that may not be picked (min_tokens)
     num_logprobs: list[int | None]  # per row: top alternatives wanted, None = no logprobs
-
-    @property
-    def all_greedy(self) -> bool:
-        return bool((self.temperature == 0).all())
+    # every row has temperature 0: known from the params, so no reduction on the device (a sync on CUDA)
+    all_greedy: bool = False
 
 
 def apply_penalties(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
@@ -91,7 +89,7 @@ class SamplingInputs:
                                                                          r.num_output_tokens) for r in reqs],
             presence_penalty=None, frequency_penalty=None, repetition_penalty=None,
             output_counts=None, seen_mask=None, logit_bias=self._logit_bias(reqs), banned=self._banned(reqs),
-            num_logprobs=[p.logprobs for p in params])
+            num_logprobs=[p.logprobs for p in params], all_greedy=all(p.temperature == 0 for p in params))
         if any(p.needs_penalties for p in params):
             self._penalties(reqs, md)
         return md
