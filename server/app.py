@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -105,7 +105,8 @@ def create_app(engine: AsyncLLM, model_name: str, options: ServerOptions | None 
     app.state.model_name = model_name
     app.state.draining = False
     app.state.admission = admission = _Admission(engine.max_num_seqs, options.max_queue_len)
-    app.add_middleware(Guard, options=options, app_state=app.state)
+    app.add_middleware(Guard, options=options, app_state=app.state,
+                       on_response=_response_counter(engine, model_name, app))
     token_text = TokenText(engine.tokenizer)
     work = _Offload(engine.tokenizer)
 
@@ -204,6 +205,23 @@ def create_app(engine: AsyncLLM, model_name: str, options: ServerOptions | None 
     document(app, {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest,
                    "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest})
     return app
+
+
+def _response_counter(engine: AsyncLLM, model_name: str, app: FastAPI):
+    """`kvserve:http_requests_total{route, status}` in the engine's registry (what /metrics
+    exports); a path the app has no route for counts as route "other", so that clients cannot
+    make series without bound."""
+    family = Counter("kvserve:http_requests", "HTTP responses by route and status code.",
+                     ["model_name", "route", "status"], registry=engine.metrics_registry)
+    routes: frozenset[str] | None = None
+
+    def count(path: str, status: int) -> None:
+        nonlocal routes
+        if routes is None:  # the first response: every route is defined by then
+            routes = frozenset(r.path for r in app.routes)
+        family.labels(model_name, path if path in routes else "other", str(status)).inc()
+
+    return count
 
 
 def _num_chars(messages: list[dict]) -> int:

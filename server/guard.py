@@ -34,10 +34,11 @@ def error_body(message: str, type_: str, code: str | None = None) -> bytes:
 
 
 class Guard:
-    def __init__(self, app, options: ServerOptions, app_state) -> None:
+    def __init__(self, app, options: ServerOptions, app_state, on_response=None) -> None:
         self.app = app
         self.options = options
         self.app_state = app_state  # .draining is set by the shutdown handler
+        self.on_response = on_response  # (path, status) of every response started, for metrics
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -52,6 +53,8 @@ class Guard:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
+                if self.on_response is not None:
+                    self.on_response(scope["path"], message["status"])
                 message["headers"] = list(message.get("headers", [])) + [(b"x-request-id", request_id.encode())]
             await send(message)
 

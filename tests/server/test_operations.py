@@ -48,6 +48,32 @@ def test_oversized_body_is_413(guarded):
                       headers=_auth()).status_code == 200
 
 
+def _http_responses(base: str) -> dict[tuple[str, str], float]:
+    """kvserve:http_requests_total by (route, status), from /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for family in text_string_to_metric_families(httpx.get(f"{base}/metrics").text):
+        for sample in family.samples:
+            if sample.name == "kvserve:http_requests_total":
+                assert sample.labels["model_name"] == "smol"
+                out[sample.labels["route"], sample.labels["status"]] = sample.value
+    return out
+
+
+def test_http_responses_are_counted_by_route_and_status(guarded):
+    before = _http_responses(guarded)
+    assert httpx.get(f"{guarded}/v1/models", headers=_auth()).status_code == 200
+    assert httpx.get(f"{guarded}/v1/models").status_code == 401
+    for i in range(3):  # unknown paths share one series, whatever they are
+        assert httpx.get(f"{guarded}/no/such/path/{i}", headers=_auth()).status_code == 404
+    after = _http_responses(guarded)
+    grew = {key: after[key] - before.get(key, 0.0) for key in after if after[key] != before.get(key, 0.0)}
+    # (the /metrics scrape that read `before` is counted too)
+    assert grew == {("/v1/models", "200"): 1, ("/v1/models", "401"): 1, ("other", "404"): 3,
+                    ("/metrics", "200"): 1}
+
+
 def test_request_id_is_echoed(guarded):
     r = httpx.get(f"{guarded}/health", headers={"X-Request-Id": "abc-123"})
     assert r.headers["x-request-id"] == "abc-123"
