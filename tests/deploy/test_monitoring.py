@@ -155,6 +155,18 @@ def test_every_dashboard_query_returns_series_from_the_live_server(live):
 
 
 @needs_prometheus
+def test_the_autoscalers_adapter_rule_evaluates_against_the_live_series(live):
+    """prometheus-adapter fills in its template per HPA query; here as it would for the pods of one
+    job (the live series have no Kubernetes labels, so the series query must parse but finds none)."""
+    adapter = yaml.safe_load((Path(ROOT) / "deploy" / "kubernetes" / "prometheus-adapter-values.yaml").read_text())
+    (rule,) = adapter["rules"]["custom"]
+    query(live, rule["seriesQuery"])
+    expr = (rule["metricsQuery"].replace("<<.Series>>", "kvserve:num_requests_waiting")
+            .replace("<<.LabelMatchers>>", 'job="kvserve"').replace("<<.GroupBy>>", "instance"))
+    assert query(live, expr), expr
+
+
+@needs_prometheus
 def test_every_alert_expression_evaluates_against_the_live_series(live):
     for rule in alert_rules():
         query(live, rule["expr"])  # a parse or evaluation error fails here, naming the expression
