@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from engine.core.outputs import CompletionOutput, RequestOutput
 from engine.core.sampling_params import SamplingParams
 from engine.frontend.async_llm import AsyncLLM, EngineDeadError, RequestFailedError
-from server.errors import APIError, call, invalid_request
+from server.errors import APIError, call, invalid_request, param_of
 from server.guard import Guard, ServerOptions
 from server.logprobs import TokenText, chat_logprobs, completion_logprobs, concat, num_tokens
 from server.openapi import document
@@ -177,6 +177,7 @@ def create_app(engine: AsyncLLM, model_name: str, options: ServerOptions | None 
         params = call(body.params)
         texts = call(body.prompts)
         admission.check_size(len(texts), params.n)
+        await _compile_grammar(engine, params)
 
         def prepare(tok):
             prompts = [_prompt_ids(engine, tok, p, params) for p in texts]
@@ -195,6 +196,7 @@ def create_app(engine: AsyncLLM, model_name: str, options: ServerOptions | None 
         params = call(body.params)
         messages = call(body.message_dicts)
         admission.check_size(1, params.n)
+        await _compile_grammar(engine, params)
         size = _num_chars(messages)
         call(lambda: engine.check_prompt_chars(size))  # before templating megabytes
         prompts = await work.tokenize(lambda tok: [_prompt_ids(engine, tok, _chat_ids(tok, messages, True), params)],
@@ -222,6 +224,14 @@ def _response_counter(engine: AsyncLLM, model_name: str, app: FastAPI):
         family.labels(model_name, path if path in routes else "other", str(status)).inc()
 
     return count
+
+
+async def _compile_grammar(engine: AsyncLLM, params: SamplingParams) -> None:
+    """A schema, regex or grammar that does not compile is a 400 before anything runs."""
+    try:
+        await engine.compile_grammar(params)
+    except ValueError as e:
+        raise APIError(400, str(e), param=param_of(str(e))) from e
 
 
 def _num_chars(messages: list[dict]) -> int:

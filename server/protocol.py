@@ -14,6 +14,7 @@ from engine.core.sampling_params import (
     MAX_TEMPERATURE,
     SEED_RANGE,
     SamplingParams,
+    StructuredOutputs,
 )
 
 # Fields the API knows and this server does not implement yet: a request that sets one to anything
@@ -21,9 +22,7 @@ from engine.core.sampling_params import (
 _UNSUPPORTED: dict[str, tuple] = {
     "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
     "audio": (None,), "prediction": (None,), "web_search_options": (None,), "reasoning_effort": (None,),
-    "suffix": (None, ""), "use_beam_search": (None, False), "structured_outputs": (None,),
-    "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),
-    "store": (None, False),
+    "suffix": (None, ""), "use_beam_search": (None, False), "store": (None, False),
 }
 
 
@@ -50,9 +49,26 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_Strict):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict | None = Field(None, alias="schema")  # None: any JSON object
+    strict: bool | None = None  # the output always follows the schema, strict or not
+
+
 class ResponseFormat(_Strict):
-    type: str
-    json_schema: dict | None = None
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsField(_Strict):
+    """vLLM's `structured_outputs` extra: exactly one of these."""
+
+    json_: dict | str | None = Field(None, alias="json")
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: Annotated[list[str], Field(fail_fast=True)] | None = None
+    grammar: str | None = None
 
 
 class _SamplingFields(_Strict):
@@ -75,6 +91,12 @@ class _SamplingFields(_Strict):
     parallel_tool_calls: bool | None = None  # meaningful only with tools, which are refused
     best_of: int | None = None  # only best_of == n (the default) until beam search lands
     response_format: ResponseFormat | None = None
+    # vLLM's structured outputs, and their older names
+    structured_outputs: StructuredOutputsField | None = None
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: Annotated[list[str], Field(fail_fast=True)] | None = None
+    guided_grammar: str | None = None
     # known, not implemented yet: see _UNSUPPORTED
     tools: Any = None
     tool_choice: Any = None
@@ -86,11 +108,6 @@ class _SamplingFields(_Strict):
     reasoning_effort: Any = None
     suffix: Any = None
     use_beam_search: Any = None
-    structured_outputs: Any = None
-    guided_json: Any = None
-    guided_regex: Any = None
-    guided_choice: Any = None
-    guided_grammar: Any = None
     store: Any = None
     # vLLM extras
     top_k: int = Field(0, ge=-1)
@@ -114,15 +131,38 @@ class _SamplingFields(_Strict):
             max_tokens=max_tokens, min_tokens=self.min_tokens, stop=self.stop, stop_token_ids=self.stop_token_ids,
             ignore_eos=self.ignore_eos, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
-            logprobs=logprobs, prompt_logprobs=prompt_logprobs, logit_bias=bias or None)
+            logprobs=logprobs, prompt_logprobs=prompt_logprobs, logit_bias=bias or None,
+            structured_outputs=self._structured_outputs())
+
+    def _structured_outputs(self) -> StructuredOutputs | None:
+        """What response_format, structured_outputs or a guided_* field asks for (one at most)."""
+        asked = []
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_object":
+            asked.append(StructuredOutputs(json_object=True, field="response_format"))
+        if fmt is not None and fmt.type == "json_schema":
+            if fmt.json_schema is None:
+                raise ValueError("response_format.json_schema: needed when type is 'json_schema'")
+            schema = fmt.json_schema.schema_
+            asked.append(StructuredOutputs(json=schema, field="response_format") if schema is not None
+                         else StructuredOutputs(json_object=True, field="response_format"))
+        so = self.structured_outputs
+        if so is not None:
+            asked.append(StructuredOutputs(json=so.json_, json_object=bool(so.json_object), regex=so.regex,
+                                           choice=so.choice, grammar=so.grammar, field="structured_outputs"))
+        for name, kind in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                           ("guided_grammar", "grammar")):
+            if getattr(self, name) is not None:
+                asked.append(StructuredOutputs(**{kind: getattr(self, name)}, field=name))
+        if len(asked) > 1:
+            raise ValueError(f"{asked[1].field}: only one of response_format, structured_outputs and guided_* "
+                             "may constrain the output")
+        return asked[0] if asked else None
 
     def _check_supported(self) -> None:
         for name, off in _UNSUPPORTED.items():
             if name in self.model_fields_set and getattr(self, name) not in off:
                 raise ValueError(f"{name}: not supported by this server yet")
-        if self.response_format is not None and self.response_format.type != "text":
-            raise ValueError(f"response_format: type {self.response_format.type!r} is not supported by this server "
-                             "yet (only 'text')")
         if self.best_of is not None and self.best_of != self.n:
             raise ValueError("best_of: only best_of equal to n is supported by this server yet")
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from engine.core.sampling_params import SamplingParams
 
@@ -36,6 +37,7 @@ class Request:
     max_tokens: int  # resolved: never None here
     min_tokens_banned: tuple[int, ...] = ()  # EOS and stop ids, masked until min_tokens are out
     cache_salt: str | None = None  # set: its prefix-cache keys are found only by the same salt
+    grammar: Any = None  # structured outputs: the sequence's matcher (engine/runner/grammar.py), opaque here
     arrival_time: float = field(default_factory=time.monotonic)
     status: RequestStatus = RequestStatus.WAITING
     num_computed_tokens: int = 0

@@ -1,6 +1,7 @@
 """Per-request sampling and stopping options, as vLLM's SamplingParams."""
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -15,6 +16,56 @@ SEED_RANGE = (-(1 << 63), 1 << 64)  # signed or unsigned 64-bit; both map onto t
 # What each engine output carries (vLLM's RequestOutputKind): "cumulative" the whole answer so far,
 # "delta" only what is new since the last output, "final" one output, when the request ends.
 OUTPUT_KINDS = ("cumulative", "delta", "final")
+MAX_GRAMMAR_CHARS = 64 << 10  # a schema, regex or grammar: compiling is bounded by its size
+MAX_CHOICES = 256
+
+
+@dataclass(frozen=True)
+class StructuredOutputs:
+    """An output constrained to a language (vLLM's StructuredOutputsParams): exactly one of a JSON
+    schema, any JSON object, a regular expression, a choice of strings, or an EBNF grammar
+    (xgrammar's dialect of GBNF). Tokens that would leave the language are masked at every step;
+    the request ends when the output is complete. `field` names the API field that asked for it,
+    for error messages."""
+
+    json: str | dict | None = None  # a JSON schema (a dict is kept as JSON text)
+    json_object: bool = False
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
+    field: str = "structured_outputs"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.json, dict):
+            object.__setattr__(self, "json", json.dumps(self.json))  # key order kept: it is the output's
+        if self.choice is not None:
+            object.__setattr__(self, "choice", tuple(self.choice))
+        self.validate()
+
+    @property
+    def kind(self) -> str:
+        if self.json_object:
+            return "json_object"
+        return next(k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None)
+
+    @property
+    def key(self) -> tuple:
+        """What the compiled grammar depends on (its cache key)."""
+        return self.kind, self.json, self.regex, self.choice, self.grammar
+
+    def validate(self) -> None:
+        set_ = [k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        set_ += ["json_object"] if self.json_object else []
+        if len(set_) != 1:
+            raise ValueError(f"{self.field}: give exactly one of json, json_object, regex, choice, grammar "
+                             f"(got {', '.join(set_) or 'none'})")
+        text = self.json or self.regex or self.grammar
+        if text is not None and not (isinstance(text, str) and 0 < len(text) <= MAX_GRAMMAR_CHARS):
+            raise ValueError(f"{self.field}: must be a non-empty string of at most {MAX_GRAMMAR_CHARS} characters")
+        if self.choice is not None and not (0 < len(self.choice) <= MAX_CHOICES and all(
+                isinstance(c, str) and 0 < len(c) <= MAX_STOP_STRING_CHARS for c in self.choice)):
+            raise ValueError(f"{self.field}: choice must be 1 to {MAX_CHOICES} non-empty strings of at most "
+                             f"{MAX_STOP_STRING_CHARS} characters")
 
 
 @dataclass
@@ -38,6 +89,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     skip_special_tokens: bool = True
     output_kind: str = "cumulative"  # one of OUTPUT_KINDS
+    structured_outputs: StructuredOutputs | None = None
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -88,6 +140,11 @@ class SamplingParams:
         for name in ("logprobs", "prompt_logprobs"):
             need(integer(name, 0, MAX_LOGPROBS, optional=True), name, f"must be in [0, {MAX_LOGPROBS}]")
         need(self.output_kind in OUTPUT_KINDS, "output_kind", f"must be one of {OUTPUT_KINDS}")
+        need(self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputs),
+             "structured_outputs", "must be a StructuredOutputs")
+        # the ban would hold back the end of output a complete grammar allows alone
+        need(self.structured_outputs is None or self.min_tokens == 0, "min_tokens",
+             "cannot be combined with structured outputs")
         need(len(self.stop_strings) <= MAX_STOP_STRINGS, "stop", f"must hold at most {MAX_STOP_STRINGS} strings")
         need(all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_STRING_CHARS for s in self.stop_strings), "stop",
              f"must be non-empty strings of at most {MAX_STOP_STRING_CHARS} characters")

@@ -86,6 +86,13 @@ class AsyncLLM:
     def check_prompt_chars(self, num_chars: int) -> None:
         self.engine.check_prompt_chars(num_chars)
 
+    async def compile_grammar(self, params: SamplingParams) -> None:
+        """Compile the request's structured-output grammar on a thread (ValueError if it cannot be
+        compiled), so that neither the event loop nor the engine's step waits for it; generate()
+        then finds it compiled."""
+        if params.structured_outputs is not None:
+            await asyncio.to_thread(self.engine.grammars.compile, params.structured_outputs)
+
     def prepare_prompt(self, prompt: str | list[int], params: SamplingParams, tokenizer=None) -> list[int]:
         """Token ids of the prompt, checked (ValueError); pass them to generate(..., checked=True)."""
         return self.engine.prepare_prompt(prompt, params, tokenizer)
@@ -100,6 +107,8 @@ class AsyncLLM:
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already running")
+        if params is not None:
+            await self.compile_grammar(params)
         state, _ = self.engine.make_request(request_id, prompt, params, checked)  # raises ValueError early
         outputs: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), outputs)

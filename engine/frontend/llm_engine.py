@@ -28,6 +28,7 @@ from engine.models.loader import (
     pick_dtype,
     resolve_source,
 )
+from engine.runner.grammar import Grammars
 from engine.runner.model_runner import ModelRunner, ModelRunnerOutput
 
 logger = logging.getLogger(__name__)
@@ -96,6 +97,7 @@ class LLMEngine:
         self._requests: dict[str, _RequestState] = {}
         self._failed: list[RequestOutput] = []  # outputs of requests failed during the current step
         self.metrics = EngineMetrics(self.model_name, self.scheduler, self.kv)
+        self.grammars = Grammars(self.tokenizer, self.hf_config.vocab_size, self.eos_token_ids)
 
     # --- configuration ------------------------------------------------------------------
     def _max_model_len(self) -> int:
@@ -138,7 +140,8 @@ class LLMEngine:
             # only the first choice scores the prompt; the others share its KV blocks
             p = params if i == 0 or params.prompt_logprobs is None else dataclasses.replace(
                 params, prompt_logprobs=None)
-            seqs.append(Request(request_id, i, ids, p, max_tokens, min_tokens_banned=banned))
+            grammar = None if params.structured_outputs is None else self.grammars.matcher(params.structured_outputs)
+            seqs.append(Request(request_id, i, ids, p, max_tokens, min_tokens_banned=banned, grammar=grammar))
         texts = [SequenceText(IncrementalDetokenizer(self._detok_tokenizer, ids, params.skip_special_tokens),
                               params.stop_strings) for _ in seqs]
         return _RequestState(text, ids, seqs, texts, [_Sent() for _ in seqs]), seqs
@@ -309,6 +312,8 @@ class LLMEngine:
         if token is None:
             return  # a prefill chunk that did not reach the end of the prompt
         req.append_token(token)
+        if req.grammar is not None and not req.grammar.accept_token(token):  # the mask rules this out
+            raise RuntimeError(f"token {token} is outside the request's grammar")
         now = time.monotonic()
         self.metrics.on_token(req, now)
         req.last_token_time = now
@@ -328,6 +333,8 @@ class LLMEngine:
         p = req.params
         if stop_string is not None:
             return "stop", stop_string
+        if req.grammar is not None and req.grammar.is_terminated():  # the output is complete
+            return "stop", None
         if past_min and token in p.stop_token_ids:
             return "stop", token
         if past_min and not p.ignore_eos and token in self.eos_token_ids:

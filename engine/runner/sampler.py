@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.core.request import Request, TokenLogprobs
+from engine.runner.grammar import apply_bitmask, fill_bitmask
 
 
 @dataclass
@@ -35,6 +36,8 @@ class SamplingMetadata:
     num_logprobs: list[int | None]  # per row: top alternatives wanted, None = no logprobs
     # every row has temperature 0: known from the params, so no reduction on the device (a sync on CUDA)
     all_greedy: bool = False
+    # [B, ceil(V / 32)] int32, structured outputs: bit t of a row set = token t may come next
+    grammar_bitmask: torch.Tensor | None = None
 
 
 def apply_penalties(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
@@ -89,7 +92,8 @@ class SamplingInputs:
                                                                          r.num_output_tokens) for r in reqs],
             presence_penalty=None, frequency_penalty=None, repetition_penalty=None,
             output_counts=None, seen_mask=None, logit_bias=self._logit_bias(reqs), banned=self._banned(reqs),
-            num_logprobs=[p.logprobs for p in params], all_greedy=all(p.temperature == 0 for p in params))
+            num_logprobs=[p.logprobs for p in params], all_greedy=all(p.temperature == 0 for p in params),
+            grammar_bitmask=self._grammar_bitmask(reqs))
         if any(p.needs_penalties for p in params):
             self._penalties(reqs, md)
         return md
@@ -109,6 +113,12 @@ class SamplingInputs:
                 if 0 <= tok < self.vocab_size:
                     bias[i, tok] += value
         return bias
+
+    def _grammar_bitmask(self, reqs: list[Request]) -> torch.Tensor | None:
+        rows = [i for i, r in enumerate(reqs) if r.grammar is not None]
+        if not rows:
+            return None
+        return fill_bitmask([reqs[i].grammar for i in rows], rows, len(reqs), self.vocab_size)
 
     def _banned(self, reqs: list[Request]) -> torch.Tensor | None:
         """[B, V] bool: the EOS and stop tokens of the rows still short of min_tokens."""
@@ -162,6 +172,9 @@ class Sampler:
             logits = logits + md.logit_bias
         if md.banned is not None:
             logits = logits.masked_fill(md.banned, float("-inf"))
+        if md.grammar_bitmask is not None:
+            logits = logits.clone()  # (in place below; the caller's logits stay as they were)
+            apply_bitmask(logits, md.grammar_bitmask)
         tokens = logits.argmax(dim=-1)
         if not md.all_greedy:
             tokens = torch.where(md.temperature == 0, tokens, self._sample(logits, md))

@@ -113,7 +113,7 @@ def test_every_route_but_health_and_metrics_needs_the_key(server, method, path, 
                               "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
      "tools"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "response_format": {
-        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}}, "response_format"),
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}}, "response_format"),
     ("/v1/completions", {"prompt": "hi", "best_of": 3}, "best_of"),
     ("/v1/completions", {"prompt": "hi", "temperature": 1e308}, "temperature"),
     ("/v1/completions", {"prompt": "hi", "stop": [str(i) for i in range(1000)]}, "stop"),

@@ -1,0 +1,81 @@
+"""Structured outputs: StructuredOutputs compiled by xgrammar into grammars over the model's
+vocabulary, and one matcher per sequence that says which tokens may come next.
+
+xgrammar against llguidance on the bundled tokenizer: benchmarks/grammar_engines.py, BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import json
+import re
+import threading
+
+import torch
+import xgrammar as xgr
+
+from engine.core.sampling_params import StructuredOutputs
+
+# xgrammar keeps every compiled grammar; this bounds the memory that cache may hold
+_CACHE_BYTES = 256 << 20
+
+
+class Grammars:
+    """Compiles StructuredOutputs (thread-safe; each distinct one once) and makes matchers."""
+
+    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: set[int]) -> None:
+        self.vocab_size = vocab_size
+        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
+                                                  stop_token_ids=sorted(stop_token_ids))
+        self._compiler = xgr.GrammarCompiler(info, max_threads=2, cache_limit_bytes=_CACHE_BYTES)
+        self._compiled: dict[tuple, xgr.CompiledGrammar] = {}
+        self._lock = threading.Lock()
+
+    def compile(self, spec: StructuredOutputs) -> xgr.CompiledGrammar:
+        """ValueError, naming spec.field, for a schema, regex or grammar xgrammar cannot compile."""
+        with self._lock:
+            done = self._compiled.get(spec.key)
+        if done is not None:
+            return done
+        try:
+            compiled = self._compile(spec)
+        except (RuntimeError, ValueError) as e:  # xgrammar's errors for bad input
+            why = re.sub(r"^\[[\d:]+\] \S+?:\d+: ", "", str(e)).strip()  # without its C++ source line
+            raise ValueError(f"{spec.field}: cannot be compiled into a grammar: {why}") from None
+        with self._lock:
+            self._compiled[spec.key] = compiled
+        return compiled
+
+    def _compile(self, spec: StructuredOutputs) -> xgr.CompiledGrammar:
+        c = self._compiler
+        if spec.kind == "json":
+            json.loads(spec.json)  # a JSONDecodeError is a ValueError
+            # compact JSON: free whitespace lets a small model pad its answer for ever
+            return c.compile_json_schema(spec.json, any_whitespace=False, separators=(",", ":"))
+        if spec.kind == "json_object":
+            return c.compile_json_schema('{"type": "object"}', any_whitespace=False, separators=(",", ":"))
+        if spec.kind == "regex":
+            return c.compile_regex(spec.regex)
+        if spec.kind == "choice":  # one alternative per string, as GBNF string literals
+            return c.compile_grammar("root ::= " + " | ".join(json.dumps(s) for s in spec.choice))
+        return c.compile_grammar(spec.grammar)
+
+    def matcher(self, spec: StructuredOutputs) -> xgr.GrammarMatcher:
+        return xgr.GrammarMatcher(self.compile(spec))
+
+
+_batch: xgr.BatchGrammarMatcher | None = None
+
+
+def fill_bitmask(matchers: list[xgr.GrammarMatcher], rows: list[int], num_rows: int, vocab_size: int) -> torch.Tensor:
+    """[num_rows, ceil(V / 32)] int32: bit t of row r says whether token t may come next in that
+    row's matcher (the rows given; the others allow every token). For the engine's thread."""
+    global _batch
+    if _batch is None:
+        _batch = xgr.BatchGrammarMatcher(max_threads=2)
+    bitmask = xgr.allocate_token_bitmask(num_rows, vocab_size)
+    _batch.batch_fill_next_token_bitmask(matchers, bitmask, rows)
+    return bitmask
+
+
+def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """logits [B, V] in place: -inf where the bitmask's bit is 0."""
+    xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), vocab_size=logits.shape[-1])
