@@ -49,6 +49,7 @@ class Workload:
     seed: int = 0
     ignore_eos: bool = True  # some servers reject the field (transformers serve)
     warmup_prompt: str | None = None  # default: the first prompt (then a prompt cache has seen it)
+    extra_body: dict | None = None  # more request fields (e.g. response_format)
 
 
 # --- prompts -----------------------------------------------------------------------------
@@ -74,6 +75,7 @@ async def send(client: httpx.AsyncClient, w: Workload, prompt: str) -> RequestRe
             "stream": True, "stream_options": {"include_usage": True}}
     if w.ignore_eos:
         body["ignore_eos"] = True
+    body.update(w.extra_body or {})
     res = RequestResult(ok=False)
     start = last = time.perf_counter()
     chunks = 0

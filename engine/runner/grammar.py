@@ -62,17 +62,14 @@ class Grammars:
         return xgr.GrammarMatcher(self.compile(spec))
 
 
-_batch: xgr.BatchGrammarMatcher | None = None
-
-
 def fill_bitmask(matchers: list[xgr.GrammarMatcher], rows: list[int], num_rows: int, vocab_size: int) -> torch.Tensor:
     """[num_rows, ceil(V / 32)] int32: bit t of row r says whether token t may come next in that
-    row's matcher (the rows given; the others allow every token). For the engine's thread."""
-    global _batch
-    if _batch is None:
-        _batch = xgr.BatchGrammarMatcher(max_threads=2)
+    row's matcher (the rows given; the others allow every token). One matcher at a time: xgrammar's
+    threaded batch fill cost ~1.4 ms a call beside the engine's own threads, a matcher's fill a few µs
+    (BENCHMARKS.md, "Structured outputs")."""
     bitmask = xgr.allocate_token_bitmask(num_rows, vocab_size)
-    _batch.batch_fill_next_token_bitmask(matchers, bitmask, rows)
+    for matcher, row in zip(matchers, rows):
+        matcher.fill_next_token_bitmask(bitmask, row)
     return bitmask
 
 
