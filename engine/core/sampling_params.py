@@ -48,11 +48,6 @@ class StructuredOutputs:
             return "json_object"
         return next(k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None)
 
-    @property
-    def key(self) -> tuple:
-        """What the compiled grammar depends on (its cache key)."""
-        return self.kind, self.json, self.regex, self.choice, self.grammar
-
     def validate(self) -> None:
         set_ = [k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None]
         set_ += ["json_object"] if self.json_object else []

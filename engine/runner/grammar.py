@@ -7,42 +7,33 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 
 import torch
 import xgrammar as xgr
 
 from engine.core.sampling_params import StructuredOutputs
 
-# xgrammar keeps every compiled grammar; this bounds the memory that cache may hold
+# xgrammar's compiler caches what it compiled (so each distinct schema compiles once); this bounds
+# the memory the cache may hold, whatever schemas clients send
 _CACHE_BYTES = 256 << 20
 
 
 class Grammars:
-    """Compiles StructuredOutputs (thread-safe; each distinct one once) and makes matchers."""
+    """Compiles StructuredOutputs (thread-safe, cached by xgrammar) and makes matchers."""
 
     def __init__(self, tokenizer, vocab_size: int, stop_token_ids: set[int]) -> None:
         self.vocab_size = vocab_size
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
                                                   stop_token_ids=sorted(stop_token_ids))
         self._compiler = xgr.GrammarCompiler(info, max_threads=2, cache_limit_bytes=_CACHE_BYTES)
-        self._compiled: dict[tuple, xgr.CompiledGrammar] = {}
-        self._lock = threading.Lock()
 
     def compile(self, spec: StructuredOutputs) -> xgr.CompiledGrammar:
         """ValueError, naming spec.field, for a schema, regex or grammar xgrammar cannot compile."""
-        with self._lock:
-            done = self._compiled.get(spec.key)
-        if done is not None:
-            return done
         try:
-            compiled = self._compile(spec)
+            return self._compile(spec)
         except (RuntimeError, ValueError) as e:  # xgrammar's errors for bad input
             why = re.sub(r"^\[[\d:]+\] \S+?:\d+: ", "", str(e)).strip()  # without its C++ source line
             raise ValueError(f"{spec.field}: cannot be compiled into a grammar: {why}") from None
-        with self._lock:
-            self._compiled[spec.key] = compiled
-        return compiled
 
     def _compile(self, spec: StructuredOutputs) -> xgr.CompiledGrammar:
         c = self._compiler
@@ -65,8 +56,8 @@ class Grammars:
 def fill_bitmask(matchers: list[xgr.GrammarMatcher], rows: list[int], num_rows: int, vocab_size: int) -> torch.Tensor:
     """[num_rows, ceil(V / 32)] int32: bit t of row r says whether token t may come next in that
     row's matcher (the rows given; the others allow every token). One matcher at a time: xgrammar's
-    threaded batch fill cost ~1.4 ms a call beside the engine's own threads, a matcher's fill a few µs
-    (BENCHMARKS.md, "Structured outputs")."""
+    threaded batch fill cost far more than it saved beside the engine's own threads (BENCHMARKS.md,
+    "What a schema on every request costs serving")."""
     bitmask = xgr.allocate_token_bitmask(num_rows, vocab_size)
     for matcher, row in zip(matchers, rows):
         matcher.fill_next_token_bitmask(bitmask, row)
