@@ -76,6 +76,16 @@ def test_readme_openai_sdk_example(default_server):
     assert "Paris" in run.stdout  # the greedy answer, as in test_openai_e2e
 
 
+def test_readme_structured_outputs_sdk_example(default_server):
+    """README's parse() example, after the SDK example's client (as a reader runs them in turn)."""
+    (client,) = [b for b in _blocks("python") if "OpenAI(" in b]
+    (example,) = [b for b in _blocks("python") if ".parse(" in b]
+    code = (client + example).replace(README_URL, default_server)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stderr
+    assert re.search(r"city='[^']+' population=\d+", run.stdout), run.stdout  # the parsed pydantic object
+
+
 def test_openapi_docs(default_server):
     page = httpx.get(f"{default_server}/docs")
     assert page.status_code == 200 and "swagger" in page.text.lower()
