@@ -138,6 +138,8 @@ class _SamplingFields(_Strict):
         """What response_format, structured_outputs or a guided_* field asks for (one at most)."""
         asked = []
         fmt = self.response_format
+        if fmt is not None and fmt.type != "json_schema" and fmt.json_schema is not None:
+            raise ValueError(f"response_format.json_schema: only with type 'json_schema' (type is {fmt.type!r})")
         if fmt is not None and fmt.type == "json_object":
             asked.append(StructuredOutputs(json_object=True, field="response_format"))
         if fmt is not None and fmt.type == "json_schema":

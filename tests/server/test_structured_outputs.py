@@ -85,6 +85,8 @@ def test_vllm_extras(client, extra, check):
     ({"guided_json": "{not json"}, "guided_json"),
     ({"response_format": {"type": "json_object"}, "guided_regex": "a"}, "guided_regex"),
     ({"response_format": {"type": "json_object"}, "min_tokens": 2}, "min_tokens"),
+    ({"response_format": {"type": "text", "json_schema": {"name": "x", "schema": SCHEMA}}},  # not silently ignored
+     "response_format.json_schema"),
 ])
 def test_bad_specs_are_400_naming_the_field(client, body, param):
     r = httpx.post(f"{client.base_url}completions", json={"model": "smol", "prompt": "x", **body})
