@@ -28,6 +28,7 @@ from server.guard import Guard, ServerOptions
 from server.logprobs import TokenText, chat_logprobs, completion_logprobs, concat, num_tokens
 from server.openapi import document
 from server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, message_dicts
+from server.tool_calls import FORMATS, ToolCallStream, ToolFormat, detect, finish_reason
 
 logger = logging.getLogger("kvserve.server")
 
@@ -109,6 +110,9 @@ def create_app(engine: AsyncLLM, model_name: str, options: ServerOptions | None 
                        on_response=_response_counter(engine, model_name, app))
     token_text = TokenText(engine.tokenizer)
     work = _Offload(engine.tokenizer)
+    template = options.chat_template  # None: the model's own
+    app.state.tool_format = tool_format = resolve_tool_format(options.tool_call_parser,
+                                                              template or engine.tokenizer.chat_template)
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, e: APIError):
@@ -148,9 +152,11 @@ def create_app(engine: AsyncLLM, model_name: str, options: ServerOptions | None 
             raise APIError(400, "prompt: give exactly one of prompt or messages", param="prompt")
         if body.messages is not None:
             messages = call(lambda: message_dicts(body.messages))
-            size = _num_chars(messages)
+            tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
+            size = _num_chars(messages, tools)
             call(lambda: engine.check_prompt_chars(size))
-            ids = await work.tokenize(lambda tok: _chat_ids(tok, messages, body.add_generation_prompt), size)
+            ids = await work.tokenize(
+                lambda tok: _chat_ids(tok, messages, body.add_generation_prompt, tools, template), size)
         else:
             call(lambda: engine.check_prompt_chars(len(body.prompt)))
             ids = await work.tokenize(lambda tok: tok.encode(body.prompt, add_special_tokens=body.add_special_tokens),
@@ -193,15 +199,16 @@ def create_app(engine: AsyncLLM, model_name: str, options: ServerOptions | None 
     async def chat(raw: Request):
         body = await work.parse(raw, ChatCompletionRequest)
         _check_model(body.model, model_name)
-        params = call(body.params)
-        messages = call(body.message_dicts)
+        params = call(lambda: body.params(tool_format))
+        messages, tools = call(body.message_dicts), body.tool_dicts()
         admission.check_size(1, params.n)
         await _compile_grammar(engine, params)
-        size = _num_chars(messages)
+        size = _num_chars(messages, tools)
         call(lambda: engine.check_prompt_chars(size))  # before templating megabytes
-        prompts = await work.tokenize(lambda tok: [_prompt_ids(engine, tok, _chat_ids(tok, messages, True), params)],
-                                      size)
-        render = _Render(True, token_text if body.logprobs else None, prompts)
+        prompts = await work.tokenize(
+            lambda tok: [_prompt_ids(engine, tok, _chat_ids(tok, messages, True, tools, template), params)], size)
+        calls = tool_format if body.tool_choice_mode() is not None else None
+        render = _Render(True, token_text if body.logprobs else None, prompts, tools=calls)
         return await _respond(raw, engine, "chatcmpl", prompts, params, body, render)
 
     document(app, {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest,
@@ -234,13 +241,22 @@ async def _compile_grammar(engine: AsyncLLM, params: SamplingParams) -> None:
         raise APIError(400, str(e), param=param_of(str(e))) from e
 
 
-def _num_chars(messages: list[dict]) -> int:
-    return sum(len(m["content"]) for m in messages)
+def resolve_tool_format(parser: str, chat_template: str | None) -> ToolFormat | None:
+    """The tool-call format named, or for "auto" the one the chat template shows (None if unclear)."""
+    name = detect(chat_template) if parser == "auto" else parser
+    return FORMATS[name] if name is not None else None
 
 
-def _chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+def _num_chars(messages: list[dict], tools: list[dict] | None = None) -> int:
+    """The size of a conversation, to bound it before templating (tools count as their JSON)."""
+    return sum(len(m["content"]) for m in messages) + (len(json.dumps(tools)) if tools else 0)
+
+
+def _chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool, tools: list[dict] | None = None,
+              chat_template: str | None = None) -> list[int]:
     try:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True,
+                                            tools=tools, chat_template=chat_template)
     except Exception as e:  # a template may reject a conversation (e.g. roles out of order)
         raise APIError(400, f"messages: {e}", param="messages") from e
     return list(ids["input_ids"] if not isinstance(ids, list) else ids)
@@ -397,14 +413,17 @@ class _Sent:
 class _Render:
     """Engine outputs -> OpenAI choices. One code path renders a whole answer (one call per choice,
     on the engine's final output) and a stream (one call per update, on the engine's deltas), so the
-    two agree."""
+    two agree. With `tools` (the format of the model's tool calls), a chat answer's text goes
+    through a tool-call parser: the calls become `tool_calls`, the rest `content`."""
 
     def __init__(self, chat: bool, texts: TokenText | None, prompts: list[list[int]],
-                 echo: list[str] | None = None, prompt_only: bool = False) -> None:
+                 echo: list[str] | None = None, prompt_only: bool = False, tools: ToolFormat | None = None) -> None:
         self.chat, self.texts, self.prompts, self.echo, self.prompt_only = chat, texts, prompts, echo, prompt_only
+        self.tools = tools
         self.object = "chat.completion" if chat else "text_completion"
         self.chunk_object = "chat.completion.chunk" if chat else "text_completion"
         self.sent: dict[int, _Sent] = {}
+        self.calls: dict[int, ToolCallStream] = {}
 
     def piece(self, idx: int, i: int, out: RequestOutput, c: CompletionOutput) -> tuple[str, dict | None]:
         """Text and logprobs of choice `idx` (prompt `i`): `c` holds what was not rendered before."""
@@ -434,8 +453,13 @@ class _Render:
             return None
         text, logprobs = self.piece(idx, i, out, c)
         sent.finished = c.finish_reason is not None
-        if text or num_tokens(logprobs) or sent.finished:
-            return self.delta(idx, text, logprobs, c.finish_reason)
+        reason, calls = c.finish_reason, None
+        if self.tools is not None:
+            stream = self.calls.setdefault(idx, ToolCallStream(self.tools))
+            text, calls = stream.feed(text, final=sent.finished)
+            reason = finish_reason(reason, stream)
+        if text or calls or num_tokens(logprobs) or sent.finished:
+            return self.delta(idx, text, logprobs, reason, tool_calls=calls)
         return None
 
     def _echo_logprobs(self, i: int, out: RequestOutput, sent: _Sent) -> dict | None:
@@ -448,16 +472,28 @@ class _Render:
         return logprobs
 
     def choice(self, index: int, text: str, logprobs: dict | None, finish_reason: str | None) -> dict:
-        if self.chat:
-            return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-                    "finish_reason": finish_reason}
-        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+        if not self.chat:
+            return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+        message = {"role": "assistant", "content": text}
+        if self.tools is not None:
+            message, finish_reason = self._with_tool_calls(text, finish_reason)
+        return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
+
+    def _with_tool_calls(self, text: str, reason: str | None) -> tuple[dict, str | None]:
+        stream = ToolCallStream(self.tools)
+        content, _ = stream.feed(text, final=True)
+        if not stream.ids:
+            return {"role": "assistant", "content": content}, reason
+        return ({"role": "assistant", "content": content or None, "tool_calls": stream.tool_calls()},
+                finish_reason(reason, stream))
 
     def delta(self, index: int, text: str | None, logprobs: dict | None, finish_reason: str | None,
-              first: bool = False) -> dict:
+              first: bool = False, tool_calls: list[dict] | None = None) -> dict:
         if not self.chat:
             return self.choice(index, text or "", logprobs, finish_reason)
         delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+        if tool_calls:
+            delta["tool_calls"] = tool_calls
         return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
 
     def usage(self, finals) -> dict:

@@ -13,6 +13,7 @@ from dataclasses import fields
 
 from engine.core.config import EngineConfig, parse_bytes
 from server.guard import ServerOptions, header_deadline_protocol
+from server.tool_calls import PARSERS
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
@@ -46,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a request body may take to arrive; slower ones get 408")
     s.add_argument("--limit-concurrency", type=int, default=512,
                    help="open connections and tasks beyond which new requests get 503 at once")
+    s.add_argument("--chat-template", default=None,
+                   help="a Jinja chat template (a file, or the template itself) in place of the model's own; "
+                        "server/chat_templates/smollm2_tool_use.jinja shows the bundled SmolLM2 its tools")
+    s.add_argument("--tool-call-parser", default="auto", choices=("auto", *PARSERS),
+                   help="how the model writes tool calls; auto: the one format the chat template shows, if any")
     s.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return parser
 
@@ -80,15 +86,20 @@ def main(argv: list[str] | None = None) -> int:
     from server.app import create_app
 
     problem = _check_server_flags(args)
-    if problem:
-        print(f"kvserve: {problem}", file=sys.stderr)
+    template, why = _chat_template(args.chat_template)
+    if problem or why:
+        print(f"kvserve: {problem or why}", file=sys.stderr)
         return 2
     options = ServerOptions(api_key=args.api_key or None, max_queue_len=args.max_queue_len,
                             max_body_bytes=args.max_request_body, shutdown_timeout=args.shutdown_timeout,
-                            body_read_timeout=args.body_read_timeout)
+                            body_read_timeout=args.body_read_timeout, chat_template=template,
+                            tool_call_parser=args.tool_call_parser)
     engine = AsyncLLM(config)
     print(engine.describe(), flush=True)
     app = create_app(engine, engine.model_name, options)
+    fmt = app.state.tool_format
+    print(f"kvserve: tool calls: {fmt.name if fmt else 'off (no --tool-call-parser, none in the chat template)'}",
+          flush=True)
     print(f"kvserve: serving on http://{args.host}:{args.port}", flush=True)
     server = _DrainingServer(app, engine, options.shutdown_timeout, host=args.host, port=args.port,
                              log_level=args.log_level, timeout_keep_alive=args.timeout_keep_alive,
@@ -111,6 +122,23 @@ def _check_server_flags(args: argparse.Namespace) -> str | None:
         if getattr(args, name) <= 0:
             return f"{name}: must be positive"
     return None
+
+
+def _chat_template(value: str | None) -> tuple[str | None, str | None]:
+    """--chat-template's template, and what is wrong with it (vLLM's rule: a file, else the text)."""
+    if value is None:
+        return None, None
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            value = f.read()
+    elif not any(mark in value for mark in ("{{", "{%")):
+        return None, f"chat_template: {value!r} is neither a file nor a Jinja template"
+    try:
+        import jinja2
+        jinja2.Environment().parse(value)
+    except jinja2.TemplateSyntaxError as e:
+        return None, f"chat_template: not a valid Jinja template: {e}"
+    return value, None
 
 
 class _DrainingServer:

@@ -27,6 +27,8 @@ class ServerOptions:
     max_body_bytes: int = 16 << 20
     shutdown_timeout: float = 30.0
     body_read_timeout: float = 30.0  # seconds for a whole request body to arrive
+    chat_template: str | None = None  # a Jinja chat template in place of the model's own
+    tool_call_parser: str = "auto"  # a name in server.tool_calls.PARSERS, or "auto": read from the template
 
 
 def error_body(message: str, type_: str, code: str | None = None) -> bytes:

@@ -1,6 +1,7 @@
 """OpenAI request bodies (pydantic) and their translation into SamplingParams."""
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -16,11 +17,12 @@ from engine.core.sampling_params import (
     SamplingParams,
     StructuredOutputs,
 )
+from server.tool_calls import ToolFormat
 
 # Fields the API knows and this server does not implement yet: a request that sets one to anything
 # but its "off" value gets a 400 saying so (the value each field may safely have is listed).
 _UNSUPPORTED: dict[str, tuple] = {
-    "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
+    "functions": (None, []), "function_call": (None, "none"),
     "audio": (None,), "prediction": (None,), "web_search_options": (None,), "reasoning_effort": (None,),
     "suffix": (None, ""), "use_beam_search": (None, False), "store": (None, False),
 }
@@ -69,6 +71,7 @@ class StructuredOutputsField(_Strict):
     regex: str | None = None
     choice: Annotated[list[str], Field(fail_fast=True)] | None = None
     grammar: str | None = None
+    structural_tag: dict | str | None = None
 
 
 class _SamplingFields(_Strict):
@@ -88,7 +91,6 @@ class _SamplingFields(_Strict):
     user: str | None = None
     metadata: dict[str, str] | None = None
     service_tier: str | None = None
-    parallel_tool_calls: bool | None = None  # meaningful only with tools, which are refused
     best_of: int | None = None  # only best_of == n (the default) until beam search lands
     response_format: ResponseFormat | None = None
     # vLLM's structured outputs, and their older names
@@ -98,8 +100,6 @@ class _SamplingFields(_Strict):
     guided_choice: Annotated[list[str], Field(fail_fast=True)] | None = None
     guided_grammar: str | None = None
     # known, not implemented yet: see _UNSUPPORTED
-    tools: Any = None
-    tool_choice: Any = None
     functions: Any = None
     function_call: Any = None
     audio: Any = None
@@ -118,8 +118,9 @@ class _SamplingFields(_Strict):
     stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS, fail_fast=True)] | None = None
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None = None,
-                        prompt_logprobs: int | None = None) -> SamplingParams:
-        """Raises ValueError naming the offending field."""
+                        prompt_logprobs: int | None = None, tools: StructuredOutputs | None = None) -> SamplingParams:
+        """Raises ValueError naming the offending field. `tools`: the grammar of the tool calls
+        asked for, if any (chat only)."""
         self._check_supported()
         try:
             bias = {int(k): v for k, v in (self.logit_bias or {}).items()}
@@ -132,11 +133,11 @@ class _SamplingFields(_Strict):
             ignore_eos=self.ignore_eos, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
             logprobs=logprobs, prompt_logprobs=prompt_logprobs, logit_bias=bias or None,
-            structured_outputs=self._structured_outputs())
+            structured_outputs=self._structured_outputs(tools))
 
-    def _structured_outputs(self) -> StructuredOutputs | None:
-        """What response_format, structured_outputs or a guided_* field asks for (one at most)."""
-        asked = []
+    def _structured_outputs(self, tools: StructuredOutputs | None) -> StructuredOutputs | None:
+        """What tool_choice, response_format, structured_outputs or a guided_* field asks for (one at most)."""
+        asked = [tools] if tools is not None else []
         fmt = self.response_format
         if fmt is not None and fmt.type != "json_schema" and fmt.json_schema is not None:
             raise ValueError(f"response_format.json_schema: only with type 'json_schema' (type is {fmt.type!r})")
@@ -151,14 +152,15 @@ class _SamplingFields(_Strict):
         so = self.structured_outputs
         if so is not None:
             asked.append(StructuredOutputs(json=so.json_, json_object=bool(so.json_object), regex=so.regex,
-                                           choice=so.choice, grammar=so.grammar, field="structured_outputs"))
+                                           choice=so.choice, grammar=so.grammar, structural_tag=so.structural_tag,
+                                           field="structured_outputs"))
         for name, kind in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
                            ("guided_grammar", "grammar")):
             if getattr(self, name) is not None:
                 asked.append(StructuredOutputs(**{kind: getattr(self, name)}, field=name))
         if len(asked) > 1:
-            raise ValueError(f"{asked[1].field}: only one of response_format, structured_outputs and guided_* "
-                             "may constrain the output")
+            raise ValueError(f"{asked[1].field}: only one of tool calls, response_format, structured_outputs and "
+                             "guided_* may constrain the output")
         return asked[0] if asked else None
 
     def _check_supported(self) -> None:
@@ -209,13 +211,49 @@ class ContentPart(BaseModel):
     text: str | None = None
 
 
+MAX_TOOLS = 128  # as OpenAI
+FunctionName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+
+
+class FunctionDefinition(_Strict):
+    name: FunctionName
+    description: str | None = None
+    parameters: dict | None = None  # a JSON schema; none: no arguments
+    strict: bool | None = None  # the arguments always follow the schema, strict or not
+
+
+class ToolDefinition(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionRef(_Strict):
+    name: FunctionName
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: FunctionRef
+
+
+class FunctionCall(_Strict):
+    name: str
+    arguments: str  # JSON text, as the API returned it
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | Annotated[list[ContentPart], Field(fail_fast=True)] | None = None
     name: str | None = None  # handed to the chat template
     tool_call_id: str | None = None
-    # fields of earlier assistant turns: accepted while empty (tool calls land with the tools issue)
-    tool_calls: list[dict] | None = None
+    tool_calls: Annotated[list[ToolCall], Field(fail_fast=True)] | None = None  # an earlier assistant turn's
+    # fields of earlier assistant turns: accepted while empty
     function_call: dict | None = None
     refusal: str | None = None
     audio: dict | None = None
@@ -223,7 +261,7 @@ class ChatMessage(_Strict):
 
     def as_dict(self, i: int) -> dict:
         """The message as the chat template takes it; ValueError naming the field it cannot take."""
-        for name in ("tool_calls", "function_call", "refusal", "audio", "annotations"):
+        for name in ("function_call", "refusal", "audio", "annotations"):
             if getattr(self, name):
                 raise ValueError(f"messages.{i}.{name}: not supported by this server yet")
         content = self.content
@@ -237,7 +275,20 @@ class ChatMessage(_Strict):
             content = "".join(part.text for part in content)
         out = {"role": self.role, "content": content or ""}
         out.update({k: getattr(self, k) for k in ("name", "tool_call_id") if getattr(self, k) is not None})
+        if self.tool_calls:
+            if self.role != "assistant":
+                raise ValueError(f"messages.{i}.tool_calls: only assistant messages make tool calls")
+            out["tool_calls"] = [self._call(i, j, c) for j, c in enumerate(self.tool_calls)]
         return out
+
+    @staticmethod
+    def _call(i: int, j: int, call: ToolCall) -> dict:
+        """As chat templates take a call: the arguments as an object (templates write them with tojson)."""
+        try:
+            arguments = json.loads(call.function.arguments)
+        except ValueError:
+            raise ValueError(f"messages.{i}.tool_calls.{j}.function.arguments: must be JSON text") from None
+        return {"id": call.id, "type": "function", "function": {"name": call.function.name, "arguments": arguments}}
 
 
 def message_dicts(messages: list[ChatMessage]) -> list[dict]:
@@ -251,12 +302,50 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     modalities: list[Literal["text"]] | None = None
+    tools: Annotated[list[ToolDefinition], Field(max_length=MAX_TOOLS, fail_fast=True)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
-    def params(self) -> SamplingParams:
+    def params(self, tool_format: ToolFormat | None = None) -> SamplingParams:
+        """`tool_format`: how the served model writes tool calls (None: the server knows no format)."""
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs: needs logprobs set to true")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        return self.sampling_params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
+        grammar = self._tool_grammar(tool_format)
+        params = self.sampling_params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None, tools=grammar)
+        if grammar is not None and tool_format.name == "mistral":
+            params.skip_special_tokens = False  # [TOOL_CALLS] is a special token the parser must see
+        return params
+
+    def tool_choice_mode(self) -> str | None:
+        """None (no calls may be made), "auto", "required", or the one function's name."""
+        choice = self.tool_choice
+        if not self.tools:
+            if choice not in (None, "none"):
+                raise ValueError("tool_choice: needs tools")
+            return None
+        if isinstance(choice, NamedToolChoice):
+            if choice.function.name not in {t.function.name for t in self.tools}:
+                raise ValueError(f"tool_choice: no tool in tools is named {choice.function.name!r}")
+            return choice.function.name
+        return None if choice == "none" else choice or "auto"
+
+    def tool_dicts(self) -> list[dict] | None:
+        """The tools as the chat template takes them (also with tool_choice "none": the model sees them)."""
+        return [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
+
+    def _tool_grammar(self, tool_format: ToolFormat | None) -> StructuredOutputs | None:
+        mode = self.tool_choice_mode()
+        if mode is None:
+            return None
+        if tool_format is None:
+            raise ValueError("tools: this server knows no tool-call format for its chat template; start it with "
+                             "--tool-call-parser (and a --chat-template that shows the model its tools)")
+        functions = [t.function.model_dump(exclude_none=True) for t in self.tools]
+        if mode not in ("auto", "required"):
+            functions = [f for f in functions if f["name"] == mode]
+        parallel = self.parallel_tool_calls is not False
+        return StructuredOutputs(structural_tag=tool_format.grammar(functions, mode, parallel), field="tools")
 
     def message_dicts(self) -> list[dict]:
         return message_dicts(self.messages)
@@ -266,6 +355,7 @@ class TokenizeRequest(_Strict):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(default=None, min_length=1, fail_fast=True)
+    tools: Annotated[list[ToolDefinition], Field(max_length=MAX_TOOLS, fail_fast=True)] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 

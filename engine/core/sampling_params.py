@@ -18,26 +18,30 @@ SEED_RANGE = (-(1 << 63), 1 << 64)  # signed or unsigned 64-bit; both map onto t
 OUTPUT_KINDS = ("cumulative", "delta", "final")
 MAX_GRAMMAR_CHARS = 64 << 10  # a schema, regex or grammar: compiling is bounded by its size
 MAX_CHOICES = 256
+_KINDS = ("json", "regex", "choice", "grammar", "structural_tag")
 
 
 @dataclass(frozen=True)
 class StructuredOutputs:
     """An output constrained to a language (vLLM's StructuredOutputsParams): exactly one of a JSON
-    schema, any JSON object, a regular expression, a choice of strings, or an EBNF grammar
-    (xgrammar's dialect of GBNF). Tokens that would leave the language are masked at every step;
-    the request ends when the output is complete. `field` names the API field that asked for it,
-    for error messages."""
+    schema, any JSON object, a regular expression, a choice of strings, an EBNF grammar
+    (xgrammar's dialect of GBNF), or an xgrammar structural tag (text and tagged JSON-schema
+    segments: how tool calls are held to their functions' schemas). Tokens that would leave the
+    language are masked at every step; the request ends when the output is complete. `field` names
+    the API field that asked for it, for error messages."""
 
     json: str | dict | None = None  # a JSON schema (a dict is kept as JSON text)
     json_object: bool = False
     regex: str | None = None
     choice: tuple[str, ...] | None = None
     grammar: str | None = None
+    structural_tag: str | dict | None = None  # a dict is kept as JSON text
     field: str = "structured_outputs"
 
     def __post_init__(self) -> None:
-        if isinstance(self.json, dict):
-            object.__setattr__(self, "json", json.dumps(self.json))  # key order kept: it is the output's
+        for name in ("json", "structural_tag"):
+            if isinstance(getattr(self, name), dict):  # key order kept: it is the output's
+                object.__setattr__(self, name, json.dumps(getattr(self, name)))
         if self.choice is not None:
             object.__setattr__(self, "choice", tuple(self.choice))
         self.validate()
@@ -46,15 +50,15 @@ class StructuredOutputs:
     def kind(self) -> str:
         if self.json_object:
             return "json_object"
-        return next(k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None)
+        return next(k for k in _KINDS if getattr(self, k) is not None)
 
     def validate(self) -> None:
-        set_ = [k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        set_ = [k for k in _KINDS if getattr(self, k) is not None]
         set_ += ["json_object"] if self.json_object else []
         if len(set_) != 1:
-            raise ValueError(f"{self.field}: give exactly one of json, json_object, regex, choice, grammar "
-                             f"(got {', '.join(set_) or 'none'})")
-        text = self.json or self.regex or self.grammar
+            raise ValueError(f"{self.field}: give exactly one of json, json_object, regex, choice, grammar, "
+                             f"structural_tag (got {', '.join(set_) or 'none'})")
+        text = self.json or self.regex or self.grammar or self.structural_tag
         if text is not None and not (isinstance(text, str) and 0 < len(text) <= MAX_GRAMMAR_CHARS):
             raise ValueError(f"{self.field}: must be a non-empty string of at most {MAX_GRAMMAR_CHARS} characters")
         if self.choice is not None and not (0 < len(self.choice) <= MAX_CHOICES and all(

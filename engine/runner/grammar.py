@@ -47,6 +47,8 @@ class Grammars:
             return c.compile_regex(spec.regex)
         if spec.kind == "choice":  # one alternative per string, as GBNF string literals
             return c.compile_grammar("root ::= " + " | ".join(json.dumps(s) for s in spec.choice))
+        if spec.kind == "structural_tag":
+            return c.compile_structural_tag(spec.structural_tag)
         return c.compile_grammar(spec.grammar)
 
     def matcher(self, spec: StructuredOutputs) -> xgr.GrammarMatcher:

@@ -10,7 +10,8 @@ FLAGS = ["--model", "--host", "--port", "--served-model-name", "--dtype", "--dev
          "--max-num-seqs", "--max-num-batched-tokens", "--block-size", "--num-kv-blocks", "--kv-cache-memory",
          "--gpu-memory-utilization", "--load-format", "--seed", "--log-level", "--api-key", "--max-queue-len",
          "--max-request-body", "--shutdown-timeout", "--enable-prefix-caching", "--no-enable-prefix-caching",
-         "--max-prefill-tokens-while-decoding", "--linear-backend", "--attention-backend", "--enforce-eager"]
+         "--max-prefill-tokens-while-decoding", "--linear-backend", "--attention-backend", "--enforce-eager",
+         "--chat-template", "--tool-call-parser"]
 
 
 def test_help_documents_every_flag():
@@ -55,3 +56,24 @@ def test_every_engine_option_is_a_flag_with_its_default():
     args = parser.parse_args(["serve", "--tokenizer", "some/dir", "--enforce-eager", "--kv-cache-memory", "512MB"])
     cfg = engine_config(args)
     assert (cfg.tokenizer, cfg.enforce_eager, cfg.kv_cache_memory) == ("some/dir", True, 512_000_000)
+
+
+@pytest.mark.parametrize("value,problem", [
+    ("no/such/template.jinja", "neither a file nor a Jinja template"),
+    ("{% if %}", "not a valid Jinja template"),
+])
+def test_a_bad_chat_template_stops_the_start_naming_it(value, problem):
+    run = subprocess.run([sys.executable, "-m", "server", "serve", "--chat-template", value], capture_output=True,
+                         text=True, timeout=120, check=False)
+    assert run.returncode == 2 and "chat_template" in run.stderr and problem in run.stderr
+
+
+def test_chat_template_is_a_file_or_the_template_itself(tmp_path):
+    from server.cli import _chat_template
+
+    inline = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    path = tmp_path / "t.jinja"
+    path.write_text(inline)
+    assert _chat_template(str(path)) == (inline, None)
+    assert _chat_template(inline) == (inline, None)
+    assert _chat_template(None) == (None, None)

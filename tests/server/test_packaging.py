@@ -49,13 +49,38 @@ def _sse_payloads(text: str) -> list:
     return [line[len("data: "):] for line in text.splitlines() if line.startswith("data: ")]
 
 
+@pytest.fixture(scope="module")
+def tools_server(smollm2_dir):
+    """The bundled model started as README's tools section says (`make serve ARGS="..."`)."""
+    (serve,) = [c for b in _blocks("bash") for c in _shell_commands(b) if c.startswith("make serve ARGS=")]
+    args = shlex.split(shlex.split(serve)[2].removeprefix("ARGS="))
+    assert args[0] == "--chat-template"
+    proc, base = launch(None, *args, name=None)
+    yield base
+    stop(proc)
+
+
+def _curl_commands(tools: bool) -> list[str]:
+    """README's curl commands: those that send tools (run against the tools server) or the others."""
+    return [c for b in _blocks("bash") for c in _shell_commands(b) if c.startswith("curl ")
+            and ('"tools"' in c) == tools]
+
+
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 def test_readme_curl_examples(default_server):
-    commands = [c for b in _blocks("bash") for c in _shell_commands(b) if c.startswith("curl ")]
-    assert len(commands) >= 3
+    _run_curl(_curl_commands(tools=False), default_server, at_least=3)
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_readme_tool_curl_example(tools_server):
+    _run_curl(_curl_commands(tools=True), tools_server, at_least=1, finish_reason="tool_calls")
+
+
+def _run_curl(commands: list[str], server: str, at_least: int, finish_reason: str | None = None) -> None:
+    assert len(commands) >= at_least
     for command in commands:
         assert README_URL in command
-        run = subprocess.run(["bash", "-c", command.replace(README_URL, default_server)], capture_output=True,
+        run = subprocess.run(["bash", "-c", command.replace(README_URL, server)], capture_output=True,
                              text=True, timeout=300, check=False)
         assert run.returncode == 0, (command, run.stderr)
         if '"stream": true' in command:
@@ -65,6 +90,7 @@ def test_readme_curl_examples(default_server):
         else:
             body = json.loads(run.stdout)
             assert "error" not in body and body["choices"], command
+            assert finish_reason is None or body["choices"][0]["finish_reason"] == finish_reason
 
 
 def test_readme_openai_sdk_example(default_server):
@@ -76,14 +102,26 @@ def test_readme_openai_sdk_example(default_server):
     assert "Paris" in run.stdout  # the greedy answer, as in test_openai_e2e
 
 
-def test_readme_structured_outputs_sdk_example(default_server):
-    """README's parse() example, after the SDK example's client (as a reader runs them in turn)."""
+def _run_after_client(marker: str, server: str) -> str:
+    """README's Python block holding `marker`, after the SDK example's client (as a reader runs
+    them in turn), against `server`; its output."""
     (client,) = [b for b in _blocks("python") if "OpenAI(" in b]
-    (example,) = [b for b in _blocks("python") if ".parse(" in b]
-    code = (client + example).replace(README_URL, default_server)
+    (example,) = [b for b in _blocks("python") if marker in b]
+    code = (client + example).replace(README_URL, server)
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
     assert run.returncode == 0, run.stderr
-    assert re.search(r"city='[^']+' population=\d+", run.stdout), run.stdout  # the parsed pydantic object
+    return run.stdout
+
+
+def test_readme_structured_outputs_sdk_example(default_server):
+    out = _run_after_client(".parse(", default_server)
+    assert re.search(r"city='[^']+' population=\d+", out), out  # the parsed pydantic object
+
+
+def test_readme_tools_sdk_example(tools_server):
+    """README's tools example: a call, its result, the answer."""
+    lines = _run_after_client("tools=tools", tools_server).splitlines()
+    assert lines[1].startswith("get_weather ") and json.loads(lines[1].split(" ", 1)[1])["city"]
 
 
 def test_openapi_docs(default_server):

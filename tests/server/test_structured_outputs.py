@@ -72,6 +72,9 @@ def test_json_object_on_completions(client):
     ({"guided_choice": ["red", "green"]}, lambda t: t in ("red", "green")),
     ({"guided_json": SCHEMA}, lambda t: jsonschema.validate(json.loads(t), SCHEMA) is None),
     ({"guided_grammar": 'root ::= "It is " ("day" | "night") "."'}, lambda t: t in ("It is day.", "It is night.")),
+    ({"structured_outputs": {"structural_tag": {"type": "structural_tag", "format": {"type": "sequence", "elements": [
+        {"type": "const_string", "value": "Code: "}, {"type": "regex", "pattern": "[0-9]{4}"}]}}}},
+     lambda t: re.fullmatch(r"Code: [0-9]{4}", t)),
 ])
 def test_vllm_extras(client, extra, check):
     out = client.completions.create(model="smol", prompt="Answer:", max_tokens=40, temperature=0, extra_body=extra)
@@ -92,3 +95,15 @@ def test_bad_specs_are_400_naming_the_field(client, body, param):
     r = httpx.post(f"{client.base_url}completions", json={"model": "smol", "prompt": "x", **body})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
+
+
+def test_without_a_tool_call_format_tools_are_a_400_naming_them(client):
+    """This server runs SmolLM2's own template, which shows no tool-call format: calls cannot be
+    read from its output, so a request that lets the model call is refused; "none" is served."""
+    tools = [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
+    body = {"model": "smol", "messages": [{"role": "user", "content": "hi"}], "tools": tools, "max_tokens": 4}
+    r = httpx.post(f"{client.base_url}chat/completions", json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tools"
+    assert "--tool-call-parser" in r.json()["error"]["message"]
+    r = httpx.post(f"{client.base_url}chat/completions", json={**body, "tool_choice": "none"})
+    assert r.status_code == 200 and "tool_calls" not in r.json()["choices"][0]["message"]
