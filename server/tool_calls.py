@@ -67,32 +67,49 @@ class Parsed:
 
 
 # --- JSON, read as far as it has come --------------------------------------------------------
-_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[{}\[\]]|[^"{}\[\]]+|"')  # a string, a bracket, other text
 _SCALAR = re.compile(r'-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?|true|false|null')
 _HEAD = re.compile(r'\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:\s*(?=\S)')
 _SPACE = re.compile(r"\s*")
 
 
-def _value_end(text: str, start: int) -> int | None:
-    """The end of the JSON value that begins at text[start], or None while it is unfinished."""
-    if text[start] not in "{[":
-        if text[start] == '"':
-            m = re.compile(r'"(?:[^"\\]|\\.)*"').match(text, start)
-            return m.end() if m else None
+def _value_end(text: str, start: int, memo: dict | None = None) -> int | None:
+    """The end of the JSON value that begins at text[start], or None while it is unfinished.
+    `memo` keeps how far each value was read, for a text that only grows (a stream): each call
+    then reads only what is new, not the whole value again."""
+    if text[start] not in '{["':
         m = _SCALAR.match(text, start)
         return m.end() if m and m.end() < len(text) else None  # a number may go on
-    depth = 0
-    for m in _TOKENS.finditer(text, start):
-        tok = m.group()
-        if tok in ("{", "["):
+    read_to, depth, in_string, escaped = (memo or {}).get(start, (start, 0, False, False))
+    if depth < 0:
+        return read_to  # read to its end before
+    for pos in range(read_to, len(text)):
+        ch = text[pos]
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+                if depth == 0:
+                    return _remember(memo, start, pos + 1)
+        elif ch == '"':
+            in_string = True
+        elif ch in "{[":
             depth += 1
-        elif tok in ("}", "]"):
+        elif ch in "}]":
             depth -= 1
             if depth == 0:
-                return m.end()
-        elif tok == '"':  # an unterminated string: the value goes on
-            return None
+                return _remember(memo, start, pos + 1)
+    if memo is not None:
+        memo[start] = (len(text), depth, in_string, escaped)
     return None
+
+
+def _remember(memo: dict | None, start: int, end: int) -> int:
+    if memo is not None:
+        memo[start] = (end, -1, False, False)
+    return end
 
 
 def _skip_space(text: str, pos: int) -> int:
@@ -103,15 +120,15 @@ _PENDING = "pending"  # not yet known whether this is a call
 _NOT_A_CALL = "not a call"
 
 
-def _call_at(text: str, start: int, final: bool) -> tuple[Call, int | None] | str:
+def _call_at(text: str, start: int, final: bool, memo: dict | None) -> tuple[Call, int | None] | str:
     """The call whose JSON object begins at text[start] ('{'), and where the object ends (None
     while unfinished); or _PENDING, or _NOT_A_CALL. The usual key order (name, then the
     arguments) streams as it comes; any other order is read once the object is complete."""
     head = _HEAD.match(text, start)
-    end = _value_end(text, start)
+    end = _value_end(text, start, memo)
     if head:
         name = json.loads(f'"{head.group(1)}"')
-        args_end = _value_end(text, head.end())
+        args_end = _value_end(text, head.end(), memo)
         if args_end is None:
             return Call(name, text[head.end():]), None
         return Call(name, text[head.end():args_end], complete=True), end
@@ -152,8 +169,12 @@ def _content_until(text: str, pos: int, marker: str, final: bool, out: Parsed) -
 # --- the formats ------------------------------------------------------------------------------
 class ToolFormat:
     name = ""
+    trigger = ""  # in "auto", the text that opens a call
+    separator = ""  # between calls, where several are made
 
-    def parse(self, text: str, final: bool) -> Parsed:
+    def parse(self, text: str, final: bool, memo: dict | None = None) -> Parsed:
+        """What of `text` is settled (all of it when `final`). `memo`: reading state kept between
+        calls on a text that only grows."""
         raise NotImplementedError
 
     def tag(self, function: dict) -> dict:
@@ -172,9 +193,6 @@ class ToolFormat:
             fmt = {"type": "tags_with_separator", "tags": tags, "separator": self.separator,
                    "at_least_one": True, "stop_after_first": not parallel or choice != "required"}
         return {"type": "structural_tag", "format": fmt}
-
-    trigger = ""
-    separator = ""
 
     @staticmethod
     def new_id() -> str:
@@ -197,7 +215,7 @@ class Hermes(ToolFormat):
         return _schema_tag(f'{self.OPEN}\n{{"name": {json.dumps(function["name"])}, "arguments": ', function,
                            f"}}\n{self.CLOSE}")
 
-    def parse(self, text: str, final: bool) -> Parsed:
+    def parse(self, text: str, final: bool, memo: dict | None = None) -> Parsed:
         out, pos = Parsed(), 0
         while (i := _content_until(text, pos, self.OPEN, final, out)) is not None:
             body = i + len(self.OPEN)
@@ -208,7 +226,8 @@ class Hermes(ToolFormat):
                 region = region[:len(region) - _held(region, self.CLOSE)]
             k = _skip_space(region, 0)
             if k < len(region) and region[k] == "{":
-                found = _call_at(region, k, final or closed)
+                # offsets in `region` count from its start: each call's region reads with its own memo
+                found = _call_at(region, k, final or closed, None if memo is None else memo.setdefault(body, {}))
             else:
                 found = _PENDING if k == len(region) and not (final or closed) else _NOT_A_CALL
             if isinstance(found, tuple):
@@ -246,15 +265,15 @@ class Llama3Json(ToolFormat):
         out.add(piece)
         return m.start() if m else None
 
-    def parse(self, text: str, final: bool) -> Parsed:
+    def parse(self, text: str, final: bool, memo: dict | None = None) -> Parsed:
         out, pos = Parsed(), 0
         while (i := self._next_start(text, pos, final, out)) is not None:
-            found = _call_at(text, i, final)
+            found = _call_at(text, i, final, memo)
             if found == _PENDING:
                 out.more = True
                 return out
             if found == _NOT_A_CALL:  # a JSON object that is not a call is content
-                end = _value_end(text, i)
+                end = _value_end(text, i, memo)
                 out.add(text[i:end] if end is not None else text[i:])
                 if end is None:
                     return out
@@ -295,21 +314,22 @@ class Mistral(ToolFormat):
     def new_id() -> str:  # Mistral's templates take exactly nine letters and digits
         return "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(9))
 
-    def parse(self, text: str, final: bool) -> Parsed:
+    def parse(self, text: str, final: bool, memo: dict | None = None) -> Parsed:
         out, pos = Parsed(), 0
         while (i := _content_until(text, pos, self.MARKER, final, out)) is not None:
             pos = _skip_space(text, i + len(self.MARKER))
             if pos == len(text):
                 out.more = not final
                 return out
-            end = self._array(text, pos, final, out) if text[pos] == "[" else self._named(text, pos, final, out)
+            read = self._array if text[pos] == "[" else self._named
+            end = read(text, pos, final, out, memo)
             if end is None:
                 out.more = out.more or not final
                 return out
             pos = end
         return out
 
-    def _array(self, text: str, pos: int, final: bool, out: Parsed) -> int | None:
+    def _array(self, text: str, pos: int, final: bool, out: Parsed, memo: dict | None) -> int | None:
         """`[{call}, {call}]` from text[pos]; the index after it, or None while unfinished."""
         pos += 1
         while True:
@@ -323,7 +343,7 @@ class Mistral(ToolFormat):
                 continue
             if text[pos] != "{":
                 return pos  # not the format: the rest is content
-            found = _call_at(text, pos, final)
+            found = _call_at(text, pos, final, memo)
             if not isinstance(found, tuple):
                 if found == _NOT_A_CALL:
                     out.add(text[pos:])
@@ -333,7 +353,7 @@ class Mistral(ToolFormat):
                 return None
             pos = found[1]
 
-    def _named(self, text: str, pos: int, final: bool, out: Parsed) -> int | None:
+    def _named(self, text: str, pos: int, final: bool, out: Parsed, memo: dict | None) -> int | None:
         """`name[ARGS]{...}` from text[pos]."""
         m = self._NAME.match(text, pos)
         if m is None:
@@ -343,7 +363,7 @@ class Mistral(ToolFormat):
         start = _skip_space(text, m.end())
         if start == len(text):
             return None
-        end = _value_end(text, start)
+        end = _value_end(text, start, memo)
         out.add(Call(m.group(1), text[start:end] if end is not None else text[start:], complete=end is not None))
         return end
 
@@ -371,10 +391,11 @@ class ToolCallStream:
         self.ids: list[str] = []
         self.sent_args: list[int] = []
         self.parsed = Parsed()
+        self.memo: dict = {}
 
     def feed(self, piece: str, final: bool) -> tuple[str, list[dict]]:
         self.text += piece
-        self.parsed = parsed = self.fmt.parse(self.text, final)
+        self.parsed = parsed = self.fmt.parse(self.text, final, self.memo)
         content = parsed.content
         new_content, self.sent_content = content[self.sent_content:], len(content)
         deltas = []
