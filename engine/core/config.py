@@ -1,6 +1,7 @@
 """Engine configuration: plain frozen data, validated, no I/O."""
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field, fields
 
@@ -24,6 +25,62 @@ def parse_bytes(text: str) -> int:
     if not m or m.group(2).lower() not in _UNITS:
         raise ValueError(f"kv_cache_memory: cannot parse {text!r} as a size such as '2GiB' or '512MB'")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+SPECULATIVE_METHODS = ("ngram",)
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding, as vLLM's `speculative_config`: a proposer drafts up to
+    `num_speculative_tokens` tokens per sequence and step, the target model checks them all in one
+    pass, and the longest prefix it would have produced itself is kept (so the output is the same).
+
+    ngram (prompt lookup): the last prompt_lookup_max..prompt_lookup_min tokens of the sequence are
+    looked up in its own earlier tokens (prompt and output), and what followed is the draft.
+    disable_by_batch_size: no drafts in a step with this many running sequences or more, where the
+    extra tokens cost more than the steps they save (None: always draft)."""
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 4
+    prompt_lookup_max: int = 4
+    prompt_lookup_min: int = 2
+    disable_by_batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, name: str, why: str) -> None:
+            if not ok:
+                raise ValueError(f"speculative_config.{name}: {why} (got {getattr(self, name)!r})")
+
+        need(self.method in SPECULATIVE_METHODS, "method", f"must be one of {SPECULATIVE_METHODS} (draft_model and "
+             "lookahead are not implemented yet)")
+        for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"):
+            need(_is_int(getattr(self, name)) and 0 < getattr(self, name) <= 64, name, "must be in [1, 64]")
+        need(self.prompt_lookup_min <= self.prompt_lookup_max, "prompt_lookup_min", "must not exceed prompt_lookup_max")
+        need(self.disable_by_batch_size is None or (_is_int(self.disable_by_batch_size)
+                                                    and self.disable_by_batch_size > 0),
+             "disable_by_batch_size", "must be a positive integer")
+
+    @classmethod
+    def parse(cls, value: str | dict | SpeculativeConfig) -> SpeculativeConfig:
+        """From a dict or its JSON text (the command line's --speculative-config)."""
+        if isinstance(value, SpeculativeConfig):
+            return value
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError as e:
+                raise ValueError(f"speculative_config: not JSON ({e})") from None
+        if not isinstance(value, dict):
+            raise ValueError("speculative_config: must be a JSON object")
+        unknown = sorted(set(value) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"speculative_config: unknown key(s) {', '.join(unknown)}")
+        return cls(**value)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _option(default, help: str, choices: tuple | None = None, parse=None):
@@ -64,6 +121,10 @@ class EngineConfig:
                 "kernel on CPU where a C++ compiler is; torch = the reference", ATTENTION_BACKENDS)
     enforce_eager: bool = _option(False, "no compiled kernels and no CUDA graphs (faster start, slower decode)")
     seed: int = _option(0, "seed of the shared sampling generator")
+    speculative_config: SpeculativeConfig | None = _option(  # noqa: RUF009 - a dataclasses.field, as above
+        None, 'speculative decoding, as JSON: {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": '
+              '4, "prompt_lookup_min": 2, "disable_by_batch_size": N} (every key but method has a default; '
+              'default: off)', parse=SpeculativeConfig.parse)
 
     def validate(self) -> EngineConfig:
         def need(ok: bool, field: str, why: str) -> None:
@@ -95,4 +156,6 @@ class EngineConfig:
             raise TypeError(f"unknown engine option(s): {', '.join(unknown)}")
         if isinstance(kwargs.get("kv_cache_memory"), str):
             kwargs["kv_cache_memory"] = parse_bytes(kwargs["kv_cache_memory"])
+        if kwargs.get("speculative_config") is not None:
+            kwargs["speculative_config"] = SpeculativeConfig.parse(kwargs["speculative_config"])
         return cls(**kwargs).validate()

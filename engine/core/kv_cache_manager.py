@@ -68,12 +68,13 @@ class KVCacheManager:
 
     def cache_full_blocks(self, seq_id: str, token_ids: list[int], num_computed: int,
                           salt: str | None = None) -> None:
-        """Register the sequence's blocks that are full and computed (token_ids[:num_computed])."""
+        """Register the sequence's blocks that are full and computed (token_ids[:num_computed]);
+        computed tokens not yet in token_ids (accepted drafts, appended after) wait for a later call."""
         if not self._active(salt):
             return
         table = self.block_tables.get(seq_id, [])
         done = self._num_cached_blocks.get(seq_id, 0)
-        full = min(num_computed // self.block_size, len(table))
+        full = min(min(num_computed, len(token_ids)) // self.block_size, len(table))
         for j in range(done, full):
             self.pool.cache(table[j], self._key(table[j - 1] if j else None, token_ids, j, salt))
         if full > done:
@@ -83,6 +84,15 @@ class KVCacheManager:
         """The cache key of block j of token_ids, which follows block `parent`."""
         bs = self.block_size
         return self.pool.key(parent, tuple(token_ids[j * bs:(j + 1) * bs]), salt)
+
+    def free_tail(self, seq_id: str, num_tokens: int) -> None:
+        """Give back the blocks past the first `num_tokens` tokens' (slots of rejected drafts)."""
+        table = self.block_tables.get(seq_id, [])
+        keep = self.num_blocks_for(num_tokens)
+        if len(table) > keep:
+            assert keep >= self._num_cached_blocks.get(seq_id, 0), "a cached block would be given back"
+            self.pool.free(table[keep:])
+            del table[keep:]
 
     def free(self, seq_id: str) -> None:
         """Release every block the sequence holds; harmless if it holds none."""

@@ -48,6 +48,8 @@ class Request:
     first_scheduled_time: float | None = None  # time.monotonic() stamps, for metrics
     last_token_time: float | None = None
     logprobs: list[TokenLogprobs] = field(default_factory=list)
+    # speculative decoding: tokens proposed to follow token_ids, checked by this step's forward pass
+    draft_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.token_ids: list[int] = list(self.prompt_token_ids)  # prompt then outputs

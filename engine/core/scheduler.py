@@ -3,8 +3,10 @@
 One rule for every step: each scheduled sequence gets
     min(num_tokens - num_computed_tokens, remaining token budget)
 new tokens. A new sequence's first steps are its prefill (chunked if the budget is short),
-later steps are decodes of one token. Running sequences are served first; when the pool runs
-out, the most recently admitted sequence is preempted (blocks freed, recomputed later).
+later steps are decodes of one token, plus its draft tokens under speculative decoding (all
+checked in the same pass; those rejected are rolled back after the step). Running sequences are
+served first; when the pool runs out, the most recently admitted sequence is preempted (blocks
+freed, recomputed later).
 
 Optionally (prefill_cap > 0), while sequences decode, the prompt tokens of a step are also
 capped, at max(prefill_cap, number of decoding sequences): a long prompt that arrives mid-stream
@@ -111,12 +113,16 @@ class Scheduler:
         return self.max_num_batched_tokens
 
     def _chunk(self, req: Request, budget: int) -> int:
-        """New tokens for req this step: all it has left, within the budget and the prefill cap."""
+        """New tokens for req this step: all it has left, within the budget and the prefill cap;
+        a decode's drafts too, as many as the budget holds (the rest are dropped)."""
         n = min(req.num_tokens - req.num_computed_tokens, budget)
+        if n == 1 and req.draft_token_ids:
+            del req.draft_token_ids[budget - 1:]
+            return 1 + len(req.draft_token_ids)
         return min(n, self._prefill_left) if n > 1 else n
 
-    def _took(self, n: int) -> None:
-        if n > 1:
+    def _took(self, req: Request, n: int) -> None:
+        if n - len(req.draft_token_ids) > 1:  # prompt tokens (drafts ride on a decode)
             self._prefill_left -= n
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
@@ -127,10 +133,13 @@ class Scheduler:
             if n == 0:  # a prompt still prefilling, and this step's prefill tokens are spent
                 i += 1
                 continue
+            if req.draft_token_ids and not self.kv.allocate_slots(req.seq_id, req.num_computed_tokens + n):
+                req.draft_token_ids.clear()  # drafts never preempt anyone: without them, the token alone
+                n = 1
             if not self._make_room(req, n, out):
                 break  # req itself was preempted; it was the last one running
             out.seqs.append(ScheduledSeq(req, n, self.kv.block_ids(req.seq_id)))
-            self._took(n)
+            self._took(req, n)
             budget -= n
             i += 1
         return budget
@@ -163,7 +172,7 @@ class Scheduler:
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             out.seqs.append(ScheduledSeq(req, n, self.kv.block_ids(req.seq_id)))
-            self._took(n)
+            self._took(req, n)
             budget -= n
 
     def _take_cached_prefix(self, req: Request) -> int:
@@ -181,16 +190,24 @@ class Scheduler:
     def _preempt(self, req: Request) -> None:
         self.kv.free(req.seq_id)
         req.num_computed_tokens = 0
+        req.draft_token_ids.clear()
         req.status = RequestStatus.WAITING
         req.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(req)
 
     # --- after the model ran ------------------------------------------------------------
-    def update_after_step(self, out: SchedulerOutput) -> None:
-        """Advance computed tokens; release forks whose parent has now computed its prompt."""
+    def update_after_step(self, out: SchedulerOutput, num_rejected: dict[str, int] | None = None) -> None:
+        """Advance computed tokens; release forks whose parent has now computed its prompt.
+        `num_rejected`: per sequence, the draft tokens the step rejected: their KV slots are
+        computed no more (the next tokens overwrite them), and blocks that held only them go back
+        to the pool."""
         for s in out.seqs:
-            s.request.num_computed_tokens += s.num_new_tokens
+            rejected = (num_rejected or {}).get(s.request.seq_id, 0)
+            s.request.draft_token_ids.clear()
+            s.request.num_computed_tokens += s.num_new_tokens - rejected
+            if rejected:
+                self.kv.free_tail(s.request.seq_id, s.request.num_computed_tokens + 1)
             self.kv.cache_full_blocks(s.request.seq_id, s.request.token_ids, s.request.num_computed_tokens,
                                       s.request.cache_salt)
             if s.request.num_computed_tokens >= s.request.num_prompt_tokens:
@@ -209,6 +226,7 @@ class Scheduler:
         if req.is_finished:
             return
         req.status = RequestStatus.FINISHED
+        req.draft_token_ids.clear()
         req.finish_reason = reason
         req.stop_reason = stop_reason
         if req in self.running:

@@ -30,6 +30,7 @@ from engine.models.loader import (
 )
 from engine.runner.grammar import Grammars
 from engine.runner.model_runner import ModelRunner, ModelRunnerOutput
+from engine.runner.spec_decode import NgramProposer
 
 logger = logging.getLogger(__name__)
 
@@ -96,8 +97,10 @@ class LLMEngine:
                                   config.max_num_seqs if self.backends.cuda_graphs else 0, self.max_model_len)
         self._requests: dict[str, _RequestState] = {}
         self._failed: list[RequestOutput] = []  # outputs of requests failed during the current step
-        self.metrics = EngineMetrics(self.model_name, self.scheduler, self.kv)
+        self.metrics = EngineMetrics(self.model_name, self.scheduler, self.kv, config.speculative_config is not None)
         self.grammars = Grammars(self.tokenizer, self.hf_config.vocab_size, self.eos_token_ids)
+        spec = config.speculative_config
+        self.proposer = NgramProposer(spec, self.max_model_len) if spec is not None else None
 
     # --- configuration ------------------------------------------------------------------
     def _max_model_len(self) -> int:
@@ -247,6 +250,8 @@ class LLMEngine:
 
     # --- one step -----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        if self.proposer is not None:
+            self.proposer.propose(self.scheduler.running)
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
@@ -257,13 +262,14 @@ class LLMEngine:
         self._failed = []
         result = self._execute(sched)
         sched.seqs = [s for s in sched.seqs if not s.request.is_finished]  # drop the failed ones
-        self.scheduler.update_after_step(sched)
+        self.metrics.on_drafts(sched.seqs, result)
+        self.scheduler.update_after_step(sched, result.num_rejected)
         touched: dict[str, None] = {}  # requests with a new token, in step order
         generated = 0
         for s in sched.seqs:
             if s.request.is_finished:  # a sibling's postprocessing failed and ended the request
                 continue
-            generated += s.request.seq_id in result.sampled
+            generated += len(result.sampled.get(s.request.seq_id, ()))
             try:
                 self._postprocess(s.request, result)
             except Exception as e:  # noqa: BLE001 - e.g. a detokenizer fault: this request only
@@ -297,6 +303,7 @@ class LLMEngine:
             merged.sampled.update(part.sampled)
             merged.logprobs.update(part.logprobs)
             merged.prompt_logprobs.update(part.prompt_logprobs)
+            merged.num_rejected.update(part.num_rejected)
         return merged
 
     def _postprocess(self, req: Request, result: ModelRunnerOutput) -> None:
@@ -308,17 +315,21 @@ class LLMEngine:
             have = state.prompt_logprobs
             assert first <= len(have), f"prompt logprobs from token {first}, {len(have)} scored so far"
             have += entries[len(have) - first:]  # tokens scored again after a preemption are kept once
-        token = result.sampled.get(req.seq_id)
-        if token is None:
-            return  # a prefill chunk that did not reach the end of the prompt
+        logprobs = result.logprobs.get(req.seq_id)
+        for i, token in enumerate(result.sampled.get(req.seq_id, ())):  # none: a prefill chunk mid-prompt
+            if self._add_token(req, state, token, None if logprobs is None else logprobs[i]):
+                return  # finished: tokens after a stop are dropped
+
+    def _add_token(self, req: Request, state: _RequestState, token: int, logprobs: TokenLogprobs | None) -> bool:
+        """Append one generated token and check the stop rules; True when req has finished."""
         req.append_token(token)
         if req.grammar is not None and not req.grammar.accept_token(token):  # the mask rules this out
             raise RuntimeError(f"token {token} is outside the request's grammar")
         now = time.monotonic()
         self.metrics.on_token(req, now)
         req.last_token_time = now
-        if req.seq_id in result.logprobs:
-            req.logprobs.append(result.logprobs[req.seq_id])
+        if logprobs is not None:
+            req.logprobs.append(logprobs)
         text = state.texts[req.index]
         past_min = req.num_output_tokens >= req.params.min_tokens
         stop_string = text.append(token, check_stops=past_min)
@@ -327,6 +338,7 @@ class LLMEngine:
             if stop_string is None:
                 text.finish()
             self.scheduler.finish(req, *reason)
+        return reason is not None
 
     def _stop_reason(self, req: Request, token: int, past_min: bool,
                      stop_string: str | None) -> tuple[str, int | str | None] | None:

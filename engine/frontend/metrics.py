@@ -17,7 +17,7 @@ _TOKENS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000)
 
 
 class EngineMetrics:
-    def __init__(self, model_name: str, scheduler, kv) -> None:
+    def __init__(self, model_name: str, scheduler, kv, speculative: bool = False) -> None:
         self.registry = CollectorRegistry()
         labels = ["model_name"]
 
@@ -53,6 +53,13 @@ class EngineMetrics:
                               buckets=_TOKENS)
         self.iteration = metric(Histogram, "iteration_tokens_total", "Tokens computed per engine step.",
                                 buckets=_TOKENS)
+        self.speculative = speculative
+        if speculative:
+            self.drafts = metric(Counter, "spec_decode_num_drafts", "Drafts checked (a sequence's drafts in a step).")
+            self.draft_tokens = metric(Counter, "spec_decode_num_draft_tokens", "Draft tokens checked.")
+            self.accepted_tokens = metric(Counter, "spec_decode_num_accepted_tokens", "Draft tokens accepted.")
+            self.accepted_per_pos = metric(Counter, "spec_decode_num_accepted_tokens_per_pos",
+                                           "Draft tokens accepted, by their position in the draft.", extra=["position"])
 
     def on_step(self, num_batched_tokens: int, num_preempted: int, num_generated: int) -> None:
         self.iteration.observe(num_batched_tokens)
@@ -65,6 +72,19 @@ class EngineMetrics:
             self._prefix_counted = (queries, hits)
         if num_preempted:
             self.preemptions.inc(num_preempted)
+
+    def on_drafts(self, seqs, result) -> None:
+        """After a step: the drafts its sequences carried and how many of each were accepted."""
+        if not self.speculative or not result.num_rejected:
+            return
+        drafted = [(len(s.request.draft_token_ids), result.num_rejected[s.request.seq_id])
+                   for s in seqs if s.request.seq_id in result.num_rejected]  # (draft tokens, rejected)
+        accepted = [k - rejected for k, rejected in drafted]
+        self.drafts.inc(len(drafted))
+        self.draft_tokens.inc(sum(k for k, _ in drafted))
+        self.accepted_tokens.inc(sum(accepted))
+        for pos in range(max(accepted, default=0)):
+            self.accepted_per_pos.labels(self._name, str(pos)).inc(sum(a > pos for a in accepted))
 
     def on_token(self, req: Request, now: float) -> None:
         """Called after a token is appended; req.last_token_time is the previous token's time."""

@@ -15,8 +15,11 @@ from engine.runner.sampler import Sampler, SamplingInputs, logprobs_of
 
 @dataclass
 class ModelRunnerOutput:
-    sampled: dict[str, int] = field(default_factory=dict)  # seq_id -> next token
-    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    # seq_id -> the next token; under speculative decoding the accepted drafts, then the target's
+    # own next token (1 to k + 1 tokens)
+    sampled: dict[str, list[int]] = field(default_factory=dict)
+    logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)  # one per sampled token
+    num_rejected: dict[str, int] = field(default_factory=dict)  # seq_id -> drafts rejected, where any
     # seq_id -> (index of the first prompt token scored, logprobs of the prompt tokens this step
     # scored, in order); after a preemption the recomputed ones come again
     prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
@@ -27,7 +30,9 @@ class _Batch:
     input_ids: torch.Tensor  # [T] int64
     positions: torch.Tensor  # [T] int64
     meta: AttentionMetadata
-    sample_rows: list[tuple[ScheduledSeq, int]]  # (seq, index of its last token in the batch)
+    # (seq, index in the batch, draft offset j): the logits there pick the token after its last
+    # token and its first j drafts (j = 0 without drafts)
+    sample_rows: list[tuple[ScheduledSeq, int, int]]
     prompt_rows: list[tuple[ScheduledSeq, int, int]]  # (seq, position, its index in the batch)
 
 
@@ -105,7 +110,7 @@ class ModelRunner:
             hidden = self.graphs.run(batch.input_ids, batch.positions, meta)  # [T, hidden]
         else:
             hidden = self.model(batch.input_ids, batch.positions, meta, self.kv_caches)  # [T, hidden]
-        rows = [i for _, i in batch.sample_rows] + [i for _, _, i in batch.prompt_rows]
+        rows = [i for _, i, _ in batch.sample_rows] + [i for _, _, i in batch.prompt_rows]
         logits = self.model.compute_logits(hidden[rows]) if rows else None  # [R, V] float32
         out = ModelRunnerOutput()
         if batch.sample_rows:
@@ -129,7 +134,7 @@ class ModelRunner:
             req, start = s.request, s.request.num_computed_tokens
             end = start + s.num_new_tokens
             offset = len(ids)
-            ids += req.token_ids[start:end]
+            ids += (req.token_ids[start:] + req.draft_token_ids)[:end - start]
             positions += range(start, end)
             slots += [s.block_ids[p // bs] * bs + p % bs for p in range(start, end)]
             if s.num_new_tokens > 1:
@@ -137,8 +142,9 @@ class ModelRunner:
                 spans.append(PrefillSpan(offset, len(ids), end, table))
             else:
                 decodes.append(s)
-            if end == req.num_tokens:
-                sample_rows.append((s, len(ids) - 1))
+            if end >= req.num_tokens:  # the last token, and each draft after it
+                last = offset + req.num_tokens - 1 - start
+                sample_rows += [(s, last + j, j) for j in range(end - req.num_tokens + 1)]
             prompt_rows += [(s, start + j, offset + j) for j in range(self._num_prompt_positions(req, start, end))]
         meta = AttentionMetadata(
             slot_mapping=self._tensor(slots), prefills=spans,
@@ -166,15 +172,24 @@ class ModelRunner:
         return torch.tensor(data, dtype=torch.int64, device=self.device)
 
     # --- outputs --------------------------------------------------------------------------
-    def _sample(self, logits: torch.Tensor, rows: list[tuple[ScheduledSeq, int]], out: ModelRunnerOutput) -> None:
-        reqs = [s.request for s, _ in rows]
-        md = self.sampling_inputs.build(reqs)
+    def _sample(self, logits: torch.Tensor, rows: list[tuple[ScheduledSeq, int, int]],
+                out: ModelRunnerOutput) -> None:
+        """Pick each row's token. A sequence with drafts keeps them up to the first the target
+        would not have picked itself, and the target's pick there (or after the last draft): the
+        tokens plain decoding would give, seeded rows included (their numbers go by position)."""
+        reqs = [s.request for s, _, _ in rows]
+        md = self.sampling_inputs.build(reqs, [j for _, _, j in rows])
         # (a step that fails is retried request by request: a seeded row then draws the same number)
         tokens, logprobs = self.sampler(logits, md)
-        for req, tok, lp in zip(reqs, tokens, logprobs):
-            out.sampled[req.seq_id] = tok
+        for req, j, tok, lp in zip(reqs, (j for _, _, j in rows), tokens, logprobs):
+            kept = out.sampled.setdefault(req.seq_id, [])
+            if len(kept) != j or (j > 0 and kept[-1] != req.draft_token_ids[j - 1]):
+                continue  # a draft before this one was rejected: this row's context is void
+            kept.append(tok)
             if lp is not None:
-                out.logprobs[req.seq_id] = lp
+                out.logprobs.setdefault(req.seq_id, []).append(lp)
+        for req in {r.seq_id: r for r in reqs if r.draft_token_ids}.values():
+            out.num_rejected[req.seq_id] = len(req.draft_token_ids) + 1 - len(out.sampled[req.seq_id])
 
     def _prompt_logprobs(self, logits: torch.Tensor, batch: _Batch, out: ModelRunnerOutput) -> None:
         # the logits at position p score prompt token p + 1

@@ -81,7 +81,11 @@ class SamplingInputs:
         for seq_id in seq_ids:
             self._penalty_rows.pop(seq_id, None)
 
-    def build(self, reqs: list[Request]) -> SamplingMetadata:
+    def build(self, reqs: list[Request], offsets: list[int] | None = None) -> SamplingMetadata:
+        """`offsets`: per row, how many of its request's drafts come before the token it picks
+        (the row picks output token num_output_tokens + offset); rows with drafts have no
+        penalties and no grammar (the engine drafts only for such sequences)."""
+        offsets = offsets or [0] * len(reqs)
         params = [r.params for r in reqs]
         md = SamplingMetadata(
             temperature=self._floats([p.temperature for p in params]),
@@ -89,9 +93,10 @@ class SamplingInputs:
             top_p=self._floats([p.top_p for p in params]) if any(p.top_p < 1.0 for p in params) else None,
             min_p=self._floats([p.min_p for p in params]) if any(p.min_p > 0.0 for p in params) else None,
             uniforms=[None if r.params.seed is None else seeded_uniform(r.params.generator_seed, r.index,
-                                                                         r.num_output_tokens) for r in reqs],
+                                                                         r.num_output_tokens + j)
+                      for r, j in zip(reqs, offsets)],
             presence_penalty=None, frequency_penalty=None, repetition_penalty=None,
-            output_counts=None, seen_mask=None, logit_bias=self._logit_bias(reqs), banned=self._banned(reqs),
+            output_counts=None, seen_mask=None, logit_bias=self._logit_bias(reqs), banned=self._banned(reqs, offsets),
             num_logprobs=[p.logprobs for p in params], all_greedy=all(p.temperature == 0 for p in params),
             grammar_bitmask=self._grammar_bitmask(reqs))
         if any(p.needs_penalties for p in params):
@@ -120,9 +125,10 @@ class SamplingInputs:
             return None
         return fill_bitmask([reqs[i].grammar for i in rows], rows, len(reqs), self.vocab_size)
 
-    def _banned(self, reqs: list[Request]) -> torch.Tensor | None:
+    def _banned(self, reqs: list[Request], offsets: list[int]) -> torch.Tensor | None:
         """[B, V] bool: the EOS and stop tokens of the rows still short of min_tokens."""
-        rows = [(i, r.min_tokens_banned) for i, r in enumerate(reqs) if r.num_output_tokens < r.params.min_tokens]
+        rows = [(i, r.min_tokens_banned) for i, (r, j) in enumerate(zip(reqs, offsets))
+                if r.num_output_tokens + j < r.params.min_tokens]
         if not rows:
             return None
         banned = torch.zeros(len(reqs), self.vocab_size, dtype=torch.bool, device=self.device)

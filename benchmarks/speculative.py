@@ -1,0 +1,118 @@
+"""Speculative decoding against plain decoding: the offline engine (`LLM.generate`), the same
+prompts, greedy, C requests at once, each method and none alternating in one run.
+
+    python benchmarks/speculative.py [--levels 1,8,32] [--repeats 3] [--max-tokens 128] [--json out.json]
+
+Workloads: (a) copy/edit, chat prompts that ask to repeat, quote or lightly edit a passage or a
+function (the answer reuses the prompt's text, where prompt lookup finds drafts); (b) general
+chat prompts. Reported per workload, method and C: output tokens/s (median of the repeats) and
+its ratio to none, the acceptance rate (accepted / proposed draft tokens), and the mean accepted
+length (tokens a sequence gains per step it drafted: 1 + accepted / drafts).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+from engine import LLM, SamplingParams
+
+PASSAGE = ("The old lighthouse stood at the edge of the cliff, its white paint peeling after decades of salt and "
+           "wind. Every evening the keeper climbed the spiral stairs, counted the one hundred and twelve steps, and "
+           "lit the great lamp that warned ships away from the rocks below.")
+CODE = ("def mean(values):\n    total = 0\n    for v in values:\n        total += v\n"
+        "    return total / len(values)\n")
+COPY_EDIT = [
+    f"Repeat the following passage exactly:\n\n{PASSAGE}",
+    f"Quote this paragraph word for word:\n\n{PASSAGE}",
+    f"Rewrite this passage, changing 'lighthouse' to 'tower':\n\n{PASSAGE}",
+    f"Copy this Python function and rename it to average:\n\n{CODE}",
+    f"Repeat this code exactly:\n\n{CODE}",
+    f"Add a docstring to this function:\n\n{CODE}",
+]
+GENERAL = [
+    "What is the capital of France?",
+    "Write a short poem about the sea.",
+    "Explain what a neural network is in simple terms.",
+    "Give me three tips for learning a new language.",
+    "Why is the sky blue?",
+    "Describe your favourite season and why.",
+]
+METHODS = {"ngram": {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4,
+                     "prompt_lookup_min": 2}}
+
+
+def prompts_for(tokenizer, texts: list[str], count: int) -> list[list[int]]:
+    out = []
+    for i in range(count):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": texts[i % len(texts)]}],
+                                            add_generation_prompt=True, tokenize=True)
+        out.append(list(ids["input_ids"] if not isinstance(ids, list) else ids))
+    return out
+
+
+def run(llm: LLM, prompts: list[list[int]], max_tokens: int) -> dict:
+    m = llm.engine.metrics
+    before = (m.draft_tokens._value.get(), m.accepted_tokens._value.get(), m.drafts._value.get()) \
+        if m.speculative else (0, 0, 0)
+    start = time.perf_counter()
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens))
+    elapsed = time.perf_counter() - start
+    after = (m.draft_tokens._value.get(), m.accepted_tokens._value.get(), m.drafts._value.get()) \
+        if m.speculative else (0, 0, 0)
+    drafted, accepted, drafts = (a - b for a, b in zip(after, before))
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    return {"tok_per_s": tokens / elapsed, "tokens": tokens, "drafted": drafted, "accepted": accepted,
+            "drafts": drafts, "outputs": [o.outputs[0].token_ids for o in outs]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--levels", default="1,8,32")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    levels = [int(x) for x in args.levels.split(",")]
+    engines = {"none": LLM()} | {name: LLM(speculative_config=cfg) for name, cfg in METHODS.items()}
+    tokenizer = engines["none"].get_tokenizer()
+    workloads = {"copy/edit": COPY_EDIT, "general": GENERAL}
+    results: dict = {}
+    for r in range(args.repeats):
+        for wname, texts in workloads.items():
+            for c in levels:
+                prompts = prompts_for(tokenizer, texts, c)
+                names = list(engines) if r % 2 == 0 else list(engines)[::-1]
+                for name in names:
+                    res = run(engines[name], prompts, args.max_tokens)
+                    results.setdefault(wname, {}).setdefault(str(c), {}).setdefault(name, []).append(res)
+                    print(f"repeat {r} {wname} C={c} {name}: {res['tok_per_s']:.1f} tok/s", flush=True)
+                # speculation must not change greedy output
+                outs = {name: results[wname][str(c)][name][-1]["outputs"] for name in engines}
+                assert all(o == outs["none"] for o in outs.values()), f"outputs differ: {wname} C={c}"
+    print("| workload | C | none tok/s | method | tok/s | / none | acceptance | mean accepted length |")
+    print("|---|---|---|---|---|---|---|---|")
+    for wname, by_c in results.items():
+        for c, by_name in by_c.items():
+            none = statistics.median(x["tok_per_s"] for x in by_name["none"])
+            for name in METHODS:
+                runs = by_name[name]
+                tps = statistics.median(x["tok_per_s"] for x in runs)
+                drafted, accepted, drafts = (sum(x[k] for x in runs) for k in ("drafted", "accepted", "drafts"))
+                rate = accepted / drafted if drafted else 0.0
+                length = 1 + accepted / drafts if drafts else 1.0
+                print(f"| {wname} | {c} | {none:.1f} | {name} | {tps:.1f} | {tps / none:.2f} | {rate:.2f} | "
+                      f"{length:.2f} |")
+    if args.json:
+        for by_c in results.values():
+            for by_name in by_c.values():
+                for runs in by_name.values():
+                    for x in runs:
+                        x.pop("outputs")
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
