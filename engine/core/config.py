@@ -5,6 +5,8 @@ import json
 import re
 from dataclasses import dataclass, field, fields
 
+from engine.core.sampling_params import _is_int
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 LOAD_FORMATS = ("auto", "dummy")
@@ -77,10 +79,6 @@ class SpeculativeConfig:
         if unknown:
             raise ValueError(f"speculative_config: unknown key(s) {', '.join(unknown)}")
         return cls(**value)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _option(default, help: str, choices: tuple | None = None, parse=None):

@@ -269,9 +269,8 @@ class LLMEngine:
         for s in sched.seqs:
             if s.request.is_finished:  # a sibling's postprocessing failed and ended the request
                 continue
-            generated += len(result.sampled.get(s.request.seq_id, ()))
             try:
-                self._postprocess(s.request, result)
+                generated += self._postprocess(s.request, result)
             except Exception as e:  # noqa: BLE001 - e.g. a detokenizer fault: this request only
                 self._fail(s.request.request_id, e)
                 continue
@@ -306,7 +305,8 @@ class LLMEngine:
             merged.num_rejected.update(part.num_rejected)
         return merged
 
-    def _postprocess(self, req: Request, result: ModelRunnerOutput) -> None:
+    def _postprocess(self, req: Request, result: ModelRunnerOutput) -> int:
+        """Apply one step's result to req; the number of tokens it gained (those after a stop are dropped)."""
         state = self._requests[req.request_id]
         if req.seq_id in result.prompt_logprobs:
             first, entries = result.prompt_logprobs[req.seq_id]
@@ -316,9 +316,11 @@ class LLMEngine:
             assert first <= len(have), f"prompt logprobs from token {first}, {len(have)} scored so far"
             have += entries[len(have) - first:]  # tokens scored again after a preemption are kept once
         logprobs = result.logprobs.get(req.seq_id)
-        for i, token in enumerate(result.sampled.get(req.seq_id, ())):  # none: a prefill chunk mid-prompt
+        tokens = result.sampled.get(req.seq_id, ())  # none: a prefill chunk mid-prompt
+        for i, token in enumerate(tokens):
             if self._add_token(req, state, token, None if logprobs is None else logprobs[i]):
-                return  # finished: tokens after a stop are dropped
+                return i + 1
+        return len(tokens)
 
     def _add_token(self, req: Request, state: _RequestState, token: int, logprobs: TokenLogprobs | None) -> bool:
         """Append one generated token and check the stop rules; True when req has finished."""

@@ -154,8 +154,11 @@ def test_stops_and_logprobs_inside_accepted_runs(smollm2_dir, spec_llm, smollm2_
              SamplingParams(temperature=0, max_tokens=30, min_tokens=20, stop_token_ids=[stop_token])]
     for params in cases:
         want = plain.generate(ids, params)[0].outputs[0]
+        counted = spec_llm.engine.metrics.generation_tokens._value.get()
         got = spec_llm.generate(ids, params)[0].outputs[0]
         assert (got.token_ids, got.text, got.finish_reason) == (want.token_ids, want.text, want.finish_reason)
+        # accepted drafts after a stop are dropped, and not counted as generated either
+        assert spec_llm.engine.metrics.generation_tokens._value.get() - counted == len(got.token_ids)
         for a, b in zip(got.logprobs or [], want.logprobs or []):
             assert a.token_id == b.token_id and abs(a.logprob - b.logprob) < 1e-4
             assert [t for t, _ in a.top] == [t for t, _ in b.top]
