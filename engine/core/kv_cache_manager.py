@@ -92,7 +92,9 @@ class KVCacheManager:
         if len(table) > keep:
             assert keep >= self._num_cached_blocks.get(seq_id, 0), "a cached block would be given back"
             self.pool.free(table[keep:])
-            del table[keep:]
+            # a new list, not the old one cut: the runner keeps each table's row and writes only
+            # what was appended to the list it saw (model_runner._BlockTables)
+            self.block_tables[seq_id] = table[:keep]
 
     def free(self, seq_id: str) -> None:
         """Release every block the sequence holds; harmless if it holds none."""

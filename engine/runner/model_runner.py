@@ -121,8 +121,10 @@ class ModelRunner:
 
     # --- inputs ---------------------------------------------------------------------------
     def _prepare(self, sched: SchedulerOutput) -> _Batch:
-        # prefills (several new tokens) first, then single-token decodes
-        seqs = sorted(sched.seqs, key=lambda s: s.num_new_tokens == 1)
+        # prefills first, then decodes: one token each, and the drafts after it (checked as decode
+        # rows of their own, each seeing the history and the drafts before it: the decode kernels
+        # run them, CUDA graphs included, and a step's rows need no attention call per sequence)
+        seqs = sorted(sched.seqs, key=self._is_decode)
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -137,7 +139,7 @@ class ModelRunner:
             ids += (req.token_ids[start:] + req.draft_token_ids)[:end - start]
             positions += range(start, end)
             slots += [s.block_ids[p // bs] * bs + p % bs for p in range(start, end)]
-            if s.num_new_tokens > 1:
+            if not self._is_decode(s):
                 table = None if start == 0 else torch.tensor(s.block_ids, device=self.device)
                 spans.append(PrefillSpan(offset, len(ids), end, table))
             else:
@@ -153,13 +155,23 @@ class ModelRunner:
             self._decode_metadata(decodes, meta)
         return _Batch(self._tensor(ids), self._tensor(positions), meta, sample_rows, prompt_rows)
 
+    @staticmethod
+    def _is_decode(s: ScheduledSeq) -> bool:
+        """One token after the computed ones (the sequence's last), and its drafts, if any."""
+        return s.num_new_tokens == 1 + len(s.request.draft_token_ids) and \
+            s.request.num_computed_tokens == s.request.num_tokens - 1
+
     def _decode_metadata(self, decodes: list[ScheduledSeq], meta: AttentionMetadata) -> None:
+        """One decode row per new token: a sequence's block table, repeated for its drafts, and as
+        context the keys up to and including that token."""
         width = max(len(s.block_ids) for s in decodes)
-        rows = torch.tensor([self.block_tables.row(s.request.seq_id, s.block_ids) for s in decodes])
-        # [B, width]; past a sequence's own blocks its row holds stale ids, which its context length masks
+        rows = [self.block_tables.row(s.request.seq_id, s.block_ids) for s in decodes]
+        reps = [s.num_new_tokens for s in decodes]
+        rows = torch.tensor(rows).repeat_interleave(torch.tensor(reps))  # [R]
+        # [R, width]; past a sequence's own blocks its row holds stale ids, which its context length masks
         tables = self.block_tables.table[rows, :width].to(self.device)
-        ctx = self._tensor([s.request.num_computed_tokens + 1 for s in decodes])  # [B]
-        meta.decode = self.decoder.prepare(tables, ctx, self.block_size)
+        ctx = self._tensor([s.request.num_computed_tokens + 1 + j for s in decodes for j in range(s.num_new_tokens)])
+        meta.decode = self.decoder.prepare(tables, ctx, self.block_size)  # ctx [R]
 
     @staticmethod
     def _num_prompt_positions(req: Request, start: int, end: int) -> int:
