@@ -1,7 +1,9 @@
 """Speculative decoding against plain decoding: the offline engine (`LLM.generate`), the same
-prompts, greedy, C requests at once, each method and none alternating in one run.
+prompts, greedy, C requests at once (in waves of C, every prompt of the workload at least once),
+each method and none alternating in one run.
 
-    python benchmarks/speculative.py [--levels 1,8,32] [--repeats 3] [--max-tokens 128] [--json out.json]
+    python benchmarks/speculative.py [--levels 1,8,32] [--repeats 3] [--max-tokens 128]
+        [--methods ngram,ngram-always,lookahead] [--json out.json]
 
 Workloads: (a) copy/edit, chat prompts that ask to repeat, quote or lightly edit a passage or a
 function (the answer reuses the prompt's text, where prompt lookup finds drafts); (b) general
@@ -40,8 +42,11 @@ GENERAL = [
     "Why is the sky blue?",
     "Describe your favourite season and why.",
 ]
-METHODS = {"ngram": {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4,
-                     "prompt_lookup_min": 2}}
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
+# "ngram" as configured by default (no drafts from disable_by_batch_size running sequences on),
+# "ngram-always" drafting at every batch size: where it stops paying is where the default lies
+METHODS = {"ngram": NGRAM, "ngram-always": {**NGRAM, "disable_by_batch_size": None},
+           "lookahead": {"method": "lookahead"}}
 
 
 def prompts_for(tokenizer, texts: list[str], count: int) -> list[list[int]]:
@@ -53,16 +58,17 @@ def prompts_for(tokenizer, texts: list[str], count: int) -> list[list[int]]:
     return out
 
 
-def run(llm: LLM, prompts: list[list[int]], max_tokens: int) -> dict:
+def run(llm: LLM, prompts: list[list[int]], c: int, max_tokens: int) -> dict:
+    """The prompts, c at a time (each wave one generate call), greedy."""
     m = llm.engine.metrics
-    before = (m.draft_tokens._value.get(), m.accepted_tokens._value.get(), m.drafts._value.get()) \
-        if m.speculative else (0, 0, 0)
+    counters = (m.draft_tokens, m.accepted_tokens, m.drafts) if m.speculative else ()
+    before = [x._value.get() for x in counters]
     start = time.perf_counter()
-    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens))
+    outs = []
+    for i in range(0, len(prompts), c):
+        outs += llm.generate(prompts[i:i + c], SamplingParams(temperature=0, max_tokens=max_tokens))
     elapsed = time.perf_counter() - start
-    after = (m.draft_tokens._value.get(), m.accepted_tokens._value.get(), m.drafts._value.get()) \
-        if m.speculative else (0, 0, 0)
-    drafted, accepted, drafts = (a - b for a, b in zip(after, before))
+    drafted, accepted, drafts = ([x._value.get() - b for x, b in zip(counters, before)] if counters else (0, 0, 0))
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     return {"tok_per_s": tokens / elapsed, "tokens": tokens, "drafted": drafted, "accepted": accepted,
             "drafts": drafts, "outputs": [o.outputs[0].token_ids for o in outs]}
@@ -73,20 +79,23 @@ def main() -> None:
     ap.add_argument("--levels", default="1,8,32")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--methods", default=",".join(METHODS), help="of " + ", ".join(METHODS))
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
-    engines = {"none": LLM()} | {name: LLM(speculative_config=cfg) for name, cfg in METHODS.items()}
+    methods = args.methods.split(",")
+    engines = {"none": LLM()} | {name: LLM(speculative_config=METHODS[name]) for name in methods}
     tokenizer = engines["none"].get_tokenizer()
     workloads = {"copy/edit": COPY_EDIT, "general": GENERAL}
     results: dict = {}
     for r in range(args.repeats):
         for wname, texts in workloads.items():
             for c in levels:
-                prompts = prompts_for(tokenizer, texts, c)
+                # every prompt at least once: c at a time, in waves
+                prompts = prompts_for(tokenizer, texts, c * -(-len(texts) // c))
                 names = list(engines) if r % 2 == 0 else list(engines)[::-1]
                 for name in names:
-                    res = run(engines[name], prompts, args.max_tokens)
+                    res = run(engines[name], prompts, c, args.max_tokens)
                     results.setdefault(wname, {}).setdefault(str(c), {}).setdefault(name, []).append(res)
                     print(f"repeat {r} {wname} C={c} {name}: {res['tok_per_s']:.1f} tok/s", flush=True)
                 # speculation must not change greedy output
@@ -97,7 +106,7 @@ def main() -> None:
     for wname, by_c in results.items():
         for c, by_name in by_c.items():
             none = statistics.median(x["tok_per_s"] for x in by_name["none"])
-            for name in METHODS:
+            for name in methods:
                 runs = by_name[name]
                 tps = statistics.median(x["tok_per_s"] for x in runs)
                 drafted, accepted, drafts = (sum(x[k] for x in runs) for k in ("drafted", "accepted", "drafts"))

@@ -29,7 +29,7 @@ def parse_bytes(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
-SPECULATIVE_METHODS = ("ngram",)
+SPECULATIVE_METHODS = ("ngram", "lookahead")
 
 
 @dataclass(frozen=True)
@@ -40,24 +40,31 @@ class SpeculativeConfig:
 
     ngram (prompt lookup): the last prompt_lookup_max..prompt_lookup_min tokens of the sequence are
     looked up in its own earlier tokens (prompt and output), and what followed is the draft.
+    lookahead (Fu et al.): a window of `window` Jacobi guesses over `ngram` - 1 levels runs beside
+    up to `guess` candidate n-grams in each step's pass (engine/runner/lookahead.py).
     disable_by_batch_size: no drafts in a step with this many running sequences or more, where the
-    extra tokens cost more than the steps they save (None: always draft)."""
+    extra tokens cost more than the steps they save (None: always draft). The default is where
+    drafting stopped paying on the CPU it was measured on (BENCHMARKS.md, "Speculative decoding")."""
 
     method: str = "ngram"
     num_speculative_tokens: int = 4
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 2
-    disable_by_batch_size: int | None = None
+    window: int = 4  # lookahead: W
+    ngram: int = 4  # lookahead: N
+    guess: int = 4  # lookahead: G
+    disable_by_batch_size: int | None = 8
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, why: str) -> None:
             if not ok:
                 raise ValueError(f"speculative_config.{name}: {why} (got {getattr(self, name)!r})")
 
-        need(self.method in SPECULATIVE_METHODS, "method", f"must be one of {SPECULATIVE_METHODS} (draft_model and "
-             "lookahead are not implemented yet)")
-        for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"):
+        need(self.method in SPECULATIVE_METHODS, "method", f"must be one of {SPECULATIVE_METHODS} (draft_model is "
+             "not implemented yet)")
+        for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "window", "guess"):
             need(_is_int(getattr(self, name)) and 0 < getattr(self, name) <= 64, name, "must be in [1, 64]")
+        need(_is_int(self.ngram) and 2 <= self.ngram <= 16, "ngram", "must be in [2, 16]")
         need(self.prompt_lookup_min <= self.prompt_lookup_max, "prompt_lookup_min", "must not exceed prompt_lookup_max")
         need(self.disable_by_batch_size is None or (_is_int(self.disable_by_batch_size)
                                                     and self.disable_by_batch_size > 0),
@@ -119,10 +126,13 @@ class EngineConfig:
                 "kernel on CPU where a C++ compiler is; torch = the reference", ATTENTION_BACKENDS)
     enforce_eager: bool = _option(False, "no compiled kernels and no CUDA graphs (faster start, slower decode)")
     seed: int = _option(0, "seed of the shared sampling generator")
+    disable_log_stats: bool = _option(False, "no stats lines in the log (every 10 s while serving: throughput, "
+                                             "batch, KV cache, speculative acceptance)")
     speculative_config: SpeculativeConfig | None = _option(  # noqa: RUF009 - a dataclasses.field, as above
         None, 'speculative decoding, as JSON: {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": '
-              '4, "prompt_lookup_min": 2, "disable_by_batch_size": N} (every key but method has a default; '
-              'default: off)', parse=SpeculativeConfig.parse)
+              '4, "prompt_lookup_min": 2, "disable_by_batch_size": 8} or {"method": "lookahead", "window": 4, '
+              '"ngram": 4, "guess": 4} (every key but method has a default; default: off)',
+        parse=SpeculativeConfig.parse)
 
     def validate(self) -> EngineConfig:
         def need(ok: bool, field: str, why: str) -> None:

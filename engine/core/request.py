@@ -28,6 +28,22 @@ class TokenLogprobs:
     top: list[tuple[int, float]]  # [(token_id, logprob)] best first
 
 
+@dataclass
+class DraftTree:
+    """Drafts that are not one chain (lookahead decoding). Draft i sits offsets[i] positions after
+    the last token and sees the history, the last token, itself and the drafts in sees[i] (earlier
+    ones). parents[i]: the draft it follows in a candidate continuation (-1: the last token), or
+    None for a guess that is not checked, only run (its pick is returned to the proposer)."""
+
+    offsets: list[int]
+    sees: list[tuple[int, ...]]
+    parents: list[int | None]
+
+    @property
+    def num_candidates(self) -> int:
+        return sum(p is not None for p in self.parents)
+
+
 @dataclass(eq=False)
 class Request:
     request_id: str
@@ -50,6 +66,8 @@ class Request:
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     # speculative decoding: tokens proposed to follow token_ids, checked by this step's forward pass
     draft_token_ids: list[int] = field(default_factory=list)
+    draft_tree: DraftTree | None = None  # None: the drafts are one chain, each following the one before
+    spec_state: Any = None  # the proposer's own record of the sequence (engine/runner/spec_decode.py), opaque here
 
     def __post_init__(self) -> None:
         self.token_ids: list[int] = list(self.prompt_token_ids)  # prompt then outputs
@@ -74,3 +92,12 @@ class Request:
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
+
+    def clear_drafts(self) -> None:
+        self.draft_token_ids = []
+        self.draft_tree = None
+
+    @property
+    def num_draft_candidates(self) -> int:
+        """Draft tokens that are checked (a tree's guesses are not)."""
+        return self.draft_tree.num_candidates if self.draft_tree is not None else len(self.draft_token_ids)

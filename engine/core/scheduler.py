@@ -117,6 +117,8 @@ class Scheduler:
         a decode's drafts too, as many as the budget holds (the rest are dropped)."""
         n = min(req.num_tokens - req.num_computed_tokens, budget)
         if n == 1 and req.draft_token_ids:
+            if len(req.draft_token_ids) >= budget and req.draft_tree is not None:
+                req.clear_drafts()  # a tree is run whole or not at all
             del req.draft_token_ids[budget - 1:]
             return 1 + len(req.draft_token_ids)
         return min(n, self._prefill_left) if n > 1 else n
@@ -134,7 +136,7 @@ class Scheduler:
                 i += 1
                 continue
             if req.draft_token_ids and not self.kv.allocate_slots(req.seq_id, req.num_computed_tokens + n):
-                req.draft_token_ids.clear()  # drafts never preempt anyone: without them, the token alone
+                req.clear_drafts()  # drafts never preempt anyone: without them, the token alone
                 n = 1
             if not self._make_room(req, n, out):
                 break  # req itself was preempted; it was the last one running
@@ -190,7 +192,7 @@ class Scheduler:
     def _preempt(self, req: Request) -> None:
         self.kv.free(req.seq_id)
         req.num_computed_tokens = 0
-        req.draft_token_ids.clear()
+        req.clear_drafts()
         req.status = RequestStatus.WAITING
         req.num_preemptions += 1
         self.num_preemptions += 1
@@ -204,7 +206,7 @@ class Scheduler:
         to the pool."""
         for s in out.seqs:
             rejected = (num_rejected or {}).get(s.request.seq_id, 0)
-            s.request.draft_token_ids.clear()
+            s.request.clear_drafts()
             s.request.num_computed_tokens += s.num_new_tokens - rejected
             if rejected:
                 self.kv.free_tail(s.request.seq_id, s.request.num_computed_tokens + 1)
@@ -226,7 +228,7 @@ class Scheduler:
         if req.is_finished:
             return
         req.status = RequestStatus.FINISHED
-        req.draft_token_ids.clear()
+        req.clear_drafts()
         req.finish_reason = reason
         req.stop_reason = stop_reason
         if req in self.running:

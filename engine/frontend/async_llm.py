@@ -10,12 +10,14 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator
 
 from engine.core.config import EngineConfig
 from engine.core.outputs import RequestOutput
 from engine.core.sampling_params import SamplingParams
 from engine.frontend.llm_engine import LLMEngine
+from engine.frontend.metrics import STATS_INTERVAL_S, StatsLog
 
 logger = logging.getLogger(__name__)
 
@@ -147,11 +149,15 @@ class AsyncLLM:
             built.put(e)
             return
         built.put(None)
+        e = self.engine
+        stats = None if e.config.disable_log_stats else StatsLog(e.metrics, e.scheduler, e.kv, time.monotonic())
         try:
             while not self._stopping.is_set():
                 self._drain_inbox(block=not self.engine.has_unfinished_requests())
                 for out in self.engine.step():
                     self._deliver(out.request_id, out if out.error is None else RequestFailedError(out.error))
+                for line in stats.lines(time.monotonic()) if stats is not None else ():
+                    logger.info(line)
         except BaseException as e:
             logger.exception("engine worker failed; no request can be served any more")
             self.error = e
@@ -159,8 +165,9 @@ class AsyncLLM:
                 self._deliver(rid, EngineDeadError(f"engine failure: {e}"))
 
     def _drain_inbox(self, block: bool) -> None:
+        """Apply what the inbox holds; when idle, wait for it (but wake for the stats line)."""
         try:
-            item = self._inbox.get(block=block)
+            item = self._inbox.get(block=block, timeout=STATS_INTERVAL_S if block else None)
             while True:
                 self._apply(*item)
                 item = self._inbox.get_nowait()

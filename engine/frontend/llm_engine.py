@@ -29,10 +29,12 @@ from engine.models.loader import (
     resolve_source,
 )
 from engine.runner.grammar import Grammars
+from engine.runner.lookahead import LookaheadProposer
 from engine.runner.model_runner import ModelRunner, ModelRunnerOutput
 from engine.runner.spec_decode import NgramProposer
 
 logger = logging.getLogger(__name__)
+PROPOSERS = {"ngram": NgramProposer, "lookahead": LookaheadProposer}
 
 
 class ContextLengthError(ValueError):
@@ -100,7 +102,7 @@ class LLMEngine:
         self.metrics = EngineMetrics(self.model_name, self.scheduler, self.kv, config.speculative_config is not None)
         self.grammars = Grammars(self.tokenizer, self.hf_config.vocab_size, self.eos_token_ids)
         spec = config.speculative_config
-        self.proposer = NgramProposer(spec, self.max_model_len) if spec is not None else None
+        self.proposer = None if spec is None else PROPOSERS[spec.method](spec, self.max_model_len)
 
     # --- configuration ------------------------------------------------------------------
     def _max_model_len(self) -> int:
@@ -263,6 +265,8 @@ class LLMEngine:
         result = self._execute(sched)
         sched.seqs = [s for s in sched.seqs if not s.request.is_finished]  # drop the failed ones
         self.metrics.on_drafts(sched.seqs, result)
+        if self.proposer is not None:
+            self.proposer.record(sched.seqs, result)
         self.scheduler.update_after_step(sched, result.num_rejected)
         touched: dict[str, None] = {}  # requests with a new token, in step order
         generated = 0
@@ -303,6 +307,7 @@ class LLMEngine:
             merged.logprobs.update(part.logprobs)
             merged.prompt_logprobs.update(part.prompt_logprobs)
             merged.num_rejected.update(part.num_rejected)
+            merged.tree_picks.update(part.tree_picks)
         return merged
 
     def _postprocess(self, req: Request, result: ModelRunnerOutput) -> int:

@@ -6,6 +6,7 @@ Each engine gets its own registry, so several engines in one process never colli
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field, replace
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -14,6 +15,22 @@ from engine.core.request import Request
 _LATENCY = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
             40.0, 80.0, 160.0)
 _TOKENS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000)
+STATS_INTERVAL_S = 10.0  # between two stats lines in the log, as vLLM's
+
+
+@dataclass
+class Totals:
+    """What the counters hold, as plain numbers the stats line reads (a counter's value is private)."""
+
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    drafts: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    accepted_per_pos: list[int] = field(default_factory=list)  # [position in the draft]
+
+    def copy(self) -> Totals:
+        return replace(self, accepted_per_pos=list(self.accepted_per_pos))
 
 
 class EngineMetrics:
@@ -27,6 +44,7 @@ class EngineMetrics:
             return family if extra else family.labels(model_name)
 
         self._name = model_name
+        self.totals = Totals()
         for name, doc, fn in (
             ("num_requests_running", "Sequences in the running batch.", lambda: scheduler.num_running),
             ("num_requests_waiting", "Sequences waiting to be scheduled.", lambda: scheduler.num_waiting),
@@ -64,6 +82,7 @@ class EngineMetrics:
     def on_step(self, num_batched_tokens: int, num_preempted: int, num_generated: int) -> None:
         self.iteration.observe(num_batched_tokens)
         self.generation_tokens.inc(num_generated)  # once a step: a counter's inc costs microseconds
+        self.totals.generation_tokens += num_generated
         # the scheduler keeps totals; the counters get what was added since the last step
         queries, hits = self._scheduler.prefix_cache_queries, self._scheduler.prefix_cache_hits
         if queries != self._prefix_counted[0]:
@@ -77,14 +96,21 @@ class EngineMetrics:
         """After a step: the drafts its sequences carried and how many of each were accepted."""
         if not self.speculative or not result.num_rejected:
             return
-        drafted = [(len(s.request.draft_token_ids), result.num_rejected[s.request.seq_id])
-                   for s in seqs if s.request.seq_id in result.num_rejected]  # (draft tokens, rejected)
-        accepted = [k - rejected for k, rejected in drafted]
+        drafted = [(s.request.num_draft_candidates, len(result.sampled[s.request.seq_id]) - 1)
+                   for s in seqs if s.request.seq_id in result.num_rejected]  # (draft tokens, accepted)
+        accepted = [a for _, a in drafted]
+        t = self.totals
+        t.drafts += len(drafted)
+        t.draft_tokens += sum(k for k, _ in drafted)
+        t.accepted_tokens += sum(accepted)
         self.drafts.inc(len(drafted))
         self.draft_tokens.inc(sum(k for k, _ in drafted))
         self.accepted_tokens.inc(sum(accepted))
+        t.accepted_per_pos += [0] * (max(k for k, _ in drafted) - len(t.accepted_per_pos))
         for pos in range(max(accepted, default=0)):
-            self.accepted_per_pos.labels(self._name, str(pos)).inc(sum(a > pos for a in accepted))
+            here = sum(a > pos for a in accepted)
+            t.accepted_per_pos[pos] += here
+            self.accepted_per_pos.labels(self._name, str(pos)).inc(here)
 
     def on_token(self, req: Request, now: float) -> None:
         """Called after a token is appended; req.last_token_time is the previous token's time."""
@@ -92,6 +118,7 @@ class EngineMetrics:
             if req.index == 0:
                 self.ttft.observe(now - req.arrival_time)
                 self.prompt_tokens.inc(req.num_prompt_tokens)
+                self.totals.prompt_tokens += req.num_prompt_tokens
         elif req.last_token_time is not None:
             self.itl.observe(now - req.last_token_time)
 
@@ -104,3 +131,46 @@ class EngineMetrics:
             self.queue.observe(first.first_scheduled_time - first.arrival_time)
         self.req_prompt.observe(first.num_prompt_tokens)
         self.req_gen.observe(sum(s.num_output_tokens for s in seqs))
+
+
+class StatsLog:
+    """The periodic stats lines of the log, as vLLM's: throughput since the last line, the batch
+    and the KV pool now; under speculative decoding, a second line with the drafts' acceptance."""
+
+    def __init__(self, metrics: EngineMetrics, scheduler, kv, now: float, interval: float = STATS_INTERVAL_S) -> None:
+        self.metrics, self.scheduler, self.kv = metrics, scheduler, kv
+        self.interval = interval
+        self._since = (now, metrics.totals.copy(), self._prefix())
+
+    def _prefix(self) -> tuple[int, int]:
+        return self.scheduler.prefix_cache_queries, self.scheduler.prefix_cache_hits
+
+    def lines(self, now: float) -> list[str]:
+        """The lines due at `now`: none before the interval has passed, or if nothing ran since."""
+        then, before, (queries0, hits0) = self._since
+        m, t, sched = self.metrics, self.metrics.totals, self.scheduler
+        busy = sched.has_unfinished() or t.generation_tokens != before.generation_tokens
+        if now - then < self.interval or not busy:
+            return []
+        queries, hits = self._prefix()
+        self._since = (now, t.copy(), (queries, hits))
+        dt = now - then
+        out = [f"engine: prompt {(t.prompt_tokens - before.prompt_tokens) / dt:.1f} tok/s, generation "
+               f"{(t.generation_tokens - before.generation_tokens) / dt:.1f} tok/s, {sched.num_running} running, "
+               f"{sched.num_waiting} waiting, KV cache {100 * self.kv.usage:.1f}% used, prefix cache "
+               f"hits {_percent(hits - hits0, queries - queries0)}"]
+        if m.speculative:
+            drafts, drafted = t.drafts - before.drafts, t.draft_tokens - before.draft_tokens
+            accepted = t.accepted_tokens - before.accepted_tokens
+            per_pos = [now_ - (before.accepted_per_pos[i] if i < len(before.accepted_per_pos) else 0)
+                       for i, now_ in enumerate(t.accepted_per_pos)]
+            by_pos = ", ".join(f"{a / drafts:.2f}" for a in per_pos) if drafts else "-"
+            length = f"{1 + accepted / drafts:.2f}" if drafts else "-"
+            out.append(f"speculative decoding: {accepted} of {drafted} draft tokens accepted "
+                       f"({_percent(accepted, drafted)}) in {drafts} drafts, mean accepted length {length}, "
+                       f"acceptance by position {by_pos}")
+        return out
+
+
+def _percent(part: int, whole: int) -> str:
+    return f"{100 * part / whole:.1f}%" if whole else "-"

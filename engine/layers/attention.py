@@ -25,6 +25,9 @@ class PrefillSpan:
     end: int
     context_len: int  # tokens of the sequence in the cache once this step has run
     block_table: torch.Tensor | None  # [num_blocks] int64; None when the span is the whole context
+    # [n, context_len] bool, True where a new token sees a key, for spans that are not causal (a
+    # draft tree: each draft sees the history and its own branch); None: causal
+    mask: torch.Tensor | None = None
 
 
 @dataclass
@@ -145,7 +148,9 @@ def prefill_span(q, k, v, kv_cache, span: PrefillSpan, scale: float) -> torch.Te
     else:
         kc, vc = gather_kv(kv_cache, span.block_table)  # [nb * block_size, kv_heads, D]
         ctx = span.context_len
-        if q.device.type == "cpu" and ctx > n and n >= SPLIT_MIN_TOKENS:
+        if span.mask is not None:
+            o = attend_masked(qs, kc[:ctx], vc[:ctx], span.mask, scale)
+        elif q.device.type == "cpu" and ctx > n and n >= SPLIT_MIN_TOKENS:
             o = prefill_after_history(qs, kc[:ctx - n], vc[:ctx - n], k[span.start:span.end],
                                        v[span.start:span.end], scale)
         else:
@@ -156,11 +161,16 @@ def prefill_span(q, k, v, kv_cache, span: PrefillSpan, scale: float) -> torch.Te
 def prefill_masked(qs, k_ctx, v_ctx, scale: float) -> torch.Tensor:
     """qs [1, heads, n, D], the last n of the positions of k/v_ctx [ctx, kv_heads, D] -> [1, heads, n, D]."""
     n, ctx = qs.shape[2], k_ctx.shape[0]
-    ks = k_ctx.transpose(0, 1).unsqueeze(0)  # [1, kv_heads, ctx, D]
-    vs = v_ctx.transpose(0, 1).unsqueeze(0)
     # query i sits at position ctx - n + i and sees keys 0..ctx - n + i
     qpos = torch.arange(ctx - n, ctx, device=qs.device)[:, None]
     mask = torch.arange(ctx, device=qs.device)[None, :] <= qpos  # [n, ctx]
+    return attend_masked(qs, k_ctx, v_ctx, mask, scale)
+
+
+def attend_masked(qs, k_ctx, v_ctx, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """qs [1, heads, n, D] over k/v_ctx [ctx, kv_heads, D] where mask [n, ctx] is True -> [1, heads, n, D]."""
+    ks = k_ctx.transpose(0, 1).unsqueeze(0)  # [1, kv_heads, ctx, D]
+    vs = v_ctx.transpose(0, 1).unsqueeze(0)
     return F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
 
 

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.core.request import Request, TokenLogprobs
+from engine.core.request import DraftTree, Request, TokenLogprobs
 from engine.core.scheduler import ScheduledSeq, SchedulerOutput
 from engine.layers.attention import DECODE_BACKENDS, AttentionMetadata, PrefillSpan
 from engine.models.llama import head_dim
@@ -19,7 +19,10 @@ class ModelRunnerOutput:
     # own next token (1 to k + 1 tokens)
     sampled: dict[str, list[int]] = field(default_factory=dict)
     logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)  # one per sampled token
-    num_rejected: dict[str, int] = field(default_factory=dict)  # seq_id -> drafts rejected, where any
+    # seq_id -> tokens of the step not kept, where it had drafts (their slots are rolled back)
+    num_rejected: dict[str, int] = field(default_factory=dict)
+    # seq_id -> the target's pick at the last token and at each draft of its tree (lookahead's guesses)
+    tree_picks: dict[str, list[int]] = field(default_factory=dict)
     # seq_id -> (index of the first prompt token scored, logprobs of the prompt tokens this step
     # scored, in order); after a preemption the recomputed ones come again
     prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
@@ -137,16 +140,20 @@ class ModelRunner:
             end = start + s.num_new_tokens
             offset = len(ids)
             ids += (req.token_ids[start:] + req.draft_token_ids)[:end - start]
-            positions += range(start, end)
+            # a token's slot follows the one before; its position too, except in a draft tree
             slots += [s.block_ids[p // bs] * bs + p % bs for p in range(start, end)]
+            tree = req.draft_tree
+            positions += range(start, end) if tree is None else [start] + [start + o for o in tree.offsets]
             if not self._is_decode(s):
                 table = None if start == 0 else torch.tensor(s.block_ids, device=self.device)
-                spans.append(PrefillSpan(offset, len(ids), end, table))
+                mask = None if tree is None else self._tree_mask(tree, start)
+                spans.append(PrefillSpan(offset, len(ids), end, table, mask))
             else:
                 decodes.append(s)
-            if end >= req.num_tokens:  # the last token, and each draft after it
+            if end >= req.num_tokens:  # the last token, and each draft after it (j: how far after)
                 last = offset + req.num_tokens - 1 - start
-                sample_rows += [(s, last + j, j) for j in range(end - req.num_tokens + 1)]
+                after = range(1, end - req.num_tokens + 1) if tree is None else tree.offsets
+                sample_rows += [(s, last, 0)] + [(s, last + i, j) for i, j in enumerate(after, 1)]
             prompt_rows += [(s, start + j, offset + j) for j in range(self._num_prompt_positions(req, start, end))]
         meta = AttentionMetadata(
             slot_mapping=self._tensor(slots), prefills=spans,
@@ -157,9 +164,23 @@ class ModelRunner:
 
     @staticmethod
     def _is_decode(s: ScheduledSeq) -> bool:
-        """One token after the computed ones (the sequence's last), and its drafts, if any."""
-        return s.num_new_tokens == 1 + len(s.request.draft_token_ids) and \
-            s.request.num_computed_tokens == s.request.num_tokens - 1
+        """One token after the computed ones (the sequence's last), and its drafts, if a chain."""
+        req = s.request
+        return s.num_new_tokens == 1 + len(req.draft_token_ids) and req.num_computed_tokens == req.num_tokens - 1 \
+            and req.draft_tree is None
+
+    def _tree_mask(self, tree: DraftTree, history: int) -> torch.Tensor:
+        """[1 + drafts, history + 1 + drafts] bool: the last token and each draft see the history,
+        the last token, themselves and the drafts the tree names."""
+        n = 1 + len(tree.offsets)
+        mask = torch.zeros(n, history + n, dtype=torch.bool)
+        mask[:, :history + 1] = True
+        mask[0, history + 1:] = False
+        rows = [i + 1 for i, seen in enumerate(tree.sees) for _ in seen]
+        cols = [history + 1 + j for seen in tree.sees for j in seen]
+        mask[rows, cols] = True
+        mask[range(n), range(history, history + n)] = True
+        return mask.to(self.device)
 
     def _decode_metadata(self, decodes: list[ScheduledSeq], meta: AttentionMetadata) -> None:
         """One decode row per new token: a sequence's block table, repeated for its drafts, and as
@@ -186,22 +207,62 @@ class ModelRunner:
     # --- outputs --------------------------------------------------------------------------
     def _sample(self, logits: torch.Tensor, rows: list[tuple[ScheduledSeq, int, int]],
                 out: ModelRunnerOutput) -> None:
-        """Pick each row's token. A sequence with drafts keeps them up to the first the target
-        would not have picked itself, and the target's pick there (or after the last draft): the
-        tokens plain decoding would give, seeded rows included (their numbers go by position)."""
+        """Pick each row's token. A sequence with drafts keeps, from its last token on, the draft
+        the target picked itself, as long as there is one (in a tree, the child of the one kept
+        before), and the target's pick after the last kept: the tokens plain decoding would give,
+        seeded rows included (their numbers go by position)."""
         reqs = [s.request for s, _, _ in rows]
         md = self.sampling_inputs.build(reqs, [j for _, _, j in rows])
         # (a step that fails is retried request by request: a seeded row then draws the same number)
         tokens, logprobs = self.sampler(logits, md)
-        for req, j, tok, lp in zip(reqs, (j for _, _, j in rows), tokens, logprobs):
-            kept = out.sampled.setdefault(req.seq_id, [])
-            if len(kept) != j or (j > 0 and kept[-1] != req.draft_token_ids[j - 1]):
-                continue  # a draft before this one was rejected: this row's context is void
-            kept.append(tok)
-            if lp is not None:
-                out.logprobs.setdefault(req.seq_id, []).append(lp)
-        for req in {r.seq_id: r for r in reqs if r.draft_token_ids}.values():
-            out.num_rejected[req.seq_id] = len(req.draft_token_ids) + 1 - len(out.sampled[req.seq_id])
+        by_seq: dict[str, list[int]] = {}  # seq_id -> its rows, the last token's first
+        for i, req in enumerate(reqs):
+            by_seq.setdefault(req.seq_id, []).append(i)
+        moves: list[tuple[ScheduledSeq, list[int]]] = []
+        for seq_rows in by_seq.values():
+            s = rows[seq_rows[0]][0]
+            req = s.request
+            path = self._accepted_path(req, [tokens[i] for i in seq_rows])  # drafts kept, in order
+            kept = out.sampled[req.seq_id] = [tokens[seq_rows[d + 1]] for d in [-1, *path]]
+            if logprobs[seq_rows[0]] is not None:
+                out.logprobs[req.seq_id] = [logprobs[seq_rows[d + 1]] for d in [-1, *path]]
+            if req.draft_token_ids:
+                out.num_rejected[req.seq_id] = s.num_new_tokens - len(kept)
+            if req.draft_tree is not None:
+                out.tree_picks[req.seq_id] = [tokens[i] for i in seq_rows]
+                if path != list(range(len(path))):
+                    moves.append((s, path))
+        if moves:
+            self._move_kept_kv(moves)
+
+    @staticmethod
+    def _accepted_path(req: Request, picks: list[int]) -> list[int]:
+        """The drafts kept (indices), given the target's pick at the last token and each draft."""
+        tree = req.draft_tree
+        parents = range(-1, len(req.draft_token_ids) - 1) if tree is None else tree.parents
+        path, node = [], -1
+        while True:
+            pick = picks[node + 1]
+            child = next((i for i, p in enumerate(parents) if p == node and req.draft_token_ids[i] == pick), None)
+            if child is None:
+                return path
+            path.append(child)
+            node = child
+
+    def _move_kept_kv(self, moves: list[tuple[ScheduledSeq, list[int]]]) -> None:
+        """The kept drafts of a tree were computed in slots of their own: copy their keys and
+        values to the slots that follow the last token, where the sequence reads them from now on."""
+        bs = self.block_size
+        src, dst = [], []
+        for s, path in moves:
+            start = s.request.num_computed_tokens  # the last token's slot
+            for k, d in enumerate(path, 1):
+                for p, into in ((start + 1 + d, src), (start + k, dst)):
+                    into.append(s.block_ids[p // bs] * bs + p % bs)
+        src_t, dst_t = self._tensor(src), self._tensor(dst)
+        for cache in self.kv_caches:
+            flat = cache.view(2, -1, *cache.shape[3:])  # [2, slots, kv_heads, D]
+            flat[:, dst_t] = flat[:, src_t]  # (gathered before written: overlaps are safe)
 
     def _prompt_logprobs(self, logits: torch.Tensor, batch: _Batch, out: ModelRunnerOutput) -> None:
         # the logits at position p score prompt token p + 1

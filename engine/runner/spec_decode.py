@@ -6,8 +6,15 @@ ngram (prompt lookup, as vLLM's): the sequence's last n tokens, for n from promp
 to prompt_lookup_min, are looked up in its earlier tokens; the tokens that followed their latest
 earlier occurrence are the draft. One numpy comparison over the history per sequence and n, no
 Python loop over tokens.
+
+A sequence whose recent drafts were mostly rejected stops drafting for a while (each draft token
+is a row of the step's pass, paid for whether kept or not): its acceptance is an average over its
+drafts that favours the latest; below MIN_ACCEPTANCE it pauses, and each pause in a row is twice
+as long as the one before, up to MAX_PAUSE steps, after which it drafts again to see.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -17,6 +24,32 @@ from engine.core.request import Request
 
 # how far back a draft is looked for: bounds a step's cost on long sequences
 MAX_LOOKBACK = 4096
+MIN_ACCEPTANCE = 0.25  # accepted / drafted tokens, recent
+RECENT_WEIGHT = 0.25  # the latest draft's share of the average
+FIRST_PAUSE, MAX_PAUSE = 4, 256  # steps
+
+
+@dataclass
+class DraftHistory:
+    """One sequence's recent acceptance (Request.spec_state)."""
+
+    acceptance: float = 0.5  # recent accepted / drafted tokens; a new sequence starts halfway
+    paused: int = 0  # steps left without drafts
+    next_pause: int = FIRST_PAUSE
+
+    def record(self, drafted: int, accepted: int) -> None:
+        self.acceptance += RECENT_WEIGHT * (accepted / drafted - self.acceptance)
+        if self.acceptance >= MIN_ACCEPTANCE:
+            self.next_pause = FIRST_PAUSE
+            return
+        self.paused, self.next_pause = self.next_pause, min(2 * self.next_pause, MAX_PAUSE)
+        self.acceptance = MIN_ACCEPTANCE  # after the pause one good draft brings it back
+
+    def may_draft(self) -> bool:
+        if self.paused:
+            self.paused -= 1
+            return False
+        return True
 
 
 def can_draft(req: Request) -> bool:
@@ -39,24 +72,54 @@ def ngram_draft(tokens: np.ndarray, k: int, n_max: int, n_min: int) -> list[int]
     return []
 
 
-class NgramProposer:
+class Proposer:
+    """Each step, before scheduling: `propose` sets the drafts of the running sequences; after
+    the step: `record` learns what was kept (result: the runner's ModelRunnerOutput)."""
+
     def __init__(self, config: SpeculativeConfig, max_model_len: int) -> None:
         self.config = config
         self.max_model_len = max_model_len
 
+    def drafting(self, running: list[Request]) -> bool:
+        """No drafts past the batch size where speculation stops paying."""
+        limit = self.config.disable_by_batch_size
+        return limit is None or len(running) < limit
+
+    def room(self, req: Request, k: int) -> int:
+        """How many of k draft tokens fit: none past max_tokens or the context (the last token
+        there is the target's own)."""
+        return min(k, req.max_tokens - req.num_output_tokens - 1, self.max_model_len - req.num_tokens - 1)
+
     def propose(self, running: list[Request]) -> None:
-        """Set the drafts of the running sequences that can take them (none past the batch size
-        where speculation stops paying)."""
+        raise NotImplementedError
+
+    def record(self, seqs, result) -> None:
+        raise NotImplementedError
+
+
+class NgramProposer(Proposer):
+    def propose(self, running: list[Request]) -> None:
         c = self.config
-        if c.disable_by_batch_size is not None and len(running) >= c.disable_by_batch_size:
+        if not self.drafting(running):
             return
         for req in running:
-            if not can_draft(req):
+            if not can_draft(req) or not _history(req).may_draft():
                 continue
-            # no draft past max_tokens or the context: the last token there is the target's own
-            k = min(c.num_speculative_tokens, req.max_tokens - req.num_output_tokens - 1,
-                    self.max_model_len - req.num_tokens - 1)
+            k = self.room(req, c.num_speculative_tokens)
             if k <= 0:
                 continue
             tokens = np.asarray(req.token_ids[-MAX_LOOKBACK:])
             req.draft_token_ids = ngram_draft(tokens, k, c.prompt_lookup_max, c.prompt_lookup_min)
+
+    def record(self, seqs, result) -> None:
+        """After the step that checked the drafts (a ModelRunnerOutput): how many of each sequence's were kept."""
+        for s in seqs:
+            req = s.request
+            if req.seq_id in result.num_rejected:
+                _history(req).record(req.num_draft_candidates, len(result.sampled[req.seq_id]) - 1)
+
+
+def _history(req: Request) -> DraftHistory:
+    if req.spec_state is None:
+        req.spec_state = DraftHistory()
+    return req.spec_state

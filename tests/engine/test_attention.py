@@ -1,4 +1,5 @@
-"""Prefill attention over a cached history (a later chunk of a long prompt, or a prefix-cache hit)."""
+"""Prefill attention over a cached history (a later chunk of a long prompt, or a prefix-cache hit),
+and spans under a mask of their own (a draft tree)."""
 import pytest
 import torch
 
@@ -12,14 +13,16 @@ from engine.layers.attention import (
 )
 
 
-def reference(q, k_all, v_all, scale):
-    """q [n, heads, D] at the last n of ctx positions; k/v_all [ctx, kv_heads, D]; float64 math."""
+def reference(q, k_all, v_all, scale, visible=None):
+    """q [n, heads, D] at the last n of ctx positions; k/v_all [ctx, kv_heads, D]; float64 math.
+    visible [n, ctx] bool: the keys each query sees (default: causal)."""
     n, heads, _ = q.shape
     ctx, kv_heads, _ = k_all.shape
     k = k_all.double().repeat_interleave(heads // kv_heads, dim=1)  # [ctx, heads, D]
     v = v_all.double().repeat_interleave(heads // kv_heads, dim=1)
     scores = torch.einsum("nhd,chd->hnc", q.double(), k) * scale
-    visible = torch.arange(ctx)[None, :] <= torch.arange(ctx - n, ctx)[:, None]  # [n, ctx]
+    if visible is None:
+        visible = torch.arange(ctx)[None, :] <= torch.arange(ctx - n, ctx)[:, None]  # [n, ctx]
     p = scores.masked_fill(~visible, float("-inf")).softmax(-1)
     return torch.einsum("hnc,chd->nhd", p, v)
 
@@ -58,3 +61,27 @@ def test_prefill_after_a_history_matches_masked_attention(path, dtype, rel, tol,
     else:
         want = reference(q, k_all, v_all, d ** -0.5)
         assert ((out.double() - want).abs() <= rel * want.abs() + tol).all()
+
+
+@pytest.mark.parametrize("history,n", [(1, 2), (20, 7), (45, 31)])
+def test_a_span_under_its_own_mask_matches_dense_attention(history, n):
+    """A draft tree's span: each new token sees the history, itself and some earlier new tokens
+    (a random choice here), its KV in blocks scattered over the pool."""
+    torch.manual_seed(n)
+    heads, kv_heads, d, block_size = 9, 3, 64, 4
+    ctx = history + n
+    num_blocks = (ctx + block_size - 1) // block_size
+    k_all, v_all = torch.randn(ctx, kv_heads, d), torch.randn(ctx, kv_heads, d)
+    q = torch.randn(n, heads, d) * 2
+    kv_cache = torch.zeros(2, num_blocks + 5, block_size, kv_heads, d)
+    table = torch.randperm(num_blocks + 5)[:num_blocks]
+    slots = table[torch.arange(ctx) // block_size] * block_size + torch.arange(ctx) % block_size
+    write_kv(kv_cache, k_all, v_all, slots)
+    among = torch.rand(n, n) < 0.4  # [n, n]: which earlier new tokens each one sees
+    mask = torch.cat([torch.ones(n, history, dtype=torch.bool),
+                      (among.tril(-1) | torch.eye(n, dtype=torch.bool))], dim=1)  # [n, ctx]
+    assert not mask.all()  # not causal: some earlier new tokens are hidden
+    span = PrefillSpan(start=0, end=n, context_len=ctx, block_table=table, mask=mask)
+    out = prefill_span(q, k_all[history:], v_all[history:], kv_cache, span, d ** -0.5)
+    want = reference(q, k_all, v_all, d ** -0.5, visible=mask)
+    assert (out.double() - want).abs().max() <= 4e-6

@@ -12,11 +12,14 @@ import pytest
 from engine import LLM, SamplingParams
 from engine.core.config import EngineConfig, SpeculativeConfig
 from engine.frontend.llm_engine import LLMEngine
-from engine.runner.spec_decode import NgramProposer, can_draft, ngram_draft
+from engine.frontend.metrics import StatsLog
+from engine.runner.spec_decode import FIRST_PAUSE, DraftHistory, NgramProposer, can_draft, ngram_draft
 from tests.conftest import MAX_NEW_TOKENS, PASSAGE
 from tests.engine.test_correctness import GREEDY, _assert_same, _run_staggered, _tokens
 
-NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
+# drafting at every batch size: the tests check what the drafts do, not when they pay
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2,
+         "disable_by_batch_size": None}
 
 
 @pytest.mark.parametrize("tokens,k,n_max,n_min,want", [
@@ -46,7 +49,9 @@ def test_free_tail_gives_back_the_blocks_past_the_kept_tokens():
 
 def test_config_is_checked_and_parsed():
     assert SpeculativeConfig.parse('{"method": "ngram", "num_speculative_tokens": 2}').num_speculative_tokens == 2
-    for bad, field in [({"method": "lookahead"}, "method"), ({"num_speculative_tokens": 0}, "num_speculative_tokens"),
+    assert SpeculativeConfig.parse({"method": "lookahead", "window": 2}).window == 2
+    for bad, field in [({"method": "draft"}, "method"), ({"num_speculative_tokens": 0}, "num_speculative_tokens"),
+                       ({"method": "lookahead", "ngram": 1}, "ngram"), ({"window": 65}, "window"),
                        ({"prompt_lookup_min": 5}, "prompt_lookup_min"), ({"nope": 1}, "nope")]:
         with pytest.raises(ValueError, match=field):
             SpeculativeConfig.parse(bad)
@@ -166,7 +171,7 @@ def test_stops_and_logprobs_inside_accepted_runs(smollm2_dir, spec_llm, smollm2_
 
 def test_no_drafts_past_the_batch_size_limit(smollm2_dir, reference_prompts):
     engine = LLMEngine(EngineConfig(model=str(smollm2_dir), speculative_config=SpeculativeConfig(
-        **NGRAM, disable_by_batch_size=2)))
+        **{**NGRAM, "disable_by_batch_size": 2})))
     seen = []  # (running sequences, draft tokens given) at each step's proposal
     propose = engine.proposer.propose
 
@@ -181,3 +186,68 @@ def test_no_drafts_past_the_batch_size_limit(smollm2_dir, reference_prompts):
         engine.step()
     assert any(n >= 2 for n, _ in seen)
     assert all(drafts == 0 for n, drafts in seen if n >= 2)
+
+
+def _pause_after_bad_drafts(h: DraftHistory) -> tuple[int, int]:
+    """(bad drafts until a pause, steps the pause lasts)."""
+    bad = 0
+    while not h.paused:
+        h.record(4, 0)
+        bad += 1
+    steps = 0
+    while not h.may_draft():
+        steps += 1
+    return bad, steps
+
+
+def test_a_sequence_whose_drafts_fail_pauses_longer_each_time():
+    h = DraftHistory()
+    assert _pause_after_bad_drafts(h) == (3, FIRST_PAUSE)  # 0.5 -> 0.375 -> 0.28 -> 0.21, below 0.25
+    assert _pause_after_bad_drafts(h) == (1, 2 * FIRST_PAUSE)  # after a pause one bad draft is enough
+    assert _pause_after_bad_drafts(h) == (1, 4 * FIRST_PAUSE)
+    h.record(4, 4)  # a good one ends the run of pauses
+    assert h.may_draft()
+    assert _pause_after_bad_drafts(h)[1] == FIRST_PAUSE
+
+
+def test_a_paused_sequence_gets_no_draft():
+    from engine.core.request import Request
+
+    proposer = NgramProposer(SpeculativeConfig(**NGRAM), max_model_len=100)
+    req = Request("a", 0, [1, 2, 3, 4, 5, 1, 2], SamplingParams(temperature=0), max_tokens=20)
+    req.num_computed_tokens = req.num_tokens - 1  # decoding
+    proposer.propose([req])
+    assert req.draft_token_ids == [3, 4, 5, 1]  # it would draft...
+    req.draft_token_ids.clear()
+    req.spec_state.paused = 2
+    for _ in range(2):
+        proposer.propose([req])
+        assert req.draft_token_ids == []  # ...but not while paused
+    proposer.propose([req])
+    assert req.draft_token_ids == [3, 4, 5, 1]
+
+
+def test_the_stats_lines_report_what_the_counters_hold(smollm2_dir, smollm2_tokenizer):
+    engine = LLMEngine(EngineConfig(model=str(smollm2_dir), speculative_config=SpeculativeConfig(**NGRAM)))
+    log = StatsLog(engine.metrics, engine.scheduler, engine.kv, now=100.0, interval=10.0)
+    assert log.lines(200.0) == []  # nothing ran
+    ids = smollm2_tokenizer.encode(PASSAGE[:300] + " " + PASSAGE[:40])
+    engine.add_request("a", ids, SamplingParams(temperature=0, max_tokens=24))
+    for _ in range(3):
+        engine.step()
+    assert log.lines(105.0) == []  # not yet due
+    engine_line, spec_line = log.lines(110.0)
+    m = engine.metrics
+    generated = m.generation_tokens._value.get()
+    assert f"prompt {len(ids) / 10:.1f} tok/s, generation {generated / 10:.1f} tok/s, 1 running, 0 waiting" \
+        in engine_line
+    drafted, accepted, drafts = (c._value.get() for c in (m.draft_tokens, m.accepted_tokens, m.drafts))
+    assert drafts > 0
+    assert f"{accepted:.0f} of {drafted:.0f} draft tokens accepted ({100 * accepted / drafted:.1f}%) in " \
+           f"{drafts:.0f} drafts, mean accepted length {1 + accepted / drafts:.2f}" in spec_line
+    while engine.has_unfinished_requests():
+        engine.step()
+    later = log.lines(120.0)  # only what happened since the last line
+    assert f"prompt 0.0 tok/s, generation {(m.generation_tokens._value.get() - generated) / 10:.1f} tok/s, " \
+           "0 running" in later[0]
+    assert log.lines(130.0) == []  # idle since
