@@ -3,7 +3,7 @@ prompts, greedy, C requests at once (in waves of C, every prompt of the workload
 each method and none alternating in one run.
 
     python benchmarks/speculative.py [--levels 1,8,32] [--repeats 3] [--max-tokens 128]
-        [--methods ngram,ngram-always,lookahead] [--json out.json]
+        [--methods ngram,ngram-always,lookahead,lookahead-w2,self-16] [--json out.json]
 
 Workloads: (a) copy/edit, chat prompts that ask to repeat, quote or lightly edit a passage or a
 function (the answer reuses the prompt's text, where prompt lookup finds drafts); (b) general
@@ -46,7 +46,8 @@ NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4,
 # "ngram" as configured by default (no drafts from disable_by_batch_size running sequences on),
 # "ngram-always" drafting at every batch size: where it stops paying is where the default lies
 METHODS = {"ngram": NGRAM, "ngram-always": {**NGRAM, "disable_by_batch_size": None},
-           "lookahead": {"method": "lookahead"}}
+           "lookahead": {"method": "lookahead"}, "lookahead-w2": {"method": "lookahead", "window": 2},
+           "self-16": {"method": "draft_model", "model": "self", "num_layers": 16, "num_speculative_tokens": 3}}
 
 
 def prompts_for(tokenizer, texts: list[str], count: int) -> list[list[int]]:
@@ -84,6 +85,9 @@ def main() -> None:
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
     methods = args.methods.split(",")
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        ap.error(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
     engines = {"none": LLM()} | {name: LLM(speculative_config=METHODS[name]) for name in methods}
     tokenizer = engines["none"].get_tokenizer()
     workloads = {"copy/edit": COPY_EDIT, "general": GENERAL}

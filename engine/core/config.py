@@ -29,7 +29,14 @@ def parse_bytes(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
-SPECULATIVE_METHODS = ("ngram", "lookahead")
+SPECULATIVE_METHODS = ("ngram", "lookahead", "draft_model")
+# the keys each method reads, besides method and disable_by_batch_size
+_SPECULATIVE_KEYS = {"ngram": {"num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"},
+                     "lookahead": {"window", "ngram", "guess"},
+                     "draft_model": {"model", "num_layers", "num_speculative_tokens"}}
+# no drafts from this many running sequences on: where drafting stopped paying on the CPU measured
+# (BENCHMARKS.md, "Speculative decoding"); a method's tree of drafts costs more rows than a chain
+_DISABLE_BY_BATCH_SIZE = {"ngram": 8, "lookahead": 2, "draft_model": 2}
 
 
 @dataclass(frozen=True)
@@ -42,26 +49,38 @@ class SpeculativeConfig:
     looked up in its own earlier tokens (prompt and output), and what followed is the draft.
     lookahead (Fu et al.): a window of `window` Jacobi guesses over `ngram` - 1 levels runs beside
     up to `guess` candidate n-grams in each step's pass (engine/runner/lookahead.py).
+    draft_model with model "self": the target's first `num_layers` layers, its norm and head
+    draft num_speculative_tokens tokens (LayerSkip-style early exit; a separate draft model is
+    not supported yet).
     disable_by_batch_size: no drafts in a step with this many running sequences or more, where the
-    extra tokens cost more than the steps they save (None: always draft). The default is where
-    drafting stopped paying on the CPU it was measured on (BENCHMARKS.md, "Speculative decoding")."""
+    extra tokens cost more than the steps they save (None: always draft). The default ("auto") is
+    the method's, where drafting stopped paying on the CPU it was measured on."""
 
     method: str = "ngram"
     num_speculative_tokens: int = 4
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 2
-    window: int = 4  # lookahead: W
-    ngram: int = 4  # lookahead: N
-    guess: int = 4  # lookahead: G
-    disable_by_batch_size: int | None = 8
+    # lookahead's W, N and G: the defaults are the best of those measured on the CPU (BENCHMARKS.md)
+    window: int = 1
+    ngram: int = 4
+    guess: int = 2
+    model: str | None = None  # draft_model: "self"
+    num_layers: int | None = None  # draft_model "self": the layers that draft
+    disable_by_batch_size: int | str | None = "auto"
 
     def __post_init__(self) -> None:
+        if self.disable_by_batch_size == "auto" and self.method in _DISABLE_BY_BATCH_SIZE:
+            object.__setattr__(self, "disable_by_batch_size", _DISABLE_BY_BATCH_SIZE[self.method])
+
         def need(ok: bool, name: str, why: str) -> None:
             if not ok:
                 raise ValueError(f"speculative_config.{name}: {why} (got {getattr(self, name)!r})")
 
-        need(self.method in SPECULATIVE_METHODS, "method", f"must be one of {SPECULATIVE_METHODS} (draft_model is "
-             "not implemented yet)")
+        need(self.method in SPECULATIVE_METHODS, "method", f"must be one of {SPECULATIVE_METHODS}")
+        if self.method == "draft_model":
+            need(self.model == "self", "model", 'must be "self" (the target\'s first num_layers layers draft; a '
+                 "separate draft model is not supported yet)")
+            need(_is_int(self.num_layers) and self.num_layers > 0, "num_layers", "must be a positive integer")
         for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "window", "guess"):
             need(_is_int(getattr(self, name)) and 0 < getattr(self, name) <= 64, name, "must be in [1, 64]")
         need(_is_int(self.ngram) and 2 <= self.ngram <= 16, "ngram", "must be in [2, 16]")
@@ -85,6 +104,10 @@ class SpeculativeConfig:
         unknown = sorted(set(value) - {f.name for f in fields(cls)})
         if unknown:
             raise ValueError(f"speculative_config: unknown key(s) {', '.join(unknown)}")
+        method = value.get("method", cls.method)
+        unused = sorted(set(value) - {"method", "disable_by_batch_size"} - _SPECULATIVE_KEYS.get(method, set(value)))
+        if unused:
+            raise ValueError(f"speculative_config: method {method!r} does not read {', '.join(unused)}")
         return cls(**value)
 
 
@@ -130,8 +153,9 @@ class EngineConfig:
                                              "batch, KV cache, speculative acceptance)")
     speculative_config: SpeculativeConfig | None = _option(  # noqa: RUF009 - a dataclasses.field, as above
         None, 'speculative decoding, as JSON: {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": '
-              '4, "prompt_lookup_min": 2, "disable_by_batch_size": 8} or {"method": "lookahead", "window": 4, '
-              '"ngram": 4, "guess": 4} (every key but method has a default; default: off)',
+              '4, "prompt_lookup_min": 2, "disable_by_batch_size": 8} or {"method": "lookahead", "window": 1, '
+              '"ngram": 4, "guess": 2} or {"method": "draft_model", "model": "self", '
+              '"num_layers": K} (default: off)',
         parse=SpeculativeConfig.parse)
 
     def validate(self) -> EngineConfig:

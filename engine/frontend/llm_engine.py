@@ -31,10 +31,10 @@ from engine.models.loader import (
 from engine.runner.grammar import Grammars
 from engine.runner.lookahead import LookaheadProposer
 from engine.runner.model_runner import ModelRunner, ModelRunnerOutput
-from engine.runner.spec_decode import NgramProposer
+from engine.runner.spec_decode import NgramProposer, SelfDraftProposer
 
 logger = logging.getLogger(__name__)
-PROPOSERS = {"ngram": NgramProposer, "lookahead": LookaheadProposer}
+PROPOSERS = {"ngram": NgramProposer, "lookahead": LookaheadProposer, "draft_model": SelfDraftProposer}
 
 
 class ContextLengthError(ValueError):
@@ -103,6 +103,12 @@ class LLMEngine:
         self.grammars = Grammars(self.tokenizer, self.hf_config.vocab_size, self.eos_token_ids)
         spec = config.speculative_config
         self.proposer = None if spec is None else PROPOSERS[spec.method](spec, self.max_model_len)
+        if spec is not None and spec.method == "draft_model":
+            layers = self.hf_config.num_hidden_layers
+            if spec.num_layers >= layers:
+                raise ValueError(f"speculative_config.num_layers: must be below the model's {layers} layers "
+                                 f"(got {spec.num_layers})")
+            self.runner.draft_layers = spec.num_layers
 
     # --- configuration ------------------------------------------------------------------
     def _max_model_len(self) -> int:

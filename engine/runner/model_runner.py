@@ -7,10 +7,11 @@ import torch
 
 from engine.core.request import DraftTree, Request, TokenLogprobs
 from engine.core.scheduler import ScheduledSeq, SchedulerOutput
-from engine.layers.attention import DECODE_BACKENDS, AttentionMetadata, PrefillSpan
+from engine.layers.attention import DECODE_BACKENDS, AttentionMetadata, DecodeInputs, PrefillSpan
 from engine.models.llama import head_dim
 from engine.runner.cuda_graphs import DecodeGraphs
 from engine.runner.sampler import Sampler, SamplingInputs, logprobs_of
+from engine.runner.spec_decode import TO_DRAFT
 
 
 @dataclass
@@ -96,6 +97,7 @@ class ModelRunner:
         self.graphs = DecodeGraphs(model, self.kv_caches, graph_max_batch, max_blocks,
                                    scratch_block=num_blocks, block_size=block_size) if use_graphs else None
         self.block_tables = _BlockTables(max_blocks)
+        self.draft_layers = 0  # speculative draft_model "self": the layers that draft (0: none)
 
     @staticmethod
     def kv_bytes_per_block(hf_config, block_size: int, dtype: torch.dtype) -> int:
@@ -106,6 +108,9 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         self.block_tables.release(sched.finished_seq_ids)
         self.sampling_inputs.release(sched.finished_seq_ids)
+        to_draft = [s for s in sched.seqs if s.request.draft_token_ids[:1] == [TO_DRAFT]]
+        if to_draft:
+            self._self_draft(to_draft)
         batch = self._prepare(sched)
         meta = batch.meta
         if (self.graphs is not None and meta.num_prefill_tokens == 0
@@ -185,14 +190,35 @@ class ModelRunner:
     def _decode_metadata(self, decodes: list[ScheduledSeq], meta: AttentionMetadata) -> None:
         """One decode row per new token: a sequence's block table, repeated for its drafts, and as
         context the keys up to and including that token."""
-        width = max(len(s.block_ids) for s in decodes)
-        rows = [self.block_tables.row(s.request.seq_id, s.block_ids) for s in decodes]
         reps = [s.num_new_tokens for s in decodes]
-        rows = torch.tensor(rows).repeat_interleave(torch.tensor(reps))  # [R]
+        ctx = [s.request.num_computed_tokens + 1 + j for s in decodes for j in range(s.num_new_tokens)]
+        meta.decode = self._decode_inputs(decodes, reps, ctx)
+
+    def _decode_inputs(self, seqs: list[ScheduledSeq], reps: list[int], ctx: list[int]) -> DecodeInputs:
+        """reps[i] rows for seqs[i], each with its block table; ctx [R]: keys in context per row."""
+        width = max(len(s.block_ids) for s in seqs)
+        rows = torch.tensor([self.block_tables.row(s.request.seq_id, s.block_ids) for s in seqs])
+        rows = rows.repeat_interleave(torch.tensor(reps))  # [R]
         # [R, width]; past a sequence's own blocks its row holds stale ids, which its context length masks
         tables = self.block_tables.table[rows, :width].to(self.device)
-        ctx = self._tensor([s.request.num_computed_tokens + 1 + j for s in decodes for j in range(s.num_new_tokens)])
-        meta.decode = self.decoder.prepare(tables, ctx, self.block_size)  # ctx [R]
+        return self.decoder.prepare(tables, self._tensor(ctx), self.block_size)
+
+    def _self_draft(self, seqs: list[ScheduledSeq]) -> None:
+        """Fill the sequences' drafts with the first draft_layers layers' greedy picks, one position
+        at a time, writing those layers' keys and values where the check will write them again."""
+        layers = self.kv_caches[:self.draft_layers]
+        bs = self.block_size
+        for i in range(max(len(s.request.draft_token_ids) for s in seqs)):
+            rows = [s for s in seqs if len(s.request.draft_token_ids) > i]
+            ids = [s.request.draft_token_ids[i - 1] if i else s.request.token_ids[-1] for s in rows]
+            pos = [s.request.num_tokens - 1 + i for s in rows]
+            slots = [s.block_ids[p // bs] * bs + p % bs for s, p in zip(rows, pos)]
+            meta = AttentionMetadata(slot_mapping=self._tensor(slots), prefills=[], num_prefill_tokens=0,
+                                     decode=self._decode_inputs(rows, [1] * len(rows), [p + 1 for p in pos]))
+            hidden = self.model(self._tensor(ids), self._tensor(pos), meta, layers)  # [rows, hidden]
+            picks = self.model.compute_logits(hidden).argmax(dim=-1).tolist()
+            for s, tok in zip(rows, picks):
+                s.request.draft_token_ids[i] = tok
 
     @staticmethod
     def _num_prompt_positions(req: Request, start: int, end: int) -> int:

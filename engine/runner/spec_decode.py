@@ -108,8 +108,12 @@ class NgramProposer(Proposer):
             k = self.room(req, c.num_speculative_tokens)
             if k <= 0:
                 continue
-            tokens = np.asarray(req.token_ids[-MAX_LOOKBACK:])
-            req.draft_token_ids = ngram_draft(tokens, k, c.prompt_lookup_max, c.prompt_lookup_min)
+            req.draft_token_ids = self.draft(req, k)
+
+    def draft(self, req: Request, k: int) -> list[int]:
+        c = self.config
+        tokens = np.asarray(req.token_ids[-MAX_LOOKBACK:])
+        return ngram_draft(tokens, k, c.prompt_lookup_max, c.prompt_lookup_min)
 
     def record(self, seqs, result) -> None:
         """After the step that checked the drafts (a ModelRunnerOutput): how many of each sequence's were kept."""
@@ -117,6 +121,22 @@ class NgramProposer(Proposer):
             req = s.request
             if req.seq_id in result.num_rejected:
                 _history(req).record(req.num_draft_candidates, len(result.sampled[req.seq_id]) - 1)
+
+
+# a draft token the runner fills in before the step's pass (model_runner.ModelRunner._self_draft)
+TO_DRAFT = -1
+
+
+class SelfDraftProposer(NgramProposer):
+    """draft_model "self": the target's first num_layers layers, its final norm and head draft k
+    tokens, one at a time, at the start of the step that checks them (their slots are allocated
+    by then). Those layers' keys and values at the draft positions are the target's own (the
+    same weights, the same inputs), so the drafts need no cache of their own: the check rewrites
+    them, and rolls back those not kept, as for any draft. Here each decoding sequence gets k
+    places to fill, unless paused."""
+
+    def draft(self, req: Request, k: int) -> list[int]:
+        return [TO_DRAFT] * k
 
 
 def _history(req: Request) -> DraftHistory:

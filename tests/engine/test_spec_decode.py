@@ -50,8 +50,14 @@ def test_free_tail_gives_back_the_blocks_past_the_kept_tokens():
 def test_config_is_checked_and_parsed():
     assert SpeculativeConfig.parse('{"method": "ngram", "num_speculative_tokens": 2}').num_speculative_tokens == 2
     assert SpeculativeConfig.parse({"method": "lookahead", "window": 2}).window == 2
+    # each method's own default batch-size limit, unless given (null: none)
+    assert SpeculativeConfig.parse({"method": "ngram"}).disable_by_batch_size == 8
+    assert SpeculativeConfig.parse({"method": "lookahead"}).disable_by_batch_size == 2
+    assert SpeculativeConfig.parse('{"disable_by_batch_size": null}').disable_by_batch_size is None
     for bad, field in [({"method": "draft"}, "method"), ({"num_speculative_tokens": 0}, "num_speculative_tokens"),
-                       ({"method": "lookahead", "ngram": 1}, "ngram"), ({"window": 65}, "window"),
+                       ({"method": "lookahead", "ngram": 1}, "ngram"),
+                       ({"method": "lookahead", "window": 65}, "window"),
+                       ({"method": "ngram", "window": 2}, "method 'ngram' does not read window"),
                        ({"prompt_lookup_min": 5}, "prompt_lookup_min"), ({"nope": 1}, "nope")]:
         with pytest.raises(ValueError, match=field):
             SpeculativeConfig.parse(bad)
