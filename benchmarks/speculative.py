@@ -3,7 +3,7 @@ prompts, greedy, C requests at once (in waves of C, every prompt of the workload
 each method and none alternating in one run.
 
     python benchmarks/speculative.py [--levels 1,8,32] [--repeats 3] [--max-tokens 128]
-        [--methods ngram,ngram-always,lookahead,lookahead-w2,self-16] [--json out.json]
+        [--methods ngram,ngram-always,lookahead,lookahead-w2,self-16,draft-target] [--json out.json]
 
 Workloads: (a) copy/edit, chat prompts that ask to repeat, quote or lightly edit a passage or a
 function (the answer reuses the prompt's text, where prompt lookup finds drafts); (b) general
@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from engine import LLM, SamplingParams
+from engine.models.loader import bundled_model_dir
 
 PASSAGE = ("The old lighthouse stood at the edge of the cliff, its white paint peeling after decades of salt and "
            "wind. Every evening the keeper climbed the spiral stairs, counted the one hundred and twelve steps, and "
@@ -47,7 +48,10 @@ NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4,
 # "ngram-always" drafting at every batch size: where it stops paying is where the default lies
 METHODS = {"ngram": NGRAM, "ngram-always": {**NGRAM, "disable_by_batch_size": None},
            "lookahead": {"method": "lookahead"}, "lookahead-w2": {"method": "lookahead", "window": 2},
-           "self-16": {"method": "draft_model", "model": "self", "num_layers": 16, "num_speculative_tokens": 3}}
+           "self-16": {"method": "draft_model", "model": "self", "num_layers": 16, "num_speculative_tokens": 3},
+           # the bundled model drafting for itself (a pool of its own): what the mechanism keeps when
+           # every draft is right, and what a draft model as large as the target costs
+           "draft-target": {"method": "draft_model", "model": str(bundled_model_dir()), "num_speculative_tokens": 3}}
 
 
 def prompts_for(tokenizer, texts: list[str], count: int) -> list[list[int]]:

@@ -49,9 +49,9 @@ class SpeculativeConfig:
     looked up in its own earlier tokens (prompt and output), and what followed is the draft.
     lookahead (Fu et al.): a window of `window` Jacobi guesses over `ngram` - 1 levels runs beside
     up to `guess` candidate n-grams in each step's pass (engine/runner/lookahead.py).
-    draft_model with model "self": the target's first `num_layers` layers, its norm and head
-    draft num_speculative_tokens tokens (LayerSkip-style early exit; a separate draft model is
-    not supported yet).
+    draft_model: a smaller model with the same tokenizer drafts num_speculative_tokens tokens, or
+    with model "self" the target's first `num_layers` layers, its norm and head (LayerSkip-style
+    early exit).
     disable_by_batch_size: no drafts in a step with this many running sequences or more, where the
     extra tokens cost more than the steps they save (None: always draft). The default ("auto") is
     the method's, where drafting stopped paying on the CPU it was measured on."""
@@ -64,7 +64,7 @@ class SpeculativeConfig:
     window: int = 1
     ngram: int = 4
     guess: int = 2
-    model: str | None = None  # draft_model: "self"
+    model: str | None = None  # draft_model: a path or id, or "self"
     num_layers: int | None = None  # draft_model "self": the layers that draft
     disable_by_batch_size: int | str | None = "auto"
 
@@ -78,9 +78,11 @@ class SpeculativeConfig:
 
         need(self.method in SPECULATIVE_METHODS, "method", f"must be one of {SPECULATIVE_METHODS}")
         if self.method == "draft_model":
-            need(self.model == "self", "model", 'must be "self" (the target\'s first num_layers layers draft; a '
-                 "separate draft model is not supported yet)")
-            need(_is_int(self.num_layers) and self.num_layers > 0, "num_layers", "must be a positive integer")
+            need(isinstance(self.model, str) and self.model != "", "model", 'must be "self" or a model path or id')
+            if self.model == "self":
+                need(_is_int(self.num_layers) and self.num_layers > 0, "num_layers", "must be a positive integer")
+            else:
+                need(self.num_layers is None, "num_layers", 'is for model "self" only')
         for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "window", "guess"):
             need(_is_int(getattr(self, name)) and 0 < getattr(self, name) <= 64, name, "must be in [1, 64]")
         need(_is_int(self.ngram) and 2 <= self.ngram <= 16, "ngram", "must be in [2, 16]")
@@ -154,8 +156,8 @@ class EngineConfig:
     speculative_config: SpeculativeConfig | None = _option(  # noqa: RUF009 - a dataclasses.field, as above
         None, 'speculative decoding, as JSON: {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": '
               '4, "prompt_lookup_min": 2, "disable_by_batch_size": 8} or {"method": "lookahead", "window": 1, '
-              '"ngram": 4, "guess": 2} or {"method": "draft_model", "model": "self", '
-              '"num_layers": K} (default: off)',
+              '"ngram": 4, "guess": 2} or {"method": "draft_model", "model": PATH '
+              'or "self", "num_layers": K for self} (default: off)',
         parse=SpeculativeConfig.parse)
 
     def validate(self) -> EngineConfig:

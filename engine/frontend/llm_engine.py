@@ -104,13 +104,30 @@ class LLMEngine:
         spec = config.speculative_config
         self.proposer = None if spec is None else PROPOSERS[spec.method](spec, self.max_model_len)
         if spec is not None and spec.method == "draft_model":
+            self._use_draft_model(spec)
+
+    # --- configuration ------------------------------------------------------------------
+    def _use_draft_model(self, spec) -> None:
+        if spec.model == "self":
             layers = self.hf_config.num_hidden_layers
             if spec.num_layers >= layers:
                 raise ValueError(f"speculative_config.num_layers: must be below the model's {layers} layers "
                                  f"(got {spec.num_layers})")
-            self.runner.draft_layers = spec.num_layers
+            self.runner.use_draft_layers(spec.num_layers)
+            return
+        src = resolve_source(spec.model)
+        cfg = load_hf_config(src)
+        same_vocab = cfg.vocab_size == self.hf_config.vocab_size
+        if not same_vocab or load_tokenizer(src, None).get_vocab() != self.tokenizer.get_vocab():
+            raise ValueError(f"speculative_config.model: {spec.model} does not have the target's tokenizer")
+        backends = platform.choose(self.config, self.device, self.dtype, _attention_shape(cfg),
+                                   src.gguf_origin is not None)
+        if backends.attention != self.backends.attention:
+            raise ValueError(f"speculative_config.model: its attention shape needs the {backends.attention!r} decode "
+                             f"kernel, the target's runs {self.backends.attention!r}: give --attention-backend torch")
+        model = build_model(src, cfg, self.max_model_len, self.dtype, self.device, self.config.load_format, backends)
+        self.runner.use_draft_model(model, self.num_kv_blocks + int(self.runner.graphs is not None))
 
-    # --- configuration ------------------------------------------------------------------
     def _max_model_len(self) -> int:
         limit = getattr(self.hf_config, "max_position_embeddings", None) or 2048
         window = getattr(self.hf_config, "sliding_window", None)

@@ -97,7 +97,26 @@ class ModelRunner:
         self.graphs = DecodeGraphs(model, self.kv_caches, graph_max_batch, max_blocks,
                                    scratch_block=num_blocks, block_size=block_size) if use_graphs else None
         self.block_tables = _BlockTables(max_blocks)
-        self.draft_layers = 0  # speculative draft_model "self": the layers that draft (0: none)
+        # speculative draft_model: the model that drafts and the KV caches it reads and writes:
+        # the target's first layers and theirs ("self"), or a model of its own with a pool of its own
+        self.draft_model: torch.nn.Module | None = None
+        self.draft_kv_caches: list[torch.Tensor] = []
+        self.mirror_draft = False  # a draft model of its own also runs each step's tokens: its cache keeps up
+
+    def use_draft_layers(self, num_layers: int) -> None:
+        self.draft_model, self.draft_kv_caches = self.model, self.kv_caches[:num_layers]
+
+    def use_draft_model(self, model: torch.nn.Module, num_blocks: int) -> None:
+        """A smaller model with the same tokenizer drafts. Its pool has as many blocks as the
+        target's and is indexed by the same block tables: a token's keys and values sit in the
+        same slot of both, so whatever the scheduler allocates, keeps, rolls back or frees for
+        the target, it does for the draft too."""
+        attn = model.layers[0].self_attn
+        shape = (2, num_blocks, self.block_size, attn.num_kv_heads, attn.head_dim)
+        dtype, device = self.kv_caches[0].dtype, self.kv_caches[0].device
+        self.draft_model = model
+        self.draft_kv_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in model.layers]
+        self.mirror_draft = True
 
     @staticmethod
     def kv_bytes_per_block(hf_config, block_size: int, dtype: torch.dtype) -> int:
@@ -110,7 +129,7 @@ class ModelRunner:
         self.sampling_inputs.release(sched.finished_seq_ids)
         to_draft = [s for s in sched.seqs if s.request.draft_token_ids[:1] == [TO_DRAFT]]
         if to_draft:
-            self._self_draft(to_draft)
+            self._model_draft(to_draft)
         batch = self._prepare(sched)
         meta = batch.meta
         if (self.graphs is not None and meta.num_prefill_tokens == 0
@@ -118,6 +137,8 @@ class ModelRunner:
             hidden = self.graphs.run(batch.input_ids, batch.positions, meta)  # [T, hidden]
         else:
             hidden = self.model(batch.input_ids, batch.positions, meta, self.kv_caches)  # [T, hidden]
+        if self.mirror_draft:
+            self.draft_model(batch.input_ids, batch.positions, meta, self.draft_kv_caches)
         rows = [i for _, i, _ in batch.sample_rows] + [i for _, _, i in batch.prompt_rows]
         logits = self.model.compute_logits(hidden[rows]) if rows else None  # [R, V] float32
         out = ModelRunnerOutput()
@@ -203,10 +224,10 @@ class ModelRunner:
         tables = self.block_tables.table[rows, :width].to(self.device)
         return self.decoder.prepare(tables, self._tensor(ctx), self.block_size)
 
-    def _self_draft(self, seqs: list[ScheduledSeq]) -> None:
-        """Fill the sequences' drafts with the first draft_layers layers' greedy picks, one position
-        at a time, writing those layers' keys and values where the check will write them again."""
-        layers = self.kv_caches[:self.draft_layers]
+    def _model_draft(self, seqs: list[ScheduledSeq]) -> None:
+        """Fill the sequences' drafts with the draft model's greedy picks, one position at a time,
+        writing its keys and values where this step's pass writes them again (the target's first
+        layers: the target itself; a draft model of its own: the mirror pass in execute)."""
         bs = self.block_size
         for i in range(max(len(s.request.draft_token_ids) for s in seqs)):
             rows = [s for s in seqs if len(s.request.draft_token_ids) > i]
@@ -215,8 +236,8 @@ class ModelRunner:
             slots = [s.block_ids[p // bs] * bs + p % bs for s, p in zip(rows, pos)]
             meta = AttentionMetadata(slot_mapping=self._tensor(slots), prefills=[], num_prefill_tokens=0,
                                      decode=self._decode_inputs(rows, [1] * len(rows), [p + 1 for p in pos]))
-            hidden = self.model(self._tensor(ids), self._tensor(pos), meta, layers)  # [rows, hidden]
-            picks = self.model.compute_logits(hidden).argmax(dim=-1).tolist()
+            hidden = self.draft_model(self._tensor(ids), self._tensor(pos), meta, self.draft_kv_caches)  # [rows, h]
+            picks = self.draft_model.compute_logits(hidden).argmax(dim=-1).tolist()
             for s, tok in zip(rows, picks):
                 s.request.draft_token_ids[i] = tok
 

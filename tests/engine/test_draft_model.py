@@ -1,7 +1,8 @@
-"""Speculative decoding with draft_model "self": the target's first layers draft, in the step that
-checks them, writing those layers' KV where the check writes it again. Greedy output equals
-transformers' in a batch and under preemption; seeded sampling equals itself without it; the
-drafts are the early exit's own greedy picks."""
+"""Speculative decoding with draft_model. "self": the target's first layers draft, in the step
+that checks them, writing those layers' KV where the check writes it again. A model of its own
+(a path): its pool is indexed by the target's block tables and kept up by running each step's
+tokens too. Greedy output equals transformers' in a batch and under preemption; seeded sampling
+equals itself without it; the drafts are the draft model's own greedy picks."""
 from __future__ import annotations
 
 import pytest
@@ -11,6 +12,7 @@ from engine import LLM, SamplingParams
 from engine.core.config import EngineConfig, SpeculativeConfig
 from engine.frontend.llm_engine import LLMEngine
 from tests.engine.test_correctness import GREEDY, _assert_same, _run_staggered, _tokens
+from tests.engine.test_models import TINY, make_tiny
 
 SELF = {"method": "draft_model", "model": "self", "num_layers": 20, "num_speculative_tokens": 3,
         "disable_by_batch_size": None}
@@ -44,18 +46,18 @@ def test_the_drafts_are_the_early_exits_greedy_picks(smollm2_dir, self_llm, hf_s
     final norm and head, token by token from the same context."""
     engine = self_llm.engine
     drafted = []
-    fill = engine.runner._self_draft
+    fill = engine.runner._model_draft
 
     def recorded(seqs):
         fill(seqs)
         drafted.extend((list(s.request.token_ids), list(s.request.draft_token_ids)) for s in seqs)
 
-    engine.runner._self_draft = recorded
+    engine.runner._model_draft = recorded
     try:
         self_llm.generate(smollm2_tokenizer.encode("The capital of France is"), SamplingParams(temperature=0,
                                                                                              max_tokens=8))
     finally:
-        engine.runner._self_draft = fill
+        engine.runner._model_draft = fill
     assert drafted
     for context, drafts in drafted[:3]:
         ids = list(context)
@@ -82,3 +84,45 @@ def test_seeded_sampling_is_the_same_with_and_without(smollm2_dir, self_llm, ref
     params = [SamplingParams(temperature=0.8, seed=11 + i, max_tokens=24) for i in range(len(prompts))]
     want = [o.outputs[0].token_ids for o in plain.generate(prompts, params)]
     assert [o.outputs[0].token_ids for o in self_llm.generate(prompts, params)] == want
+
+
+def _draft_of_its_own(path, **over) -> dict:
+    return {"method": "draft_model", "model": str(path), "num_speculative_tokens": 3,
+            "disable_by_batch_size": None, **over}
+
+
+def test_a_draft_model_needs_the_targets_tokenizer(tmp_path, smollm2_dir, smollm2_tokenizer):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **{**TINY, "vocab_size": 16})).save_pretrained(
+        tmp_path)
+    smollm2_tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="does not have the target's tokenizer"):
+        LLM(str(smollm2_dir), speculative_config=_draft_of_its_own(tmp_path))
+    with pytest.raises(ValueError, match="num_layers"):
+        SpeculativeConfig.parse(_draft_of_its_own(tmp_path, num_layers=2))
+
+
+def test_the_target_as_its_own_draft_model_is_kept_nearly_always(smollm2_dir, reference_prompts, hf_reference):
+    """The same weights in a pool of their own: the draft's cache must follow the target's every
+    step (prefills, kept drafts, preemption) for its picks to be the target's."""
+    engine = LLMEngine(EngineConfig(model=str(smollm2_dir), num_kv_blocks=160, max_num_batched_tokens=128,
+                                    block_size=4, speculative_config=SpeculativeConfig.parse(
+                                        _draft_of_its_own(smollm2_dir))))
+    prompts, want = reference_prompts[1::2], hf_reference[1::2]
+    done = _run_staggered(engine, prompts, GREEDY, every=1)
+    _assert_same([done[str(i)][0] for i in range(len(prompts))], want)
+    m = engine.metrics
+    assert engine.scheduler.num_preemptions > 0
+    assert m.accepted_tokens._value.get() > 0.9 * m.draft_tokens._value.get() > 0
+
+
+def test_a_random_draft_model_is_rejected_and_rolled_back(tmp_path, smollm2_dir, smollm2_tokenizer,
+                                                          reference_prompts, hf_reference):
+    make_tiny(tmp_path, smollm2_tokenizer, "llama", {})  # random weights, the target's tokenizer
+    llm = LLM(str(smollm2_dir), speculative_config=_draft_of_its_own(tmp_path))
+    _assert_same(_tokens(llm.generate(reference_prompts[::2], GREEDY)), hf_reference[::2])
+    m = llm.engine.metrics
+    assert m.draft_tokens._value.get() > 0 and m.accepted_tokens._value.get() < m.draft_tokens._value.get()
+    llm.engine.check_invariants()
+    assert llm.engine.kv.pool.num_free == llm.engine.num_kv_blocks
