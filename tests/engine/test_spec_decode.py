@@ -163,6 +163,9 @@ def test_stops_and_logprobs_inside_accepted_runs(smollm2_dir, spec_llm, smollm2_
              SamplingParams(temperature=0, max_tokens=30, stop=[base.text[20:28]]),
              SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[stop_token]),
              SamplingParams(temperature=0, max_tokens=30, min_tokens=20, stop_token_ids=[stop_token])]
+    # a stop token at each place of the answer: some fall inside an accepted run, with accepted
+    # drafts after them that must be neither kept nor counted
+    cases += [SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[t]) for t in base.token_ids[4:30]]
     for params in cases:
         want = plain.generate(ids, params)[0].outputs[0]
         counted = spec_llm.engine.metrics.generation_tokens._value.get()
