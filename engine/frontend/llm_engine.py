@@ -90,6 +90,10 @@ class LLMEngine:
                                         src.gguf_origin is not None)
         model = build_model(src, self.hf_config, self.max_model_len, self.dtype, self.device, config.load_format,
                             self.backends)
+        spec = config.speculative_config
+        # a draft model of its own: loaded before the pool is sized, which holds its KV too
+        self._draft = self._load_draft_model(spec.model) if spec and spec.method == "draft_model" \
+            and spec.model != "self" else None
         self.num_kv_blocks = self._num_kv_blocks()
         self.kv = KVCacheManager(self.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
@@ -101,32 +105,34 @@ class LLMEngine:
         self._failed: list[RequestOutput] = []  # outputs of requests failed during the current step
         self.metrics = EngineMetrics(self.model_name, self.scheduler, self.kv, config.speculative_config is not None)
         self.grammars = Grammars(self.tokenizer, self.hf_config.vocab_size, self.eos_token_ids)
-        spec = config.speculative_config
         self.proposer = None if spec is None else PROPOSERS[spec.method](spec, self.max_model_len)
-        if spec is not None and spec.method == "draft_model":
-            self._use_draft_model(spec)
+        if self._draft is not None:
+            self.runner.use_draft_model(self._draft[0], self.num_kv_blocks + int(self.runner.graphs is not None))
+        elif spec is not None and spec.method == "draft_model":
+            self._use_draft_layers(spec.num_layers)
 
     # --- configuration ------------------------------------------------------------------
-    def _use_draft_model(self, spec) -> None:
-        if spec.model == "self":
-            layers = self.hf_config.num_hidden_layers
-            if spec.num_layers >= layers:
-                raise ValueError(f"speculative_config.num_layers: must be below the model's {layers} layers "
-                                 f"(got {spec.num_layers})")
-            self.runner.use_draft_layers(spec.num_layers)
-            return
-        src = resolve_source(spec.model)
+    def _use_draft_layers(self, num_layers: int) -> None:
+        layers = self.hf_config.num_hidden_layers
+        if num_layers >= layers:
+            raise ValueError(f"speculative_config.num_layers: must be below the model's {layers} layers "
+                             f"(got {num_layers})")
+        self.runner.use_draft_layers(num_layers)
+
+    def _load_draft_model(self, name: str) -> tuple[torch.nn.Module, object]:
+        """(the draft model, its HF config); it must have the target's tokenizer."""
+        src = resolve_source(name)
         cfg = load_hf_config(src)
         same_vocab = cfg.vocab_size == self.hf_config.vocab_size
         if not same_vocab or load_tokenizer(src, None).get_vocab() != self.tokenizer.get_vocab():
-            raise ValueError(f"speculative_config.model: {spec.model} does not have the target's tokenizer")
+            raise ValueError(f"speculative_config.model: {name} does not have the target's tokenizer")
         backends = platform.choose(self.config, self.device, self.dtype, _attention_shape(cfg),
                                    src.gguf_origin is not None)
         if backends.attention != self.backends.attention:
             raise ValueError(f"speculative_config.model: its attention shape needs the {backends.attention!r} decode "
                              f"kernel, the target's runs {self.backends.attention!r}: give --attention-backend torch")
-        model = build_model(src, cfg, self.max_model_len, self.dtype, self.device, self.config.load_format, backends)
-        self.runner.use_draft_model(model, self.num_kv_blocks + int(self.runner.graphs is not None))
+        return build_model(src, cfg, self.max_model_len, self.dtype, self.device, self.config.load_format,
+                           backends), cfg
 
     def _max_model_len(self) -> int:
         limit = getattr(self.hf_config, "max_position_embeddings", None) or 2048
@@ -142,6 +148,8 @@ class LLMEngine:
         if self.config.num_kv_blocks is not None:
             return self.config.num_kv_blocks
         per_block = ModelRunner.kv_bytes_per_block(self.hf_config, self.config.block_size, self.dtype)
+        if self._draft is not None:  # the draft model's pool has as many blocks
+            per_block += ModelRunner.kv_bytes_per_block(self._draft[1], self.config.block_size, self.dtype)
         budget = self.config.kv_cache_memory
         if budget is None and self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
