@@ -81,11 +81,12 @@ class _Admission:
         self.limit = None if max_queue_len is None else max_num_seqs + max_queue_len
         self.in_flight = 0  # sequences admitted and not yet answered
 
-    def check_size(self, num_prompts: int, n: int) -> None:
+    def check_size(self, num_prompts: int, n: int, name: str = "n") -> None:
+        """n: sequences per prompt (its choices, or under beam search its beams, `name` best_of)."""
         if num_prompts * n > self.per_request:
-            param, what = ("n", f"n={n}") if n > 1 else ("prompt", f"{num_prompts} prompts")
+            param, what = (name, f"{name}={n}") if n > 1 else ("prompt", f"{num_prompts} prompts")
             if n > 1 and num_prompts > 1:
-                what = f"{num_prompts} prompts x n={n}"
+                what = f"{num_prompts} prompts x {name}={n}"
             raise APIError(400, f"{param}: {what} asks for {num_prompts * n} sequences; this server runs at most "
                                 f"{self.per_request} per request", param=param)
 
@@ -182,7 +183,7 @@ def create_app(engine: AsyncLLM, model_name: str, options: ServerOptions | None 
         _check_model(body.model, model_name)
         params = call(body.params)
         texts = call(body.prompts)
-        admission.check_size(len(texts), params.n)
+        admission.check_size(len(texts), *_width(params))
         await _compile_grammar(engine, params)
 
         def prepare(tok):
@@ -201,7 +202,7 @@ def create_app(engine: AsyncLLM, model_name: str, options: ServerOptions | None 
         _check_model(body.model, model_name)
         params = call(lambda: body.params(tool_format))
         messages, tools = call(body.message_dicts), body.tool_dicts()
-        admission.check_size(1, params.n)
+        admission.check_size(1, *_width(params))
         await _compile_grammar(engine, params)
         size = _num_chars(messages, tools)
         call(lambda: engine.check_prompt_chars(size))  # before templating megabytes
@@ -301,12 +302,17 @@ async def _outputs(engine: AsyncLLM, prompts: list[list[int]], params: SamplingP
             t.cancel()  # generate()'s own finally aborts the request in the engine
 
 
+def _width(params: SamplingParams) -> tuple[int, str]:
+    """Sequences one prompt runs, and the field that sets them."""
+    return params.beam_width, "best_of" if params.use_beam_search else "n"
+
+
 async def _respond(raw: Request, engine: AsyncLLM, prefix: str, prompts: list[list[int]], params: SamplingParams,
                    body, render: _Render):
     state = raw.app.state
     # A stream sends what is new at each step; a whole answer needs the engine's output once.
     params = dataclasses.replace(params, output_kind="delta" if body.stream else "final")
-    num_seqs = len(prompts) * params.n
+    num_seqs = len(prompts) * params.beam_width
     state.admission.admit(num_seqs)
     release = functools.partial(state.admission.release, num_seqs)
     request_id = f"{raw.state.request_id}-{uuid.uuid4().hex[:8]}"  # client ids may repeat; engine ids may not

@@ -24,7 +24,7 @@ from server.tool_calls import ToolFormat
 _UNSUPPORTED: dict[str, tuple] = {
     "functions": (None, []), "function_call": (None, "none"),
     "audio": (None,), "prediction": (None,), "web_search_options": (None,), "reasoning_effort": (None,),
-    "suffix": (None, ""), "use_beam_search": (None, False), "store": (None, False),
+    "suffix": (None, ""), "store": (None, False),
 }
 
 
@@ -91,7 +91,11 @@ class _SamplingFields(_Strict):
     user: str | None = None
     metadata: dict[str, str] | None = None
     service_tier: str | None = None
-    best_of: int | None = None  # only best_of == n (the default) until beam search lands
+    # beam search (vLLM's names, transformers' semantics): best_of beams, the n best returned
+    use_beam_search: bool = False
+    best_of: int | None = Field(None, ge=1)
+    length_penalty: float = 1.0
+    early_stopping: bool | Literal["never"] = False
     response_format: ResponseFormat | None = None
     # vLLM's structured outputs, and their older names
     structured_outputs: StructuredOutputsField | None = None
@@ -107,7 +111,6 @@ class _SamplingFields(_Strict):
     web_search_options: Any = None
     reasoning_effort: Any = None
     suffix: Any = None
-    use_beam_search: Any = None
     store: Any = None
     # vLLM extras
     top_k: int = Field(0, ge=-1)
@@ -126,14 +129,16 @@ class _SamplingFields(_Strict):
             bias = {int(k): v for k, v in (self.logit_bias or {}).items()}
         except ValueError:
             raise ValueError("logit_bias: keys must be token ids") from None
+        default_temperature = 0.0 if self.use_beam_search else 1.0  # beams are chosen greedily
         return SamplingParams(
-            n=self.n, temperature=1.0 if self.temperature is None else self.temperature,
+            n=self.n, temperature=default_temperature if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k, min_p=self.min_p, seed=self.seed,
             max_tokens=max_tokens, min_tokens=self.min_tokens, stop=self.stop, stop_token_ids=self.stop_token_ids,
             ignore_eos=self.ignore_eos, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
             logprobs=logprobs, prompt_logprobs=prompt_logprobs, logit_bias=bias or None,
-            structured_outputs=self._structured_outputs(tools))
+            structured_outputs=self._structured_outputs(tools), use_beam_search=self.use_beam_search,
+            best_of=self.best_of, length_penalty=self.length_penalty, early_stopping=self.early_stopping)
 
     def _structured_outputs(self, tools: StructuredOutputs | None) -> StructuredOutputs | None:
         """What tool_choice, response_format, structured_outputs or a guided_* field asks for (one at most)."""
@@ -167,8 +172,6 @@ class _SamplingFields(_Strict):
         for name, off in _UNSUPPORTED.items():
             if name in self.model_fields_set and getattr(self, name) not in off:
                 raise ValueError(f"{name}: not supported by this server yet")
-        if self.best_of is not None and self.best_of != self.n:
-            raise ValueError("best_of: only best_of equal to n is supported by this server yet")
 
     @property
     def include_usage(self) -> bool:

@@ -85,6 +85,25 @@ class KVCacheManager:
         bs = self.block_size
         return self.pool.key(parent, tuple(token_ids[j * bs:(j + 1) * bs]), salt)
 
+    def fork(self, parent: str, child: str, num_tokens: int) -> tuple[int, list[tuple[int, int]]]:
+        """Start child's table with parent's first num_tokens tokens: the full blocks shared (by
+        reference count: they are never written again), the partial last block copied. Returns the
+        tokens the child now has computed and the block copies (source, destination) the runner
+        must make; when the pool has no block for the copy, the child has only the full blocks
+        and recomputes the rest."""
+        assert not self.block_tables.get(child), f"{child} already holds blocks"
+        table = self.block_tables[parent]
+        full = num_tokens // self.block_size
+        self.pool.touch(table[:full])
+        new, copies = table[:full], []
+        if num_tokens % self.block_size and self.pool.num_free:
+            (block,) = self.pool.allocate(1)
+            new.append(block)
+            copies.append((table[full], block))
+        self.block_tables[child] = new
+        self._num_cached_blocks[child] = min(self._num_cached_blocks.get(parent, 0), full)
+        return min(num_tokens, len(new) * self.block_size), copies
+
     def free_tail(self, seq_id: str, num_tokens: int) -> None:
         """Give back the blocks past the first `num_tokens` tokens' (slots of rejected drafts)."""
         table = self.block_tables.get(seq_id, [])

@@ -15,6 +15,7 @@ class CompletionOutput:
     stop_reason: int | str | None = None  # the stop string or stop token id, if one ended it
     logprobs: list[TokenLogprobs] | None = None
     cumulative_logprob: float | None = None
+    score: float | None = None  # beam search: the hypothesis' score (cumulative_logprob / length ** length_penalty)
 
     @property
     def finished(self) -> bool:

@@ -7,9 +7,12 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.core.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from engine.core.beam import BeamGroup
 
 
 class RequestStatus(enum.Enum):
@@ -68,6 +71,7 @@ class Request:
     draft_token_ids: list[int] = field(default_factory=list)
     draft_tree: DraftTree | None = None  # None: the drafts are one chain, each following the one before
     spec_state: Any = None  # the proposer's own record of the sequence (engine/runner/spec_decode.py), opaque here
+    beam: BeamGroup | None = None  # beam search: the group whose slot `index` this sequence is
 
     def __post_init__(self) -> None:
         self.token_ids: list[int] = list(self.prompt_token_ids)  # prompt then outputs

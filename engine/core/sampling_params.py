@@ -18,6 +18,10 @@ SEED_RANGE = (-(1 << 63), 1 << 64)  # signed or unsigned 64-bit; both map onto t
 OUTPUT_KINDS = ("cumulative", "delta", "final")
 MAX_GRAMMAR_CHARS = 64 << 10  # a schema, regex or grammar: compiling is bounded by its size
 MAX_CHOICES = 256
+# Beam search: each step sorts about 2 * width**2 candidates in Python, so the width is bounded.
+MAX_BEAM_WIDTH = 32
+MAX_LENGTH_PENALTY = 10.0
+EARLY_STOPPING = (True, False, "never")
 _KINDS = ("json", "regex", "choice", "grammar", "structural_tag")
 
 
@@ -89,6 +93,11 @@ class SamplingParams:
     skip_special_tokens: bool = True
     output_kind: str = "cumulative"  # one of OUTPUT_KINDS
     structured_outputs: StructuredOutputs | None = None
+    # beam search (transformers' semantics): best_of beams (default n), the n best returned
+    use_beam_search: bool = False
+    best_of: int | None = None
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -144,6 +153,7 @@ class SamplingParams:
         # the ban would hold back the end of output a complete grammar allows alone
         need(self.structured_outputs is None or self.min_tokens == 0, "min_tokens",
              "cannot be combined with structured outputs")
+        self._validate_beam_search(need)
         need(len(self.stop_strings) <= MAX_STOP_STRINGS, "stop", f"must hold at most {MAX_STOP_STRINGS} strings")
         need(all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_STRING_CHARS for s in self.stop_strings), "stop",
              f"must be non-empty strings of at most {MAX_STOP_STRING_CHARS} characters")
@@ -156,6 +166,35 @@ class SamplingParams:
                  f"must hold at most {MAX_LOGIT_BIAS_ENTRIES} entries")
             need(all(_in(b, -100.0, 100.0) for b in self.logit_bias.values()), "logit_bias",
                  "values must be in [-100, 100]")
+
+    def _validate_beam_search(self, need) -> None:
+        need(isinstance(self.use_beam_search, bool), "use_beam_search", "must be a boolean")
+        beam = self.use_beam_search
+        if not beam:
+            need(self.best_of is None or self.best_of == self.n, "best_of",
+                 "other than n, only with use_beam_search (sampling best_of is not supported)")
+            need(self.length_penalty == 1.0, "length_penalty", "only with use_beam_search")
+            need(self.early_stopping is False, "early_stopping", "only with use_beam_search")
+            return
+        need(self.best_of is None or (_is_int(self.best_of) and self.n <= self.best_of <= MAX_BEAM_WIDTH),
+             "best_of", f"must be an integer from n to {MAX_BEAM_WIDTH} (the beam width)")
+        need(self.n <= MAX_BEAM_WIDTH, "n", f"must be at most {MAX_BEAM_WIDTH} with use_beam_search")
+        need(_in(self.length_penalty, -MAX_LENGTH_PENALTY, MAX_LENGTH_PENALTY), "length_penalty",
+             f"must be in [-{MAX_LENGTH_PENALTY:g}, {MAX_LENGTH_PENALTY:g}]")
+        need(any(self.early_stopping is v or (self.early_stopping == v and isinstance(v, str))
+                 for v in EARLY_STOPPING), "early_stopping", 'must be true, false or "never"')
+        need(self.temperature == 0.0, "temperature", "must be 0 with use_beam_search")
+        # what would change the scores the beams are chosen by: not part of this beam search
+        for name, off in (("top_p", 1.0), ("top_k", 0), ("min_p", 0.0), ("presence_penalty", 0.0),
+                          ("frequency_penalty", 0.0), ("repetition_penalty", 1.0), ("logit_bias", None),
+                          ("structured_outputs", None)):
+            need(getattr(self, name) in (off, {}), name, "is not supported with use_beam_search")
+        need(not self.stop_strings, "stop", "stop strings are not supported with use_beam_search (stop_token_ids are)")
+
+    @property
+    def beam_width(self) -> int:
+        """Sequences the request runs at once: its beams, or its n choices."""
+        return (self.best_of or self.n) if self.use_beam_search else self.n
 
     @property
     def generator_seed(self) -> int | None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from engine.core.beam import Move
 from engine.core.kv_cache_manager import KVCacheManager
 from engine.core.request import Request, RequestStatus
 
@@ -35,6 +36,8 @@ class SchedulerOutput:
     preempted: list[Request] = field(default_factory=list)
     # sequences that ended since the previous step: the runner drops their per-sequence state
     finished_seq_ids: list[str] = field(default_factory=list)
+    # beam search: KV blocks to copy (source, destination) before the step runs (forked beams)
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def num_batched_tokens(self) -> int:
@@ -64,6 +67,7 @@ class Scheduler:
         self.prefix_cache_hits = 0
         self._prefill_left = max_num_batched_tokens  # prefill tokens this step may still take
         self._finished_since_step: list[str] = []
+        self._block_copies: list[tuple[int, int]] = []
 
     # --- queries -------------------------------------------------------------------------
     @property
@@ -84,21 +88,35 @@ class Scheduler:
         assert first.request_id not in self.seqs_by_request, f"duplicate request {first.request_id}"
         self.seqs_by_request[first.request_id] = list(seqs)
         self.waiting.append(first)
-        if rest:
+        if rest and first.beam is None:  # (the other beams start from the first's first step)
             self.pending_forks[first.seq_id] = rest
-            if not self.kv.enable_prefix_caching:  # keys that only this request's choices find
-                for s in seqs:
-                    s.cache_salt = s.request_id
+        if rest and not self.kv.enable_prefix_caching:  # keys that only this request's choices find
+            for s in seqs:
+                s.cache_salt = s.request_id
 
     # --- one step -----------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput(seqs=[], finished_seq_ids=self._finished_since_step)
-        self._finished_since_step = []
+        out = SchedulerOutput(seqs=[], finished_seq_ids=self._finished_since_step, block_copies=self._block_copies)
+        self._finished_since_step, self._block_copies = [], []
         self._prefill_left = self._prefill_allowance()
         budget = self._schedule_running(out, self.max_num_batched_tokens)
         if not out.preempted:
             self._schedule_waiting(out, budget)
+        if out.is_empty and self.waiting and self.running:
+            self._unpark(out)
         return out
+
+    def _unpark(self, out: SchedulerOutput) -> None:
+        """Nothing could run: every running sequence is a beam waiting for a sibling that waits for
+        blocks or a seat. The last group's beams give their blocks back and queue at the back (to be
+        recomputed after the others), one group at a time, until the queue's front can start."""
+        while out.is_empty and self.running:
+            last = self.running[-1]
+            for req in [r for r in self.running if r is last or (r.beam is not None and r.beam is last.beam)]:
+                self.running.remove(req)
+                self._preempt(req, to_back=True)
+                out.preempted.append(req)
+            self._schedule_waiting(out, self.max_num_batched_tokens)
 
     def _prefill_allowance(self) -> int:
         """Prompt tokens this step may take. With a cap, a step beside running decodes takes at most
@@ -156,10 +174,22 @@ class Scheduler:
                 return False
         return True
 
+    def _seats_taken(self) -> int:
+        """Running sequences and the beams they will fork into (a beam group holds its width)."""
+        return len(self.running) + sum(r.beam.width - 1 for r in self.running if r.beam and not r.beam.forked)
+
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        starting: set[str] = set()  # beam groups with a beam starting from nothing this step
+        while self.waiting and budget > 0:
             req = self.waiting[0]
+            beams = req.beam.width if req.beam and not req.beam.forked else 1
             fresh = req.num_computed_tokens == 0  # new or preempted: its prefix may be cached
+            # a group's preempted beams start one a step: the later ones then find the blocks they
+            # share with the first in the prefix cache, instead of each computing its own
+            if self._seats_taken() + beams > self.max_num_seqs or (req.beam and fresh and req.request_id in starting):
+                break
+            if req.beam and fresh:
+                starting.add(req.request_id)
             if fresh:
                 req.num_computed_tokens = self._take_cached_prefix(req)
             n = self._chunk(req, budget)
@@ -189,14 +219,19 @@ class Scheduler:
         if req.num_cached_tokens is None:  # usage reports the first admission's hit
             req.num_cached_tokens = req.num_computed_tokens
 
-    def _preempt(self, req: Request) -> None:
+    def _preempt(self, req: Request, to_back: bool = False) -> None:
+        if req.beam is not None:
+            req.beam.forget(req.index)
         self.kv.free(req.seq_id)
         req.num_computed_tokens = 0
         req.clear_drafts()
         req.status = RequestStatus.WAITING
         req.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(req)
+        if to_back:
+            self.waiting.append(req)
+        else:
+            self.waiting.appendleft(req)
 
     # --- after the model ran ------------------------------------------------------------
     def update_after_step(self, out: SchedulerOutput, num_rejected: dict[str, int] | None = None) -> None:
@@ -214,6 +249,33 @@ class Scheduler:
                                       s.request.cache_salt)
             if s.request.num_computed_tokens >= s.request.num_prompt_tokens:
                 self._release_forks(s.request)
+
+    def move_beams(self, slots: list[Request], moves: list[Move]) -> None:
+        """Give each beam slot its next beam (BeamGroup.step's moves). A beam that continues in its
+        own slot keeps its blocks; a slot that takes another beam's history gives its blocks back and
+        shares that beam's full blocks, with a copy of its partial last one (made by the runner
+        before the next step). On the group's first step, slots 1.. join the running batch."""
+        first_step = len(slots) > 1 and slots[1].status is RequestStatus.WAITING  # (later, every slot runs)
+        parents = {m.parent: (slots[m.parent].token_ids, slots[m.parent].logprobs) for m in moves}
+        moved = [m for m in moves if m.slot != m.parent]
+        for m in moved:
+            self.kv.free(slots[m.slot].seq_id)
+        for m in moved:  # before a beam that stays in place appends to the history they copy
+            req, parent = slots[m.slot], slots[m.parent]
+            tokens, logprobs = parents[m.parent]
+            req.token_ids, req.logprobs = list(tokens), list(logprobs)
+            req.num_computed_tokens, copies = self.kv.fork(parent.seq_id, req.seq_id, parent.num_computed_tokens)
+            self._block_copies += copies
+            self._finished_since_step.append(req.seq_id)  # the runner's state of the slot is stale
+        for m in moves:
+            slots[m.slot].append_token(m.token)
+            if m.logprobs is not None:
+                slots[m.slot].logprobs.append(m.logprobs)
+        if first_step:
+            at = self.running.index(slots[0]) + 1
+            for req in slots[1:]:
+                req.status = RequestStatus.RUNNING
+            self.running[at:at] = slots[1:]
 
     def _release_forks(self, parent: Request) -> None:
         """The parent's full prompt blocks are now registered: each sibling takes them as a

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from engine import platform
+from engine.core.beam import BeamGroup, Hypothesis
 from engine.core.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from engine.core.kv_cache_manager import KVCacheManager
 from engine.core.outputs import CompletionOutput, RequestOutput
@@ -171,6 +172,8 @@ class LLMEngine:
         ids = list(prompt) if checked else self.prepare_prompt(prompt, params)
         max_tokens = params.max_tokens or self.max_model_len - len(ids)
         banned = tuple(sorted(self.eos_token_ids | set(params.stop_token_ids)))
+        if params.use_beam_search:
+            return self._beam_request(request_id, text, ids, params, max_tokens, banned)
         seqs = []
         for i in range(params.n):
             # only the first choice scores the prompt; the others share its KV blocks
@@ -181,6 +184,16 @@ class LLMEngine:
         texts = [SequenceText(IncrementalDetokenizer(self._detok_tokenizer, ids, params.skip_special_tokens),
                               params.stop_strings) for _ in seqs]
         return _RequestState(text, ids, seqs, texts, [_Sent() for _ in seqs]), seqs
+
+    def _beam_request(self, request_id: str, text: str | None, ids: list[int], params: SamplingParams,
+                      max_tokens: int, banned: tuple[int, ...]) -> tuple[_RequestState, list[Request]]:
+        """A beam search: one slot (sequence) per beam, all in one BeamGroup."""
+        stops = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
+        group = BeamGroup(params.beam_width, params.n, params.length_penalty, params.early_stopping,
+                          max_tokens, frozenset(stops), params.min_tokens)
+        seqs = [Request(request_id, i, ids, params if i == 0 else dataclasses.replace(params, prompt_logprobs=None),
+                        max_tokens, min_tokens_banned=banned, beam=group) for i in range(group.width)]
+        return _RequestState(text, ids, seqs, [], []), seqs
 
     def prepare_prompt(self, prompt: str | list[int], params: SamplingParams, tokenizer=None) -> list[int]:
         """Token ids of the prompt, checked against the vocabulary, context and pool (ValueError).
@@ -236,7 +249,10 @@ class LLMEngine:
             raise ValueError(f"prompt: token ids must be integers in [0, {vocab})")
         if len(ids) + (params.max_tokens or 1) > self.max_model_len:
             raise self._too_long(len(ids), params.max_tokens or 1)
-        need = self.kv.num_blocks_for(len(ids) + (params.max_tokens or self.max_model_len - len(ids)))
+        new = params.max_tokens or self.max_model_len - len(ids)
+        need = self.kv.num_blocks_for(len(ids) + new)
+        if params.use_beam_search:  # the prompt's blocks shared, each beam's own after them (at most)
+            need = self.kv.num_blocks_for(len(ids)) + params.beam_width * (self.kv.num_blocks_for(new) + 1)
         if need > self.num_kv_blocks:
             raise ContextLengthError(
                 f"This request needs {need} KV-cache blocks but the pool has only {self.num_kv_blocks}; "
@@ -261,7 +277,7 @@ class LLMEngine:
         if state is None:
             return None
         for req in self.scheduler.abort(request_id, reason):
-            if reason != "error":  # after a fault the text may be mid-way through an update
+            if reason != "error" and state.texts:  # after a fault the text may be mid-way through an update
                 state.texts[req.index].finish()
         return self._output(request_id)
 
@@ -309,7 +325,7 @@ class LLMEngine:
             except Exception as e:  # noqa: BLE001 - e.g. a detokenizer fault: this request only
                 self._fail(s.request.request_id, e)
                 continue
-            if s.request.seq_id in result.sampled and _reports(s.request):
+            if (s.request.seq_id in result.sampled or s.request.beam is not None) and _reports(s.request):
                 touched[s.request.request_id] = None
         self.metrics.on_step(sched.num_batched_tokens, len(sched.preempted), generated)
         outputs = (self._output(rid) for rid in touched if rid in self._requests)
@@ -339,6 +355,7 @@ class LLMEngine:
             merged.prompt_logprobs.update(part.prompt_logprobs)
             merged.num_rejected.update(part.num_rejected)
             merged.tree_picks.update(part.tree_picks)
+            merged.beam_candidates.update(part.beam_candidates)
         return merged
 
     def _postprocess(self, req: Request, result: ModelRunnerOutput) -> int:
@@ -351,12 +368,35 @@ class LLMEngine:
             have = state.prompt_logprobs
             assert first <= len(have), f"prompt logprobs from token {first}, {len(have)} scored so far"
             have += entries[len(have) - first:]  # tokens scored again after a preemption are kept once
+        if req.beam is not None:
+            cands = result.beam_candidates.get(req.seq_id)
+            return 0 if cands is None else self._beam_report(req, state, cands)
         logprobs = result.logprobs.get(req.seq_id)
         tokens = result.sampled.get(req.seq_id, ())  # none: a prefill chunk mid-prompt
         for i, token in enumerate(tokens):
             if self._add_token(req, state, token, None if logprobs is None else logprobs[i]):
                 return i + 1
         return len(tokens)
+
+    def _beam_report(self, req: Request, state: _RequestState, cands) -> int:
+        """A beam slot's continuations; once every slot of its group has reported, the group's step:
+        the next beams (the number of tokens they gained), or the end of the search."""
+        group = req.beam
+        group.report(req.index, cands)
+        if not group.ready:
+            return 0
+        slots = state.seqs
+        moves = group.step([s.output_token_ids for s in slots], [s.logprobs for s in slots])
+        if group.done:
+            best = group.finished[0] if group.finished else None
+            for s in slots:
+                self.scheduler.finish(s, best.finish_reason if best else "length", best.stop_reason if best else None)
+            return len(group.running_slots)
+        self.scheduler.move_beams(slots, moves)
+        now = time.monotonic()
+        self.metrics.on_token(slots[0], now)
+        slots[0].last_token_time = now
+        return len(moves)
 
     def _add_token(self, req: Request, state: _RequestState, token: int, logprobs: TokenLogprobs | None) -> bool:
         """Append one generated token and check the stop rules; True when req has finished."""
@@ -398,6 +438,8 @@ class LLMEngine:
         (a sibling choice finished this step)."""
         state = self._requests[request_id]
         finished = all(s.is_finished for s in state.seqs)
+        if state.seqs[0].beam is not None:
+            return self._beam_output(request_id, state) if finished else None
         kind = state.seqs[0].params.output_kind
         if kind == "final" and not finished:
             return None
@@ -413,6 +455,30 @@ class LLMEngine:
             prompt_logprobs = state.prompt_logprobs
         return RequestOutput(request_id, state.prompt, state.prompt_token_ids, outputs, finished,
                              prompt_logprobs, state.seqs[0].num_cached_tokens or 0, state.error)
+
+    def _beam_output(self, request_id: str, state: _RequestState) -> RequestOutput:
+        """The n best hypotheses, best first (the whole answer at once, whatever the output kind).
+        A search that did not end (aborted, failed) gives its running beams as they were."""
+        del self._requests[request_id]
+        self.metrics.on_finished(state.seqs)
+        first = state.seqs[0]
+        group = first.beam
+        hyps = group.finished if group.done else [
+            Hypothesis(s.output_token_ids, float(score), float(score), s.logprobs, s.finish_reason, None)
+            for s, score in zip(state.seqs, group.scores)]
+        outputs = []
+        for i, hyp in enumerate(hyps[:group.num_return]):
+            text = SequenceText(IncrementalDetokenizer(self._detok_tokenizer, state.prompt_token_ids,
+                                                       first.params.skip_special_tokens), [])
+            for token in hyp.token_ids:
+                text.append(token, check_stops=False)
+            text.finish()
+            outputs.append(CompletionOutput(
+                index=i, text=text.visible(True), token_ids=list(hyp.token_ids), finish_reason=hyp.finish_reason,
+                stop_reason=hyp.stop_reason, logprobs=list(hyp.logprobs) if first.params.logprobs is not None
+                else None, cumulative_logprob=hyp.cumulative_logprob, score=hyp.score))
+        return RequestOutput(request_id, state.prompt, state.prompt_token_ids, outputs, True,
+                             state.prompt_logprobs, first.num_cached_tokens or 0, state.error)
 
     @staticmethod
     def _completion(req: Request, text: SequenceText) -> CompletionOutput:
@@ -453,7 +519,7 @@ def _attention_shape(hf_config) -> tuple[int, int, int]:
 
 def _reports(req: Request) -> bool:
     """Whether a new token of this sequence makes an output ("final" requests report once, at the end)."""
-    return req.is_finished or req.params.output_kind != "final"
+    return req.is_finished or (req.params.output_kind != "final" and req.beam is None)
 
 
 def _is_device_fault(error: BaseException) -> bool:

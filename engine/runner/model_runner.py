@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.core.beam import Candidates
 from engine.core.request import DraftTree, Request, TokenLogprobs
 from engine.core.scheduler import ScheduledSeq, SchedulerOutput
 from engine.layers.attention import DECODE_BACKENDS, AttentionMetadata, DecodeInputs, PrefillSpan
@@ -27,6 +28,8 @@ class ModelRunnerOutput:
     # seq_id -> (index of the first prompt token scored, logprobs of the prompt tokens this step
     # scored, in order); after a preemption the recomputed ones come again
     prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
+    # seq_id -> a beam slot's best continuations (beam search picks among a group's together)
+    beam_candidates: dict[str, Candidates] = field(default_factory=dict)
 
 
 @dataclass
@@ -127,6 +130,8 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         self.block_tables.release(sched.finished_seq_ids)
         self.sampling_inputs.release(sched.finished_seq_ids)
+        if sched.block_copies:
+            self._copy_blocks(sched.block_copies)
         to_draft = [s for s in sched.seqs if s.request.draft_token_ids[:1] == [TO_DRAFT]]
         if to_draft:
             self._model_draft(to_draft)
@@ -251,9 +256,43 @@ class ModelRunner:
     def _tensor(self, data) -> torch.Tensor:
         return torch.tensor(data, dtype=torch.int64, device=self.device)
 
+    def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Forked beams: copy whole blocks (source -> destination) in every layer's cache."""
+        src, dst = self._tensor([c[0] for c in copies]), self._tensor([c[1] for c in copies])
+        for cache in self.kv_caches + (self.draft_kv_caches if self.mirror_draft else []):
+            cache[:, dst] = cache[:, src]  # [2, blocks, block_size, kv_heads, D]
+
     # --- outputs --------------------------------------------------------------------------
     def _sample(self, logits: torch.Tensor, rows: list[tuple[ScheduledSeq, int, int]],
                 out: ModelRunnerOutput) -> None:
+        beams = [i for i, (s, _, _) in enumerate(rows) if s.request.beam is not None]
+        if beams:
+            self._beam_candidates(logits[beams], [rows[i][0].request for i in beams], out)
+            if len(beams) == len(rows):
+                return
+            others = [i for i in range(len(rows)) if rows[i][0].request.beam is None]
+            logits, rows = logits[others], [rows[i] for i in others]
+        self._pick(logits, rows, out)
+
+    def _beam_candidates(self, logits: torch.Tensor, reqs: list[Request], out: ModelRunnerOutput) -> None:
+        """logits [R, V] of beam slots -> each slot's best continuations: log-softmax, then the
+        min_tokens ban (transformers applies its processors to the log-probabilities, unnormalised)."""
+        lps = logits.float().log_softmax(dim=-1)  # [R, V]
+        for i, req in enumerate(reqs):
+            if req.num_output_tokens < req.params.min_tokens and req.min_tokens_banned:
+                lps[i, list(req.min_tokens_banned)] = float("-inf")
+        want = max(max(r.beam.keep, r.params.logprobs or 0) for r in reqs)
+        top_lps, top_ids = (t.tolist() for t in lps.topk(min(want, lps.shape[1]), dim=-1))  # [R, want] best first
+        for req, ids, values in zip(reqs, top_ids, top_lps):
+            entries, n = None, req.params.logprobs
+            if n is not None:  # rank: 1 + how many are more likely
+                ranks = [values.index(v) + 1 for v in values[:req.beam.keep]]
+                top = list(zip(ids[:n], values[:n]))
+                entries = [TokenLogprobs(t, v, r, top) for t, v, r in zip(ids, values, ranks)]
+            out.beam_candidates[req.seq_id] = Candidates(ids[:req.beam.keep], values[:req.beam.keep], entries)
+
+    def _pick(self, logits: torch.Tensor, rows: list[tuple[ScheduledSeq, int, int]],
+              out: ModelRunnerOutput) -> None:
         """Pick each row's token. A sequence with drafts keeps, from its last token on, the draft
         the target picked itself, as long as there is one (in a tree, the child of the one kept
         before), and the target's pick after the last kept: the tokens plain decoding would give,

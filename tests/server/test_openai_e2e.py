@@ -90,6 +90,12 @@ def test_batch_prompts_n_seed_and_stop(client):
     ({}, 400, "prompt", "prompt"),
     ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens", "max_tokens"),  # 0 only with echo
     ({"prompt": "x", "logprobs": 21}, 400, "logprobs", "logprobs"),
+    ({"prompt": "x", "use_beam_search": True, "temperature": 0.7}, 400, "temperature", "use_beam_search"),
+    ({"prompt": "x", "use_beam_search": True, "best_of": 2, "n": 3}, 400, "best_of", "best_of"),
+    ({"prompt": "x", "use_beam_search": True, "early_stopping": "sometimes"}, 400, "early_stopping",
+     "early_stopping"),
+    ({"prompt": "x", "length_penalty": 0.5}, 400, "length_penalty", "use_beam_search"),
+    ({"prompt": "x", "use_beam_search": True, "best_of": 300}, 400, "best_of", "32"),
 ])
 def test_errors_are_openai_shaped(server, client, body, status, param, needle):
     r = httpx.post(f"{server}/v1/completions", json=body, timeout=30)
@@ -256,3 +262,41 @@ def test_streamed_n_choices_finish_once_each(server):
     events = _sse(server, "/v1/completions", body)
     reasons = [(c["index"], c["finish_reason"]) for e in events[:-1] for c in e["choices"] if c["finish_reason"]]
     assert sorted(i for i, _ in reasons) == [0, 1, 2]
+
+
+def _hf_beam_texts(model, tokenizer, ids: list[int], k: int, n: int, max_new: int) -> list[str]:
+    with torch.no_grad():
+        x = torch.tensor([ids])
+        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new, do_sample=False,
+                             num_beams=k, num_return_sequences=n, length_penalty=1.0,
+                             pad_token_id=model.generation_config.eos_token_id)
+    return [tokenizer.decode(row[len(ids):], skip_special_tokens=True) for row in out]
+
+
+def test_beam_search_completion_matches_hf_and_streams_the_final_beams(server, client, hf_smollm2,
+                                                                        smollm2_tokenizer):
+    prompt = "The lighthouse keeper climbed the stairs and"
+    want = _hf_beam_texts(hf_smollm2, smollm2_tokenizer, smollm2_tokenizer.encode(prompt), 4, 2, 16)
+    full = client.completions.create(model="smol", prompt=prompt, max_tokens=16, n=2, best_of=4,
+                                     extra_body={"use_beam_search": True})
+    assert [c.text for c in sorted(full.choices, key=lambda c: c.index)] == want
+    assert full.usage.completion_tokens == sum(len(smollm2_tokenizer.encode(t)) for t in want)
+    events = _sse(server, "/v1/completions", {"prompt": prompt, "max_tokens": 16, "n": 2, "best_of": 4,
+                                              "use_beam_search": True, "stream": True})
+    assert events[-1] == "[DONE]"
+    texts, reasons = ["", ""], [None, None]
+    for chunk in events[:-1]:
+        for c in chunk["choices"]:
+            texts[c["index"]] += c["text"]
+            reasons[c["index"]] = c["finish_reason"] or reasons[c["index"]]
+    assert texts == want and reasons == [c.finish_reason for c in full.choices]
+
+
+def test_beam_search_chat_matches_hf(client, hf_smollm2, smollm2_tokenizer):
+    messages = [{"role": "user", "content": "Name a colour."}]
+    ids = smollm2_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    ids = list(ids["input_ids"] if not isinstance(ids, list) else ids)
+    want = _hf_beam_texts(hf_smollm2, smollm2_tokenizer, ids, 3, 3, 20)
+    out = client.chat.completions.create(model="smol", messages=messages, max_tokens=20, n=3,
+                                         extra_body={"use_beam_search": True, "best_of": 3})
+    assert [c.message.content for c in sorted(out.choices, key=lambda c: c.index)] == want
