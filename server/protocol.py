@@ -96,6 +96,8 @@ class _SamplingFields(_Strict):
     best_of: int | None = Field(None, ge=1)
     length_penalty: float = 1.0
     early_stopping: bool | Literal["never"] = False
+    # contrastive search (transformers' name): top_k candidates, scored against the history
+    penalty_alpha: float = Field(0.0, ge=0.0, le=1.0)
     response_format: ResponseFormat | None = None
     # vLLM's structured outputs, and their older names
     structured_outputs: StructuredOutputsField | None = None
@@ -129,7 +131,8 @@ class _SamplingFields(_Strict):
             bias = {int(k): v for k, v in (self.logit_bias or {}).items()}
         except ValueError:
             raise ValueError("logit_bias: keys must be token ids") from None
-        default_temperature = 0.0 if self.use_beam_search else 1.0  # beams are chosen greedily
+        # beams and contrastive search choose greedily
+        default_temperature = 0.0 if self.use_beam_search or self.penalty_alpha else 1.0
         return SamplingParams(
             n=self.n, temperature=default_temperature if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k, min_p=self.min_p, seed=self.seed,
@@ -138,7 +141,8 @@ class _SamplingFields(_Strict):
             frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
             logprobs=logprobs, prompt_logprobs=prompt_logprobs, logit_bias=bias or None,
             structured_outputs=self._structured_outputs(tools), use_beam_search=self.use_beam_search,
-            best_of=self.best_of, length_penalty=self.length_penalty, early_stopping=self.early_stopping)
+            best_of=self.best_of, length_penalty=self.length_penalty, early_stopping=self.early_stopping,
+            penalty_alpha=self.penalty_alpha)
 
     def _structured_outputs(self, tools: StructuredOutputs | None) -> StructuredOutputs | None:
         """What tool_choice, response_format, structured_outputs or a guided_* field asks for (one at most)."""

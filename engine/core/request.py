@@ -72,6 +72,8 @@ class Request:
     draft_tree: DraftTree | None = None  # None: the drafts are one chain, each following the one before
     spec_state: Any = None  # the proposer's own record of the sequence (engine/runner/spec_decode.py), opaque here
     beam: BeamGroup | None = None  # beam search: the group whose slot `index` this sequence is
+    # contrastive search: the candidates for the token after token_ids[-1] (engine/runner/contrastive.py)
+    contrastive_next: Any = None
 
     def __post_init__(self) -> None:
         self.token_ids: list[int] = list(self.prompt_token_ids)  # prompt then outputs

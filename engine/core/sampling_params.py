@@ -21,6 +21,8 @@ MAX_CHOICES = 256
 # Beam search: each step sorts about 2 * width**2 candidates in Python, so the width is bounded.
 MAX_BEAM_WIDTH = 32
 MAX_LENGTH_PENALTY = 10.0
+# Contrastive search runs top_k candidate rows per sequence and step, under a dense mask.
+MAX_CONTRASTIVE_TOP_K = 32
 EARLY_STOPPING = (True, False, "never")
 _KINDS = ("json", "regex", "choice", "grammar", "structural_tag")
 
@@ -98,6 +100,9 @@ class SamplingParams:
     best_of: int | None = None
     length_penalty: float = 1.0
     early_stopping: bool | str = False
+    # contrastive search (transformers' semantics) when > 0: top_k candidates, scored
+    # (1 - penalty_alpha) * probability - penalty_alpha * degeneration penalty
+    penalty_alpha: float = 0.0
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -154,6 +159,7 @@ class SamplingParams:
         need(self.structured_outputs is None or self.min_tokens == 0, "min_tokens",
              "cannot be combined with structured outputs")
         self._validate_beam_search(need)
+        self._validate_contrastive(need)
         need(len(self.stop_strings) <= MAX_STOP_STRINGS, "stop", f"must hold at most {MAX_STOP_STRINGS} strings")
         need(all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_STRING_CHARS for s in self.stop_strings), "stop",
              f"must be non-empty strings of at most {MAX_STOP_STRING_CHARS} characters")
@@ -190,6 +196,22 @@ class SamplingParams:
                           ("structured_outputs", None)):
             need(getattr(self, name) in (off, {}), name, "is not supported with use_beam_search")
         need(not self.stop_strings, "stop", "stop strings are not supported with use_beam_search (stop_token_ids are)")
+
+    def _validate_contrastive(self, need) -> None:
+        need(_in(self.penalty_alpha, 0.0, 1.0), "penalty_alpha", "must be in [0, 1] (0: off)")
+        if not self.penalty_alpha:
+            return
+        need(2 <= self.top_k <= MAX_CONTRASTIVE_TOP_K, "top_k",
+             f"must be from 2 to {MAX_CONTRASTIVE_TOP_K} with penalty_alpha (the candidates of contrastive search)")
+        need(self.temperature == 0.0, "temperature", "must be 0 with penalty_alpha (contrastive search is greedy)")
+        need(not self.use_beam_search, "use_beam_search", "cannot be combined with penalty_alpha")
+        for name, off in (("top_p", 1.0), ("min_p", 0.0), ("presence_penalty", 0.0), ("frequency_penalty", 0.0),
+                          ("repetition_penalty", 1.0), ("logit_bias", None), ("structured_outputs", None)):
+            need(getattr(self, name) in (off, {}), name, "is not supported with penalty_alpha")
+
+    @property
+    def contrastive(self) -> bool:
+        return self.penalty_alpha > 0.0
 
     @property
     def beam_width(self) -> int:

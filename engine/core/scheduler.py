@@ -208,8 +208,9 @@ class Scheduler:
             budget -= n
 
     def _take_cached_prefix(self, req: Request) -> int:
-        # Prompt logprobs need the logits of every prompt position, so nothing can be skipped.
-        if req.params.prompt_logprobs is not None:
+        # Prompt logprobs need the logits of every prompt position, contrastive search the hidden
+        # states of every position, so nothing can be skipped.
+        if req.params.prompt_logprobs is not None or req.params.contrastive:
             return 0
         return self.kv.take_cached_prefix(req.seq_id, req.token_ids, req.num_tokens - 1, req.cache_salt)
 

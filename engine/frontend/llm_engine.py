@@ -29,6 +29,7 @@ from engine.models.loader import (
     pick_dtype,
     resolve_source,
 )
+from engine.runner import contrastive
 from engine.runner.grammar import Grammars
 from engine.runner.lookahead import LookaheadProposer
 from engine.runner.model_runner import ModelRunner, ModelRunnerOutput
@@ -301,6 +302,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         if self.proposer is not None:
             self.proposer.propose(self.scheduler.running)
+        contrastive.propose(self.scheduler.running)
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
@@ -311,9 +313,10 @@ class LLMEngine:
         self._failed = []
         result = self._execute(sched)
         sched.seqs = [s for s in sched.seqs if not s.request.is_finished]  # drop the failed ones
-        self.metrics.on_drafts(sched.seqs, result)
+        drafted = [s for s in sched.seqs if not s.request.params.contrastive]  # (its candidates are no drafts)
+        self.metrics.on_drafts(drafted, result)
         if self.proposer is not None:
-            self.proposer.record(sched.seqs, result)
+            self.proposer.record(drafted, result)
         self.scheduler.update_after_step(sched, result.num_rejected)
         touched: dict[str, None] = {}  # requests with a new token, in step order
         generated = 0
@@ -356,6 +359,7 @@ class LLMEngine:
             merged.num_rejected.update(part.num_rejected)
             merged.tree_picks.update(part.tree_picks)
             merged.beam_candidates.update(part.beam_candidates)
+            merged.contrastive.update(part.contrastive)
         return merged
 
     def _postprocess(self, req: Request, result: ModelRunnerOutput) -> int:
@@ -371,6 +375,8 @@ class LLMEngine:
         if req.beam is not None:
             cands = result.beam_candidates.get(req.seq_id)
             return 0 if cands is None else self._beam_report(req, state, cands)
+        if req.seq_id in result.contrastive:
+            req.contrastive_next = result.contrastive[req.seq_id]
         logprobs = result.logprobs.get(req.seq_id)
         tokens = result.sampled.get(req.seq_id, ())  # none: a prefill chunk mid-prompt
         for i, token in enumerate(tokens):

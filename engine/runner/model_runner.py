@@ -10,6 +10,7 @@ from engine.core.request import DraftTree, Request, TokenLogprobs
 from engine.core.scheduler import ScheduledSeq, SchedulerOutput
 from engine.layers.attention import DECODE_BACKENDS, AttentionMetadata, DecodeInputs, PrefillSpan
 from engine.models.llama import head_dim
+from engine.runner import contrastive
 from engine.runner.cuda_graphs import DecodeGraphs
 from engine.runner.sampler import Sampler, SamplingInputs, logprobs_of
 from engine.runner.spec_decode import TO_DRAFT
@@ -30,6 +31,8 @@ class ModelRunnerOutput:
     prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
     # seq_id -> a beam slot's best continuations (beam search picks among a group's together)
     beam_candidates: dict[str, Candidates] = field(default_factory=dict)
+    # seq_id -> a contrastive sequence's candidates for the token after its last (see contrastive.py)
+    contrastive: dict[str, contrastive.ContrastiveCandidates] = field(default_factory=dict)
 
 
 @dataclass
@@ -41,6 +44,9 @@ class _Batch:
     # token and its first j drafts (j = 0 without drafts)
     sample_rows: list[tuple[ScheduledSeq, int, int]]
     prompt_rows: list[tuple[ScheduledSeq, int, int]]  # (seq, position, its index in the batch)
+    # contrastive sequences: (seq_id, first position, index in the batch, rows) of the positions whose
+    # hidden states it keeps (a prefill's tokens; in a candidates step, the last token only)
+    hidden_rows: list[tuple[str, int, int, int]] = field(default_factory=list)
 
 
 class _BlockTables:
@@ -100,6 +106,7 @@ class ModelRunner:
         self.graphs = DecodeGraphs(model, self.kv_caches, graph_max_batch, max_blocks,
                                    scratch_block=num_blocks, block_size=block_size) if use_graphs else None
         self.block_tables = _BlockTables(max_blocks)
+        self.hidden_states = contrastive.HiddenStates(hf_config.hidden_size, max_model_len, device)
         # speculative draft_model: the model that drafts and the KV caches it reads and writes:
         # the target's first layers and theirs ("self"), or a model of its own with a pool of its own
         self.draft_model: torch.nn.Module | None = None
@@ -130,6 +137,7 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         self.block_tables.release(sched.finished_seq_ids)
         self.sampling_inputs.release(sched.finished_seq_ids)
+        self.hidden_states.release(sched.finished_seq_ids)
         if sched.block_copies:
             self._copy_blocks(sched.block_copies)
         to_draft = [s for s in sched.seqs if s.request.draft_token_ids[:1] == [TO_DRAFT]]
@@ -144,11 +152,13 @@ class ModelRunner:
             hidden = self.model(batch.input_ids, batch.positions, meta, self.kv_caches)  # [T, hidden]
         if self.mirror_draft:
             self.draft_model(batch.input_ids, batch.positions, meta, self.draft_kv_caches)
+        for seq_id, start, offset, n in batch.hidden_rows:
+            self.hidden_states.write(seq_id, start, hidden[offset:offset + n])
         rows = [i for _, i, _ in batch.sample_rows] + [i for _, _, i in batch.prompt_rows]
         logits = self.model.compute_logits(hidden[rows]) if rows else None  # [R, V] float32
         out = ModelRunnerOutput()
         if batch.sample_rows:
-            self._sample(logits[:len(batch.sample_rows)], batch.sample_rows, out)
+            self._sample(logits[:len(batch.sample_rows)], batch.sample_rows, out, hidden)
         if batch.prompt_rows:
             self._prompt_logprobs(logits[len(batch.sample_rows):], batch, out)
         return out
@@ -164,7 +174,7 @@ class ModelRunner:
         slots: list[int] = []
         spans: list[PrefillSpan] = []
         decodes: list[ScheduledSeq] = []
-        sample_rows, prompt_rows = [], []
+        sample_rows, prompt_rows, hidden_rows = [], [], []
         bs = self.block_size
         for s in seqs:
             req, start = s.request, s.request.num_computed_tokens
@@ -186,12 +196,14 @@ class ModelRunner:
                 after = range(1, end - req.num_tokens + 1) if tree is None else tree.offsets
                 sample_rows += [(s, last, 0)] + [(s, last + i, j) for i, j in enumerate(after, 1)]
             prompt_rows += [(s, start + j, offset + j) for j in range(self._num_prompt_positions(req, start, end))]
+            if req.params.contrastive:
+                hidden_rows.append((req.seq_id, start, offset, 1 if tree is not None else end - start))
         meta = AttentionMetadata(
             slot_mapping=self._tensor(slots), prefills=spans,
             num_prefill_tokens=sum(sp.end - sp.start for sp in spans))
         if decodes:
             self._decode_metadata(decodes, meta)
-        return _Batch(self._tensor(ids), self._tensor(positions), meta, sample_rows, prompt_rows)
+        return _Batch(self._tensor(ids), self._tensor(positions), meta, sample_rows, prompt_rows, hidden_rows)
 
     @staticmethod
     def _is_decode(s: ScheduledSeq) -> bool:
@@ -264,15 +276,52 @@ class ModelRunner:
 
     # --- outputs --------------------------------------------------------------------------
     def _sample(self, logits: torch.Tensor, rows: list[tuple[ScheduledSeq, int, int]],
-                out: ModelRunnerOutput) -> None:
-        beams = [i for i, (s, _, _) in enumerate(rows) if s.request.beam is not None]
-        if beams:
-            self._beam_candidates(logits[beams], [rows[i][0].request for i in beams], out)
-            if len(beams) == len(rows):
-                return
-            others = [i for i in range(len(rows)) if rows[i][0].request.beam is None]
-            logits, rows = logits[others], [rows[i] for i in others]
-        self._pick(logits, rows, out)
+                out: ModelRunnerOutput, hidden: torch.Tensor) -> None:
+        """Beam slots report candidates, contrastive sequences choose by their hidden states, the
+        rest sample."""
+        kinds: dict[str, list[int]] = {"beam": [], "contrastive": [], "sample": []}
+        for i, (s, _, _) in enumerate(rows):
+            p = s.request.params
+            kinds["beam" if p.use_beam_search else "contrastive" if p.contrastive else "sample"].append(i)
+        if kinds["beam"]:
+            self._beam_candidates(logits[kinds["beam"]], [rows[i][0].request for i in kinds["beam"]], out)
+        if kinds["contrastive"]:
+            self._contrastive(logits[kinds["contrastive"]], [rows[i] for i in kinds["contrastive"]], hidden, out)
+        if len(kinds["sample"]) == len(rows):
+            self._pick(logits, rows, out)
+        elif kinds["sample"]:
+            self._pick(logits[kinds["sample"]], [rows[i] for i in kinds["sample"]], out)
+
+    def _contrastive(self, logits: torch.Tensor, rows: list[tuple[ScheduledSeq, int, int]], hidden: torch.Tensor,
+                     out: ModelRunnerOutput) -> None:
+        """logits [R, V] of contrastive rows: a sequence's last token and, in a candidates step, its
+        k candidates after it. Chooses among the candidates, and finds the next step's candidates."""
+        by_seq: dict[str, list[int]] = {}
+        for i, (s, _, _) in enumerate(rows):
+            by_seq.setdefault(s.request.seq_id, []).append(i)
+        next_rows, reqs, num_outputs = [], [], []
+        for seq_rows in by_seq.values():
+            s = rows[seq_rows[0]][0]
+            req = s.request
+            if len(seq_rows) == 1:  # the last token without candidates: computed again beside them
+                out.num_rejected[req.seq_id] = 1
+                next_rows.append(seq_rows[0])
+                reqs.append(req)
+                num_outputs.append(req.num_output_tokens)
+                continue
+            cands = req.contrastive_next
+            context = self.hidden_states.context(req.seq_id, req.num_computed_tokens + 1)  # [L, H]
+            branch = [rows[i][1] for i in seq_rows[1:]]
+            chosen = contrastive.pick(context, hidden[branch], cands.probs, req.params.penalty_alpha)
+            out.sampled[req.seq_id] = [cands.token_ids[chosen]]
+            if cands.entries is not None:
+                out.logprobs[req.seq_id] = [cands.entries[chosen]]
+            out.num_rejected[req.seq_id] = len(branch)  # every branch's slot (the chosen one is the next last token)
+            next_rows.append(seq_rows[1 + chosen])
+            reqs.append(req)
+            num_outputs.append(req.num_output_tokens + 1)
+        for req, cands in zip(reqs, contrastive.candidates(logits[next_rows], reqs, num_outputs)):
+            out.contrastive[req.seq_id] = cands
 
     def _beam_candidates(self, logits: torch.Tensor, reqs: list[Request], out: ModelRunnerOutput) -> None:
         """logits [R, V] of beam slots -> each slot's best continuations: log-softmax, then the

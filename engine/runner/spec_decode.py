@@ -56,6 +56,7 @@ def can_draft(req: Request) -> bool:
     """Whether req's next tokens may be checked several at once: a decoding sequence whose sampler
     stages do not depend on the tokens before (penalties and grammars do; they are not drafted)."""
     return (req.num_tokens - req.num_computed_tokens == 1 and req.grammar is None and req.beam is None
+            and not req.params.contrastive
             and not req.params.needs_penalties and req.num_output_tokens + 1 < req.max_tokens)
 
 

@@ -300,3 +300,13 @@ def test_beam_search_chat_matches_hf(client, hf_smollm2, smollm2_tokenizer):
     out = client.chat.completions.create(model="smol", messages=messages, max_tokens=20, n=3,
                                          extra_body={"use_beam_search": True, "best_of": 3})
     assert [c.message.content for c in sorted(out.choices, key=lambda c: c.index)] == want
+
+
+def test_contrastive_search_over_http_matches_the_reference(client, hf_smollm2, smollm2_tokenizer):
+    from tests.engine.test_contrastive_search import MAX_NEW, reference
+
+    prompt = "The lighthouse keeper climbed the stairs and"
+    want, _ = reference(hf_smollm2, smollm2_tokenizer.encode(prompt), 0.6, 4, {smollm2_tokenizer.eos_token_id})
+    out = client.completions.create(model="smol", prompt=prompt, max_tokens=MAX_NEW,
+                                    extra_body={"penalty_alpha": 0.6, "top_k": 4})
+    assert out.choices[0].text == smollm2_tokenizer.decode(want, skip_special_tokens=True)
