@@ -3,7 +3,7 @@
 The rules are transformers' (`generate(num_beams=k, do_sample=False)`, v5), written anew: each
 step, every running beam's log-probabilities are added to its score and the best
 `keep = max(2, 1 + number of stop tokens) * k` continuations over all beams are taken. Those that
-end (a stop token, or the length limit) and rank among the first k become finished hypotheses,
+end (a stop token or stop string, or the length limit) and rank among the first k become finished hypotheses,
 scored `sum of logprobs / generated_length ** length_penalty` (the length counts the stop token);
 the best k finished are kept. The best k continuations that do not end are the next beams. The
 search ends when all k finished places are taken and early_stopping is True, when no running beam
@@ -17,6 +17,7 @@ step's best `keep`), and the group chooses once every running slot has reported.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,7 +36,7 @@ class Hypothesis:
     score: float  # cumulative_logprob / len(token_ids) ** length_penalty
     logprobs: list[TokenLogprobs]
     finish_reason: str  # "stop" | "length"
-    stop_reason: int | None
+    stop_reason: int | str | None  # the stop token or stop string that ended it
 
 
 @dataclass
@@ -93,16 +94,21 @@ class BeamGroup:
     def ready(self) -> bool:
         return all(s in self._pending for s in self.running_slots)
 
-    def step(self, histories: list[list[int]], past: list[list[TokenLogprobs]]) -> list[Move]:
+    def step(self, histories: list[list[int]], past: list[list[TokenLogprobs]],
+             stop_string: Callable[[int, int], str | None] | None = None) -> list[Move]:
         """Choose the next beams from every slot's report. histories[s]: slot s's output tokens so
-        far; past[s]: their logprobs entries (empty unless asked for). Finished hypotheses are kept
-        here; the moves say what each slot holds next (none once the search is done)."""
+        far; past[s]: their logprobs entries (empty unless asked for); stop_string(slot, token): the
+        stop string that token would complete after the slot's text, if any. Finished hypotheses are
+        kept here; the moves say what each slot holds next (none once the search is done)."""
         cands = self._top_continuations()
         gen_len = len(histories[0]) + 1  # every beam has generated as many tokens
-        ends = [tok in self.stop_token_ids or gen_len >= self.max_new_tokens for _, tok, _, _ in cands]
+        stops = [tok if tok in self.stop_token_ids else stop_string(slot, tok) if stop_string else None
+                 for _, tok, slot, _ in cands]
+        ends = [stop is not None or gen_len >= self.max_new_tokens for stop in stops]
         for rank, ((score, tok, slot, entry), end) in enumerate(zip(cands, ends)):
             if end and rank < self.width:
-                self._finish(histories[slot] + [tok], past[slot] + ([entry] if entry else []), score, gen_len, tok)
+                self._finish(histories[slot] + [tok], past[slot] + ([entry] if entry else []), score, gen_len,
+                             stops[rank])
         running = sorted(range(len(cands)), key=lambda i: (-(cands[i][0] + (NEG if ends[i] else 0)), i))
         running = running[:self.width]
         self.scores = [np.float32(cands[i][0] + (NEG if ends[i] else np.float32(0))) for i in running]
@@ -127,10 +133,9 @@ class BeamGroup:
         return out[:self.keep]
 
     def _finish(self, tokens: list[int], logprobs: list[TokenLogprobs], total: np.float32, gen_len: int,
-                last: int) -> None:
+                stop: int | str | None) -> None:
         score = float(total / np.float32(gen_len ** self.length_penalty))
-        stop = last in self.stop_token_ids
-        hyp = Hypothesis(tokens, float(total), score, logprobs, "stop" if stop else "length", last if stop else None)
+        hyp = Hypothesis(tokens, float(total), score, logprobs, "length" if stop is None else "stop", stop)
         self.finished.append(hyp)
         self.finished.sort(key=lambda h: -h.score)  # stable: the earlier of two equal scores stays first
         del self.finished[self.width:]

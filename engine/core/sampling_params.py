@@ -195,7 +195,6 @@ class SamplingParams:
                           ("frequency_penalty", 0.0), ("repetition_penalty", 1.0), ("logit_bias", None),
                           ("structured_outputs", None)):
             need(getattr(self, name) in (off, {}), name, "is not supported with use_beam_search")
-        need(not self.stop_strings, "stop", "stop strings are not supported with use_beam_search (stop_token_ids are)")
 
     def _validate_contrastive(self, need) -> None:
         need(_in(self.penalty_alpha, 0.0, 1.0), "penalty_alpha", "must be in [0, 1] (0: off)")

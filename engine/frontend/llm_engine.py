@@ -241,6 +241,9 @@ class LLMEngine:
         need(all(t < vocab for t in params.stop_token_ids), "stop_token_ids", f"token ids must be in [0, {vocab})")
         need(all(0 <= t < vocab for t in params.logit_bias or ()), "logit_bias",
              f"keys must be token ids in [0, {vocab})")
+        # a beam group runs all its beams at once: a wider one could never start
+        need(not params.use_beam_search or params.beam_width <= self.config.max_num_seqs, "best_of",
+             f"the beam width must be at most max_num_seqs, {self.config.max_num_seqs}")
 
     def _check_prompt(self, ids: list[int], params: SamplingParams) -> None:
         if not ids:
@@ -392,7 +395,8 @@ class LLMEngine:
         if not group.ready:
             return 0
         slots = state.seqs
-        moves = group.step([s.output_token_ids for s in slots], [s.logprobs for s in slots])
+        stop_string = self._beam_stop_strings(slots) if req.params.stop_strings else None
+        moves = group.step([s.output_token_ids for s in slots], [s.logprobs for s in slots], stop_string)
         if group.done:
             best = group.finished[0] if group.finished else None
             for s in slots:
@@ -403,6 +407,24 @@ class LLMEngine:
         self.metrics.on_token(slots[0], now)
         slots[0].last_token_time = now
         return len(moves)
+
+    def _beam_stop_strings(self, slots: list[Request]):
+        """For a beam step: (slot, token) -> the stop string the token completes after the slot's
+        output text (past min_tokens), as the sequence's text would find it."""
+        params = slots[0].params
+        longest = max(map(len, params.stop_strings))
+        window = 4 * longest + 8  # output tokens enough to spell the longest stop string (bytes) and more
+
+        def check(slot: int, token: int) -> str | None:
+            tokens = slots[slot].output_token_ids
+            if len(tokens) + 1 < params.min_tokens:
+                return None
+            tail = tokens[-window:]
+            before = self._detok_tokenizer.decode(tail, skip_special_tokens=params.skip_special_tokens)
+            after = self._detok_tokenizer.decode(tail + [token], skip_special_tokens=params.skip_special_tokens)
+            hits = [(i, s) for s in params.stop_strings if (i := after.find(s, max(0, len(before) - len(s) + 1))) >= 0]
+            return min(hits)[1] if hits else None
+        return check
 
     def _add_token(self, req: Request, state: _RequestState, token: int, logprobs: TokenLogprobs | None) -> bool:
         """Append one generated token and check the stop rules; True when req has finished."""
@@ -475,10 +497,12 @@ class LLMEngine:
         outputs = []
         for i, hyp in enumerate(hyps[:group.num_return]):
             text = SequenceText(IncrementalDetokenizer(self._detok_tokenizer, state.prompt_token_ids,
-                                                       first.params.skip_special_tokens), [])
-            for token in hyp.token_ids:
-                text.append(token, check_stops=False)
-            text.finish()
+                                                       first.params.skip_special_tokens), first.params.stop_strings)
+            for j, token in enumerate(hyp.token_ids, 1):  # (a stop string cuts the text where it begins)
+                if text.append(token, check_stops=j >= first.params.min_tokens) is not None:
+                    break
+            else:
+                text.finish()
             outputs.append(CompletionOutput(
                 index=i, text=text.visible(True), token_ids=list(hyp.token_ids), finish_reason=hyp.finish_reason,
                 stop_reason=hyp.stop_reason, logprobs=list(hyp.logprobs) if first.params.logprobs is not None

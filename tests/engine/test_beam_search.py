@@ -30,6 +30,7 @@ CASES = [
     (9, 8, 2, 1.0, "never", {"logprobs": 2}),
     (12, 4, 4, 2.0, False, {"ignore_eos": True}),
     (5, 4, 2, 1.0, False, {"stop_token_ids": "frequent"}),
+    (3, 4, 4, 1.0, False, {"stop": [" the"]}),  # a stop string (the passage has many)
 ]
 
 
@@ -42,8 +43,8 @@ def _params(case, frequent: int) -> SamplingParams:
                           early_stopping=es, max_tokens=MAX_NEW, **extra)
 
 
-def _hf_beams(model, prompt, params: SamplingParams, eos: list[int]):
-    """transformers' beam search: (token lists without the padding after a stop, scores)."""
+def _hf_beams(model, tokenizer, prompt, params: SamplingParams, eos: list[int]):
+    """transformers' beam search: (each returned beam's tokens, up to the one that ended it, scores)."""
     stops = sorted(set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos)))
     ids = torch.tensor([prompt])
     with torch.no_grad():
@@ -51,12 +52,11 @@ def _hf_beams(model, prompt, params: SamplingParams, eos: list[int]):
                              num_beams=params.best_of, num_return_sequences=params.n,
                              length_penalty=params.length_penalty, early_stopping=params.early_stopping,
                              min_new_tokens=params.min_tokens or None, eos_token_id=stops or None,
+                             stop_strings=params.stop_strings or None, tokenizer=tokenizer,
                              pad_token_id=eos[0], return_dict_in_generate=True, output_scores=True)
-    seqs = []
-    for row in out.sequences[:, len(prompt):].tolist():
-        end = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
-        seqs.append(row[:end])
-    return seqs, out.sequences_scores.tolist()
+    lengths = (out.beam_indices >= 0).sum(dim=1).tolist()  # the tokens each beam generated
+    rows = out.sequences[:, len(prompt):].tolist()
+    return [row[:n] for row, n in zip(rows, lengths)], out.sequences_scores.tolist()
 
 
 @pytest.fixture(scope="module")
@@ -75,9 +75,10 @@ def llm(smollm2_dir):
 
 
 @pytest.fixture(scope="module")
-def hf_beams(hf_smollm2, llm, reference_prompts, frequent):
+def hf_beams(hf_smollm2, smollm2_tokenizer, llm, reference_prompts, frequent):
     eos = sorted(llm.engine.eos_token_ids)
-    return [_hf_beams(hf_smollm2, reference_prompts[c[0]], _params(c, frequent), eos) for c in CASES]
+    return [_hf_beams(hf_smollm2, smollm2_tokenizer, reference_prompts[c[0]], _params(c, frequent), eos)
+            for c in CASES]
 
 
 def _check(outputs, refs) -> None:
@@ -92,6 +93,8 @@ def test_beams_in_one_batch_match_hf(llm, reference_prompts, frequent, hf_beams,
     outs = llm.generate([reference_prompts[c[0]] for c in CASES], [_params(c, frequent) for c in CASES])
     _check(outs, hf_beams)
     assert {c.finish_reason for o in outs for c in o.outputs} == {"stop", "length"}
+    cut = [c for c in outs[-1].outputs if c.stop_reason == " the"]  # the stop string case
+    assert cut and all(" the" not in c.text and c.finish_reason == "stop" for c in cut)
     llm.engine.check_invariants()
     assert llm.engine.kv.pool.num_free == llm.engine.num_kv_blocks
     # the logprobs of a returned beam: the model's own, token by token (a forward over the whole text)
@@ -193,7 +196,6 @@ def test_fork_shares_full_blocks_and_copies_the_partial_one():
     ({"use_beam_search": True, "temperature": 0.0, "length_penalty": float("nan")}, "length_penalty"),
     ({"use_beam_search": True, "temperature": 0.0, "top_p": 0.5}, "top_p"),
     ({"use_beam_search": True, "temperature": 0.0, "repetition_penalty": 1.2}, "repetition_penalty"),
-    ({"use_beam_search": True, "temperature": 0.0, "stop": ["."]}, "stop"),
     ({"length_penalty": 0.5}, "length_penalty"),
     ({"early_stopping": True}, "early_stopping"),
     ({"best_of": 3}, "best_of"),
@@ -237,3 +239,22 @@ def test_beams_waiting_on_a_preempted_sibling_make_way_when_nothing_can_run():
     assert scheduled["a#1"] == 2  # its prompt's block found in the cache, its own two tokens computed
     assert sched.kv.block_ids("a#1")[0] == sched.kv.block_ids("a#0")[0]
     sched.check_invariants()
+
+
+def test_an_aborted_beam_search_ends_with_its_beams_and_frees_every_block(smollm2_dir, reference_prompts):
+    engine = LLMEngine(EngineConfig(model=str(smollm2_dir)))
+    engine.add_request("b", reference_prompts[5], SamplingParams(use_beam_search=True, temperature=0.0, best_of=4,
+                                                                 n=2, max_tokens=32))
+    for _ in range(4):
+        assert engine.step() == []  # a beam search reports once, at the end
+    out = engine.abort_request("b")
+    assert out.finished and [c.finish_reason for c in out.outputs] == ["abort", "abort"]
+    assert all(len(c.token_ids) == 4 for c in out.outputs)  # one token at the first step, then one a step
+    engine.check_invariants()
+    assert engine.kv.pool.num_free == engine.num_kv_blocks and not engine.has_unfinished_requests()
+
+
+def test_a_beam_group_wider_than_the_batch_is_refused(smollm2_dir):
+    llm = LLM(str(smollm2_dir), max_num_seqs=4)  # (it would wait for 8 seats forever)
+    with pytest.raises(ValueError, match=r"^best_of: the beam width must be at most max_num_seqs, 4"):
+        llm.generate(["hi"], SamplingParams(use_beam_search=True, temperature=0.0, best_of=8))
