@@ -67,7 +67,6 @@ class BeamGroup:
     early_stopping: bool | str
     max_new_tokens: int
     stop_token_ids: frozenset[int]  # tokens that end a hypothesis (EOS, unless ignored, and stop ids)
-    min_tokens: int = 0
     forked: bool = False  # slots 1.. hold beams (before the first step, only slot 0 runs)
     finished: list[Hypothesis] = field(default_factory=list)  # best first, at most width
     done: bool = False
@@ -77,7 +76,6 @@ class BeamGroup:
         self.keep = max(2, 1 + len(self.stop_token_ids)) * self.width
         self.scores = [np.float32(0.0)] + [NEG] * (self.width - 1)  # each slot's beam: its sum of logprobs
         self.ranks = list(range(self.width))  # each slot's beam: its place among the beams (for ties)
-        self._improvable = True
 
     @property
     def running_slots(self) -> list[int]:
@@ -122,7 +120,7 @@ class BeamGroup:
 
     def _top_continuations(self) -> list[tuple[np.float32, int, int, TokenLogprobs | None]]:
         """The step's best `keep` (score, token, slot, logprobs entry), best first; ties go to the
-        lower slot, then the lower token id, as transformers' top-k over [beams x vocab] does."""
+        better-ranked beam, then the lower token id, as transformers' top-k over [beams x vocab] does."""
         out = []
         for slot in self.running_slots:
             c = self._pending[slot]

@@ -191,7 +191,7 @@ class LLMEngine:
         """A beam search: one slot (sequence) per beam, all in one BeamGroup."""
         stops = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
         group = BeamGroup(params.beam_width, params.n, params.length_penalty, params.early_stopping,
-                          max_tokens, frozenset(stops), params.min_tokens)
+                          max_tokens, frozenset(stops))
         seqs = [Request(request_id, i, ids, params if i == 0 else dataclasses.replace(params, prompt_logprobs=None),
                         max_tokens, min_tokens_banned=banned, beam=group) for i in range(group.width)]
         return _RequestState(text, ids, seqs, [], []), seqs

@@ -208,7 +208,7 @@ def test_beam_fields_are_checked(fields, name):
 def _parked_group(sched: Scheduler, rid: str, prompt: list[int]) -> list[Request]:
     """A forked group of two beams: beam 0 computed and reported, beam 1 preempted, waiting."""
     params = SamplingParams(use_beam_search=True, temperature=0.0, best_of=2, max_tokens=8)
-    group = BeamGroup(2, 1, 1.0, False, 8, frozenset({0}))
+    group = BeamGroup(2, 1, 1.0, False, 8, frozenset({0}))  # (width, n, length penalty, early stop, max, stops)
     slots = [Request(rid, i, prompt, params, 8, beam=group) for i in range(2)]
     sched.add(slots)
     first, second = slots
