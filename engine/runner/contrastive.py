@@ -62,13 +62,16 @@ def candidates(logits: torch.Tensor, reqs: list[Request], num_outputs: list[int]
     for i, req in enumerate(reqs):
         k, n = req.params.top_k, req.params.logprobs
         ids, ps = top_ids[i].tolist(), top_p[i].tolist()
-        entries = None
-        if n is not None:  # rank: 1 + how many are more likely
-            lps = logprobs[i, top_ids[i]].tolist()
-            top = list(zip(ids[:n], lps[:n]))
-            entries = [TokenLogprobs(t, lp, lps.index(lp) + 1, top) for t, lp in zip(ids[:k], lps[:k])]
+        entries = None if n is None else top_entries(ids, logprobs[i, top_ids[i]].tolist(), k, n)
         out.append(ContrastiveCandidates(ids[:k], ps[:k], entries))
     return out
+
+
+def top_entries(ids: list[int], logprobs: list[float], k: int, n: int) -> list[TokenLogprobs]:
+    """The logprobs entries of the first k of a row's most likely tokens (ids and their logprobs,
+    best first, at least max(k, n) of them): rank 1 + how many are more likely, the top n beside."""
+    top = list(zip(ids[:n], logprobs[:n]))
+    return [TokenLogprobs(t, lp, logprobs.index(lp) + 1, top) for t, lp in zip(ids[:k], logprobs[:k])]
 
 
 def pick(context: torch.Tensor, hidden: torch.Tensor, probs: list[float], alpha: float) -> int:

@@ -333,12 +333,9 @@ class ModelRunner:
         want = max(max(r.beam.keep, r.params.logprobs or 0) for r in reqs)
         top_lps, top_ids = (t.tolist() for t in lps.topk(min(want, lps.shape[1]), dim=-1))  # [R, want] best first
         for req, ids, values in zip(reqs, top_ids, top_lps):
-            entries, n = None, req.params.logprobs
-            if n is not None:  # rank: 1 + how many are more likely
-                ranks = [values.index(v) + 1 for v in values[:req.beam.keep]]
-                top = list(zip(ids[:n], values[:n]))
-                entries = [TokenLogprobs(t, v, r, top) for t, v, r in zip(ids, values, ranks)]
-            out.beam_candidates[req.seq_id] = Candidates(ids[:req.beam.keep], values[:req.beam.keep], entries)
+            keep, n = req.beam.keep, req.params.logprobs
+            entries = None if n is None else contrastive.top_entries(ids, values, keep, n)
+            out.beam_candidates[req.seq_id] = Candidates(ids[:keep], values[:keep], entries)
 
     def _pick(self, logits: torch.Tensor, rows: list[tuple[ScheduledSeq, int, int]],
               out: ModelRunnerOutput) -> None:
