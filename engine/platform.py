@@ -31,6 +31,7 @@ class Backends:
     elementwise: str  # "eager" | "cpp" | "compiled" (ops.Ops kinds)
     attention: str  # decode attention: "torch" (the reference) | "cpp" | "triton"
     cuda_graphs: bool  # decode steps replayed from captured CUDA graphs
+    grouped_mm: bool  # MoE experts in one torch grouped matmul (else a matmul per expert)
 
 
 def choose(config, device: torch.device, dtype: torch.dtype, attn_shape: tuple[int, int, int],
@@ -51,7 +52,8 @@ def choose(config, device: torch.device, dtype: torch.dtype, attn_shape: tuple[i
                       and config.load_format != "dummy"),
         elementwise="cpp" if cpu_kernels else "compiled" if compiled else "eager",
         attention=attention,
-        cuda_graphs=compiled and attention == "triton")
+        cuda_graphs=compiled and attention == "triton",
+        grouped_mm=grouped_mm_available(device.type, dtype))
 
 
 def _decode_attention(config, device: torch.device, dtype: torch.dtype, attn_shape: tuple[int, int, int]) -> str:
@@ -80,6 +82,25 @@ def _decode_attention(config, device: torch.device, dtype: torch.dtype, attn_sha
         raise ValueError("attention_backend: 'cpp' needs a working C++ compiler to build the CPU kernel; "
                          "see the warning above")
     return "cpp" if built else "torch"
+
+
+@functools.cache
+def grouped_mm_available(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether torch's grouped matmul runs here and agrees with one matmul per group (empty groups
+    included): torch builds differ in the devices, compute capabilities and dtypes it supports."""
+    grouped_mm = getattr(torch.nn.functional, "grouped_mm", None)
+    if grouped_mm is None:
+        return False
+    try:
+        x, w = torch.rand(9, 16, dtype=dtype, device=device_type), torch.rand(3, 16, 8, dtype=dtype, device=device_type)
+        ends = torch.tensor([4, 4, 9], dtype=torch.int32, device=device_type)  # the middle group is empty
+        want = torch.cat([x[:4] @ w[0], x[4:] @ w[2]])
+        torch.testing.assert_close(grouped_mm(x, w, offs=ends), want)
+        return True
+    except (RuntimeError, NotImplementedError, AssertionError) as e:
+        log.info("torch grouped_mm unavailable on %s/%s (%s); MoE layers loop over their experts",
+                 device_type, dtype, str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return False
 
 
 def cpp_kernels_available(dtype: torch.dtype = torch.float32) -> bool:

@@ -100,9 +100,10 @@ class LLMEngine:
         self.kv = KVCacheManager(self.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.max_prefill_tokens_while_decoding)
+        graphs = self.backends.cuda_graphs and model.capturable
         self.runner = ModelRunner(model, self.hf_config, self.num_kv_blocks, config.block_size, self.device,
                                   self.dtype, config.seed, self.backends.attention,
-                                  config.max_num_seqs if self.backends.cuda_graphs else 0, self.max_model_len)
+                                  config.max_num_seqs if graphs else 0, self.max_model_len)
         self._requests: dict[str, _RequestState] = {}
         self._failed: list[RequestOutput] = []  # outputs of requests failed during the current step
         self.metrics = EngineMetrics(self.model_name, self.scheduler, self.kv, config.speculative_config is not None)

