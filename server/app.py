@@ -27,7 +27,17 @@ from server.errors import APIError, call, invalid_request, param_of
 from server.guard import Guard, ServerOptions
 from server.logprobs import TokenText, chat_logprobs, completion_logprobs, concat, num_tokens
 from server.openapi import document
-from server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, message_dicts
+from server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    message_dicts,
+    template_kwargs,
+)
+from server.reasoning import END as REASONING_END
+from server.reasoning import FORMATS as REASONING_FORMATS
+from server.reasoning import ReasoningFormat, ReasoningStream
 from server.tool_calls import FORMATS, ToolCallStream, ToolFormat, detect, finish_reason
 
 logger = logging.getLogger("kvserve.server")
@@ -114,6 +124,7 @@ def create_app(engine: AsyncLLM, model_name: str, options: ServerOptions | None 
     template = options.chat_template  # None: the model's own
     app.state.tool_format = tool_format = resolve_tool_format(options.tool_call_parser,
                                                               template or engine.tokenizer.chat_template)
+    reasoning = REASONING_FORMATS[options.reasoning_parser] if options.reasoning_parser else None
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, e: APIError):
@@ -154,10 +165,11 @@ def create_app(engine: AsyncLLM, model_name: str, options: ServerOptions | None 
         if body.messages is not None:
             messages = call(lambda: message_dicts(body.messages))
             tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
+            kwargs = call(lambda: template_kwargs(body.chat_template_kwargs))
             size = _num_chars(messages, tools)
             call(lambda: engine.check_prompt_chars(size))
             ids = await work.tokenize(
-                lambda tok: _chat_ids(tok, messages, body.add_generation_prompt, tools, template), size)
+                lambda tok: _chat_ids(tok, messages, body.add_generation_prompt, tools, template, kwargs), size)
         else:
             call(lambda: engine.check_prompt_chars(len(body.prompt)))
             ids = await work.tokenize(lambda tok: tok.encode(body.prompt, add_special_tokens=body.add_special_tokens),
@@ -202,14 +214,19 @@ def create_app(engine: AsyncLLM, model_name: str, options: ServerOptions | None 
         _check_model(body.model, model_name)
         params = call(lambda: body.params(tool_format))
         messages, tools = call(body.message_dicts), body.tool_dicts()
+        kwargs = call(lambda: template_kwargs(body.chat_template_kwargs))
+        thinking = reasoning is not None and reasoning.thinks(kwargs)
+        if thinking and params.structured_outputs is not None:  # the thinking is free, the answer held
+            params.structured_outputs = dataclasses.replace(params.structured_outputs, start_after=REASONING_END)
         admission.check_size(1, *_width(params))
         await _compile_grammar(engine, params)
         size = _num_chars(messages, tools)
         call(lambda: engine.check_prompt_chars(size))  # before templating megabytes
-        prompts = await work.tokenize(
-            lambda tok: [_prompt_ids(engine, tok, _chat_ids(tok, messages, True, tools, template), params)], size)
+        prompts = await work.tokenize(lambda tok: [_prompt_ids(
+            engine, tok, _chat_ids(tok, messages, True, tools, template, kwargs), params)], size)
         calls = tool_format if body.tool_choice_mode() is not None else None
-        render = _Render(True, token_text if body.logprobs else None, prompts, tools=calls)
+        render = _Render(True, token_text if body.logprobs else None, prompts, tools=calls,
+                         reasoning=reasoning, thinking=thinking)
         return await _respond(raw, engine, "chatcmpl", prompts, params, body, render)
 
     document(app, {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest,
@@ -254,10 +271,11 @@ def _num_chars(messages: list[dict], tools: list[dict] | None = None) -> int:
 
 
 def _chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool, tools: list[dict] | None = None,
-              chat_template: str | None = None) -> list[int]:
+              chat_template: str | None = None, kwargs: dict | None = None) -> list[int]:
+    """kwargs: the request's chat_template_kwargs, variables for the template."""
     try:
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True,
-                                            tools=tools, chat_template=chat_template)
+                                            tools=tools, chat_template=chat_template, **(kwargs or {}))
     except Exception as e:  # a template may reject a conversation (e.g. roles out of order)
         raise APIError(400, f"messages: {e}", param="messages") from e
     return list(ids["input_ids"] if not isinstance(ids, list) else ids)
@@ -419,13 +437,18 @@ class _Sent:
 class _Render:
     """Engine outputs -> OpenAI choices. One code path renders a whole answer (one call per choice,
     on the engine's final output) and a stream (one call per update, on the engine's deltas), so the
-    two agree. With `tools` (the format of the model's tool calls), a chat answer's text goes
-    through a tool-call parser: the calls become `tool_calls`, the rest `content`."""
+    two agree. With `reasoning` (a reasoning parser), a chat answer's thinking segment becomes
+    `reasoning_content` (where the request thinks). With `tools` (the format of the model's tool
+    calls), the answer after it goes through a tool-call parser: the calls become `tool_calls`, the
+    rest `content`."""
 
     def __init__(self, chat: bool, texts: TokenText | None, prompts: list[list[int]],
-                 echo: list[str] | None = None, prompt_only: bool = False, tools: ToolFormat | None = None) -> None:
+                 echo: list[str] | None = None, prompt_only: bool = False, tools: ToolFormat | None = None,
+                 reasoning: ReasoningFormat | None = None, thinking: bool = False) -> None:
         self.chat, self.texts, self.prompts, self.echo, self.prompt_only = chat, texts, prompts, echo, prompt_only
         self.tools = tools
+        self.reasoning, self.thinking = reasoning, thinking
+        self.thoughts: dict[int, ReasoningStream] = {}
         self.object = "chat.completion" if chat else "text_completion"
         self.chunk_object = "chat.completion.chunk" if chat else "text_completion"
         self.sent: dict[int, _Sent] = {}
@@ -459,13 +482,16 @@ class _Render:
             return None
         text, logprobs = self.piece(idx, i, out, c)
         sent.finished = c.finish_reason is not None
-        reason, calls = c.finish_reason, None
+        reason, calls, thought = c.finish_reason, None, ""
+        if self.reasoning is not None:
+            thoughts = self.thoughts.setdefault(idx, ReasoningStream(self.reasoning, self.thinking))
+            thought, text = thoughts.feed(text, final=sent.finished)
         if self.tools is not None:
             stream = self.calls.setdefault(idx, ToolCallStream(self.tools))
             text, calls = stream.feed(text, final=sent.finished)
             reason = finish_reason(reason, stream)
-        if text or calls or num_tokens(logprobs) or sent.finished:
-            return self.delta(idx, text, logprobs, reason, tool_calls=calls)
+        if text or thought or calls or num_tokens(logprobs) or sent.finished:
+            return self.delta(idx, text, logprobs, reason, tool_calls=calls, reasoning=thought)
         return None
 
     def _echo_logprobs(self, i: int, out: RequestOutput, sent: _Sent) -> dict | None:
@@ -480,9 +506,14 @@ class _Render:
     def choice(self, index: int, text: str, logprobs: dict | None, finish_reason: str | None) -> dict:
         if not self.chat:
             return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+        thought = ""
+        if self.reasoning is not None:
+            thought, text = self.reasoning.split(text, True, self.thinking)
         message = {"role": "assistant", "content": text}
         if self.tools is not None:
             message, finish_reason = self._with_tool_calls(text, finish_reason)
+        if self.reasoning is not None:  # (an answer that is all thinking has no content)
+            message.update(content=message["content"] or None, reasoning_content=thought or None)
         return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
 
     def _with_tool_calls(self, text: str, reason: str | None) -> tuple[dict, str | None]:
@@ -494,10 +525,12 @@ class _Render:
                 finish_reason(reason, stream))
 
     def delta(self, index: int, text: str | None, logprobs: dict | None, finish_reason: str | None,
-              first: bool = False, tool_calls: list[dict] | None = None) -> dict:
+              first: bool = False, tool_calls: list[dict] | None = None, reasoning: str = "") -> dict:
         if not self.chat:
             return self.choice(index, text or "", logprobs, finish_reason)
         delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+        if reasoning:
+            delta["reasoning_content"] = reasoning
         if tool_calls:
             delta["tool_calls"] = tool_calls
         return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}

@@ -13,6 +13,7 @@ from dataclasses import fields
 
 from engine.core.config import EngineConfig, parse_bytes
 from server.guard import ServerOptions, header_deadline_protocol
+from server.reasoning import FORMATS as REASONING_FORMATS
 from server.tool_calls import PARSERS
 
 
@@ -52,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "server/chat_templates/smollm2_tool_use.jinja shows the bundled SmolLM2 its tools")
     s.add_argument("--tool-call-parser", default="auto", choices=("auto", *PARSERS),
                    help="how the model writes tool calls; auto: the one format the chat template shows, if any")
+    s.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_FORMATS),
+                   help="split a reasoning model's <think>...</think> segment into reasoning_content; "
+                        "structured outputs and tool grammars then apply after it (default: off)")
     s.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return parser
 
@@ -93,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     options = ServerOptions(api_key=args.api_key or None, max_queue_len=args.max_queue_len,
                             max_body_bytes=args.max_request_body, shutdown_timeout=args.shutdown_timeout,
                             body_read_timeout=args.body_read_timeout, chat_template=template,
-                            tool_call_parser=args.tool_call_parser)
+                            tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser)
     engine = AsyncLLM(config)
     print(engine.describe(), flush=True)
     app = create_app(engine, engine.model_name, options)

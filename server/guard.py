@@ -29,6 +29,7 @@ class ServerOptions:
     body_read_timeout: float = 30.0  # seconds for a whole request body to arrive
     chat_template: str | None = None  # a Jinja chat template in place of the model's own
     tool_call_parser: str = "auto"  # a name in server.tool_calls.PARSERS, or "auto": read from the template
+    reasoning_parser: str | None = None  # a name in server.reasoning.FORMATS; None: no reasoning split
 
 
 def error_body(message: str, type_: str, code: str | None = None) -> bytes:

@@ -234,6 +234,24 @@ class ToolDefinition(_Strict):
     function: FunctionDefinition
 
 
+# apply_chat_template's own parameters, and what a request sets through its own fields: given as
+# template variables they would change how the conversation is rendered or tokenized
+_RESERVED_TEMPLATE_KWARGS = frozenset({
+    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors",
+    "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"})
+TemplateKwargs = Annotated[dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")], Any],
+                           Field(max_length=32)]
+
+
+def template_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """chat_template_kwargs (e.g. {"enable_thinking": false}) as variables for the chat template."""
+    for key in kwargs or {}:
+        if key in _RESERVED_TEMPLATE_KWARGS:
+            raise ValueError(f"chat_template_kwargs.{key}: is not a template variable a request may set")
+    return dict(kwargs or {})
+
+
 class FunctionRef(_Strict):
     name: FunctionName
 
@@ -312,6 +330,7 @@ class ChatCompletionRequest(_SamplingFields):
     tools: Annotated[list[ToolDefinition], Field(max_length=MAX_TOOLS, fail_fast=True)] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    chat_template_kwargs: TemplateKwargs | None = None
 
     def params(self, tool_format: ToolFormat | None = None) -> SamplingParams:
         """`tool_format`: how the served model writes tool calls (None: the server knows no format)."""
@@ -365,6 +384,7 @@ class TokenizeRequest(_Strict):
     tools: Annotated[list[ToolDefinition], Field(max_length=MAX_TOOLS, fail_fast=True)] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
+    chat_template_kwargs: TemplateKwargs | None = None
 
 
 class DetokenizeRequest(_Strict):

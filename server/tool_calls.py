@@ -144,7 +144,7 @@ def _call_at(text: str, start: int, final: bool, memo: dict | None) -> tuple[Cal
     return Call(obj["name"], json.dumps(args, ensure_ascii=False), complete=True), end
 
 
-def _held(text: str, marker: str) -> int:
+def held(text: str, marker: str) -> int:
     """How many trailing characters of `text` could be the start of `marker`."""
     for n in range(min(len(marker) - 1, len(text)), 0, -1):
         if marker.startswith(text[-n:]):
@@ -160,7 +160,7 @@ def _content_until(text: str, pos: int, marker: str, final: bool, out: Parsed) -
         return i
     rest = text[pos:]
     if not final:
-        rest = rest[:len(rest) - _held(rest, marker)]
+        rest = rest[:len(rest) - held(rest, marker)]
         out.more = True
     out.add(rest)
     return None
@@ -223,7 +223,7 @@ class Hermes(ToolFormat):
             closed = j >= 0
             region = text[body:j] if closed else text[body:]
             if not closed and not final:
-                region = region[:len(region) - _held(region, self.CLOSE)]
+                region = region[:len(region) - held(region, self.CLOSE)]
             k = _skip_space(region, 0)
             if k < len(region) and region[k] == "{":
                 # offsets in `region` count from its start: each call's region reads with its own memo
@@ -261,7 +261,7 @@ class Llama3Json(ToolFormat):
             out.more = True
         piece = text[pos:stop].replace(self.PYTHON_TAG, "")
         if not m and not final:
-            piece = piece[:len(piece) - _held(piece, self.PYTHON_TAG)]
+            piece = piece[:len(piece) - held(piece, self.PYTHON_TAG)]
         out.add(piece)
         return m.start() if m else None
 

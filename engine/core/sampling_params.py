@@ -43,6 +43,9 @@ class StructuredOutputs:
     grammar: str | None = None
     structural_tag: str | dict | None = None  # a dict is kept as JSON text
     field: str = "structured_outputs"
+    # the language holds from the token after this text's tokens first appear in the output (a
+    # reasoning model's "</think>": the thinking before it is free); None: from the first token
+    start_after: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("json", "structural_tag"):
@@ -70,6 +73,10 @@ class StructuredOutputs:
         if self.choice is not None and not (0 < len(self.choice) <= MAX_CHOICES and all(
                 isinstance(c, str) and 0 < len(c) <= MAX_STOP_STRING_CHARS for c in self.choice)):
             raise ValueError(f"{self.field}: choice must be 1 to {MAX_CHOICES} non-empty strings of at most "
+                             f"{MAX_STOP_STRING_CHARS} characters")
+        if self.start_after is not None and not (isinstance(self.start_after, str)
+                                                 and 0 < len(self.start_after) <= MAX_STOP_STRING_CHARS):
+            raise ValueError(f"{self.field}: start_after must be a non-empty string of at most "
                              f"{MAX_STOP_STRING_CHARS} characters")
 
 

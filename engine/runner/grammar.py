@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 
 import torch
 import xgrammar as xgr
@@ -23,6 +24,7 @@ class Grammars:
 
     def __init__(self, tokenizer, vocab_size: int, stop_token_ids: set[int]) -> None:
         self.vocab_size = vocab_size
+        self._tokenizer, self._tokenizer_lock = tokenizer, threading.Lock()  # (called from several threads)
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
                                                   stop_token_ids=sorted(stop_token_ids))
         self._compiler = xgr.GrammarCompiler(info, max_threads=2, cache_limit_bytes=_CACHE_BYTES)
@@ -51,8 +53,38 @@ class Grammars:
             return c.compile_structural_tag(spec.structural_tag)
         return c.compile_grammar(spec.grammar)
 
-    def matcher(self, spec: StructuredOutputs) -> xgr.GrammarMatcher:
-        return xgr.GrammarMatcher(self.compile(spec))
+    def matcher(self, spec: StructuredOutputs) -> xgr.GrammarMatcher | DeferredMatcher:
+        matcher = xgr.GrammarMatcher(self.compile(spec))
+        if spec.start_after is None:
+            return matcher
+        with self._tokenizer_lock:
+            marker = self._tokenizer.encode(spec.start_after, add_special_tokens=False)
+        return DeferredMatcher(matcher, tuple(marker))
+
+
+class DeferredMatcher:
+    """A matcher that holds only after the output has shown `marker` (token ids): until then
+    every token may come next and nothing ends the language."""
+
+    def __init__(self, matcher: xgr.GrammarMatcher, marker: tuple[int, ...]) -> None:
+        self.matcher, self.marker = matcher, marker
+        self.recent: list[int] = []  # the last tokens while the marker has not appeared
+        self.started = False
+
+    def accept_token(self, token: int) -> bool:
+        if self.started:
+            return self.matcher.accept_token(token)
+        self.recent = (self.recent + [token])[-len(self.marker):]
+        self.started = tuple(self.recent) == self.marker
+        return True
+
+    def fill_next_token_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        if self.started:
+            self.matcher.fill_next_token_bitmask(bitmask, row)
+        # (else the row keeps the all-allowed bits it was allocated with)
+
+    def is_terminated(self) -> bool:
+        return self.started and self.matcher.is_terminated()
 
 
 def fill_bitmask(matchers: list[xgr.GrammarMatcher], rows: list[int], num_rows: int, vocab_size: int) -> torch.Tensor:
