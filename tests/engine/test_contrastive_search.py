@@ -1,5 +1,5 @@
 """Contrastive search equals a reference built from the paper's formula on transformers' forwards
-(full recompute, no cache), token for token, alone, batched, staggered and under preemption."""
+(on its own cache), token for token, alone, batched, staggered and under preemption."""
 from __future__ import annotations
 
 import pytest
@@ -14,7 +14,6 @@ from tests.engine.test_correctness import GREEDY, _assert_same
 MAX_NEW = 16
 # (prompt: an index into reference_prompts or "hello", penalty_alpha, top_k, extras); the answer to
 # "hello" (a chat prompt) ends on EOS within MAX_NEW at (0.6, 4); min_tokens holds it back
-# (the reference runs k sequences a step without a cache: prompts of up to 64 tokens keep it ~30 s)
 CASES = [(0, 0.6, 4, {}), (4, 0.4, 6, {}), (5, 0.6, 6, {"logprobs": 3}), (6, 0.4, 4, {}),
          ("hello", 0.6, 4, {}), ("hello", 0.6, 4, {"min_tokens": 15})]
 
@@ -28,17 +27,18 @@ def reference(model, prompt: list[int], alpha: float, k: int, eos: set[int], min
     """(tokens, logprob of each): each step, the k most probable next tokens (EOS banned before
     min_tokens) and the hidden state of each placed after the sequence; the next token maximises
     (1 - alpha) * p - alpha * (the largest cosine similarity with an earlier position's hidden state).
-    One forward of the k continued sequences a step: the chosen row's hidden states and last
-    logits are the next step's context and distribution."""
+    Each step runs the k candidates after the sequence on transformers' cache, copied k times; the
+    chosen row's cache, last hidden state and logits carry on."""
     ids, out, lps = list(prompt), [], []
     with torch.no_grad():
-        o = model(torch.tensor([ids]), output_hidden_states=True)
-        context, logits = o.hidden_states[-1][0], o.logits[0, -1].float()  # [L, H], [V]
+        o = model(torch.tensor([ids]), use_cache=True, output_hidden_states=True)
+        cache, context, logits = o.cache, o.hidden_states[-1][0], o.logits[0, -1].float()  # [L, H], [V]
         for _ in range(MAX_NEW):
             if len(out) < min_tokens:
                 logits[list(eos)] = float("-inf")
             top_p, top_ids = logits.softmax(-1).topk(k)
-            o = model(torch.tensor([ids + [c] for c in top_ids.tolist()]), output_hidden_states=True)
+            cache.batch_repeat_interleave(k)
+            o = model(top_ids.view(k, 1), cache=cache, use_cache=True, output_hidden_states=True)
             h = o.hidden_states[-1][:, -1]  # [k, H]
             cos = (h / h.norm(dim=-1, keepdim=True)) @ (context / context.norm(dim=-1, keepdim=True)).T
             best = int(((1 - alpha) * top_p - alpha * cos.max(dim=-1).values).argmax())
@@ -48,7 +48,9 @@ def reference(model, prompt: list[int], alpha: float, k: int, eos: set[int], min
             ids.append(token)
             if token in eos and len(out) >= min_tokens:
                 break
-            context, logits = o.hidden_states[-1][best], o.logits[best, -1].float()
+            cache = o.cache
+            cache.batch_select_indices(torch.tensor([best]))
+            context, logits = torch.cat([context, h[best:best + 1]]), o.logits[best, -1].float()
     return out, lps
 
 

@@ -132,7 +132,7 @@ def test_prompt_logprobs_survive_preemption_mid_prefill(smollm2_dir, llm, refere
     # "long" (7 blocks at the start, growing) and the scored prompt do not fit 20 blocks together:
     # the newest, the scored prompt, is preempted while it prefills 15 tokens a step
     engine = LLMEngine(EngineConfig(model=str(smollm2_dir), num_kv_blocks=20, max_num_batched_tokens=16))
-    engine.add_request("long", reference_prompts[7], SamplingParams(temperature=0.0, max_tokens=150))
+    engine.add_request("long", reference_prompts[7], SamplingParams(temperature=0.0, max_tokens=60))
     engine.step()
     engine.add_request("scored", prompt, params)
     outs = {}
@@ -149,18 +149,20 @@ def test_prompt_logprobs_survive_preemption_mid_prefill(smollm2_dir, llm, refere
 
 def _penalised_greedy(model, prompt: list[int], n: int, presence: float, frequency: float,
                       repetition: float) -> list[int]:
-    """Greedy decoding with vLLM's penalties, written out: the whole sequence through transformers
-    each step, then repetition over prompt and output tokens, frequency and presence over the output."""
+    """Greedy decoding with vLLM's penalties, written out: each step's logits from transformers (on
+    its cache), then repetition over prompt and output tokens, frequency and presence over the output."""
     ids = list(prompt)
     with torch.no_grad():
+        o = model(torch.tensor([ids]), use_cache=True)
         for _ in range(n):
-            logits = model(torch.tensor([ids])).logits[0, -1].float()
+            logits = o.logits[0, -1].float()
             out = ids[len(prompt):]
             for t in set(ids):
                 logits[t] = logits[t] / repetition if logits[t] > 0 else logits[t] * repetition
             for t in set(out):
                 logits[t] -= frequency * out.count(t) + presence
             ids.append(int(logits.argmax()))
+            o = model(torch.tensor([ids[-1:]]), cache=o.cache, use_cache=True)
     return ids[len(prompt):]
 
 
