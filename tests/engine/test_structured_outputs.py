@@ -126,15 +126,19 @@ def test_constrained_and_free_requests_share_a_step_and_survive_preemption(smoll
 def test_a_grammar_starts_after_its_marker(llm, smollm2_tokenizer):
     # a reasoning model's "</think>" stands in for a marker the model writes anyway: a piece of its own
     # greedy answer. Up to the marker the output is the free one, token for token; after it, the language.
-    free = llm.generate(["Is the sky blue?"], SamplingParams(temperature=0.0, max_tokens=12))[0].outputs[0]
+    free = llm.generate(["Is the sky blue?"], SamplingParams(temperature=0.0, max_tokens=12,
+                                                             ignore_eos=True))[0].outputs[0]
+    assert len(free.token_ids) == 12
     marker_ids = smollm2_tokenizer.encode(smollm2_tokenizer.decode(free.token_ids[3:5]), add_special_tokens=False)
     assert marker_ids == free.token_ids[3:5]  # (the marker encodes as the model wrote it)
     marker = smollm2_tokenizer.decode(marker_ids)
+    assert marker.strip()
     spec = StructuredOutputs(choice=["yes", "no"], start_after=marker)
-    out = llm.generate(["Is the sky blue?"], SamplingParams(temperature=0.0, max_tokens=12,
+    out = llm.generate(["Is the sky blue?"], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True,
                                                             structured_outputs=spec))[0].outputs[0]
     assert out.token_ids[:5] == free.token_ids[:5]
-    assert smollm2_tokenizer.decode(out.token_ids[5:]) in ("yes", "no") and out.finish_reason == "stop"
+    assert smollm2_tokenizer.decode(out.token_ids[5:], skip_special_tokens=True) in ("yes", "no")
+    assert out.finish_reason == "stop"
 
 
 @pytest.mark.parametrize("spec", [dict(json={"type": "nonsense"}), dict(regex="("), dict(grammar="root ::= "),
