@@ -139,9 +139,6 @@ class LLMEngine:
 
     def _max_model_len(self) -> int:
         limit = getattr(self.hf_config, "max_position_embeddings", None) or 2048
-        window = getattr(self.hf_config, "sliding_window", None)
-        if window and getattr(self.hf_config, "use_sliding_window", True):
-            limit = min(limit, window)  # within the window, full attention is exact
         asked = self.config.max_model_len
         if asked is not None and asked > limit:
             raise ValueError(f"max_model_len: {asked} exceeds the model's limit of {limit} tokens")

@@ -113,8 +113,8 @@ constexpr int64_t kMinSplitBlocks = 8;
 // kHeadDim: head_dim as a compile-time constant for the common sizes (0: known at run time only).
 template <typename T, int kHeadDim>
 void decode(const T* q, const T* k_cache, const T* v_cache, const int64_t* block_tables,
-            const int64_t* context_lens, T* out, int64_t batch, int64_t heads, int64_t kv_heads,
-            int64_t head_dim_arg, int64_t block_size, int64_t width, float scale) {
+            const int64_t* context_lens, const int64_t* skips, T* out, int64_t batch, int64_t heads,
+            int64_t kv_heads, int64_t head_dim_arg, int64_t block_size, int64_t width, float scale) {
   const int64_t head_dim = kHeadDim ? kHeadDim : head_dim_arg;
   const int64_t group = heads / kv_heads, token_stride = kv_heads * head_dim, block_stride = block_size * token_stride;
   const int64_t row_bytes = token_stride * sizeof(T);
@@ -188,11 +188,15 @@ void decode(const T* q, const T* k_cache, const T* v_cache, const int64_t* block
         }
       }
 
+      // a sliding window's first keys to pass over (they lie in the sequence's first block, before the
+      // window; the same block holds the window's first key, so a stretch is never all passed over)
+      const int64_t skip = skips != nullptr && first == 0 ? skips[b] : 0;
       for (int64_t h = 0; h < heads; ++h) {  // softmax numerators in place
         float* s = scores.data() + h * n;
-        const float top = max[h] = *std::max_element(s, s + n);
+        const float top = max[h] = *std::max_element(s + skip, s + n);
         float total = 0.f;  // a local, not sum[h]: the compiler cannot tell sum from s, and would not vectorise
-        for (int64_t t = 0; t < n; ++t) total += (s[t] = exp_approx(s[t] - top));
+        std::fill(s, s + skip, 0.f);
+        for (int64_t t = skip; t < n; ++t) total += (s[t] = exp_approx(s[t] - top));
         sum[h] = total;
       }
 
@@ -239,7 +243,8 @@ void decode(const T* q, const T* k_cache, const T* v_cache, const int64_t* block
 // q [B, heads, D]; k_cache, v_cache [num_blocks, block_size, kv_heads, D]; block_tables [B, width]
 // int64; context_lens [B] int64, each in 1..width * block_size -> out [B, heads, D].
 at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                        const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
+                        const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
+                        const c10::optional<at::Tensor>& skip) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(), "paged_decode: bad ranks");
   TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous() &&
                   block_tables.is_contiguous() && context_lens.is_contiguous(),
@@ -256,8 +261,16 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
   // Bad ids would read outside the pool: check every block a sequence will touch, before any work.
   const int64_t* tables = block_tables.data_ptr<int64_t>();
   const int64_t* lens = context_lens.data_ptr<int64_t>();
+  const int64_t* skips = nullptr;
+  if (skip.has_value()) {
+    TORCH_CHECK(skip->scalar_type() == at::kLong && skip->is_contiguous() && skip->numel() == batch,
+                "paged_decode: skip must be int64, one per sequence");
+    skips = skip->data_ptr<int64_t>();
+  }
   for (int64_t b = 0; b < batch; ++b) {
     TORCH_CHECK(lens[b] >= 1 && lens[b] <= width * block_size, "paged_decode: context length out of range");
+    TORCH_CHECK(skips == nullptr || (skips[b] >= 0 && skips[b] < std::min(block_size, lens[b])),
+                "paged_decode: skip must leave a key in the first block");
     for (int64_t i = 0; i < (lens[b] + block_size - 1) / block_size; ++i) {
       const int64_t id = tables[b * width + i];
       TORCH_CHECK(id >= 0 && id < num_blocks, "paged_decode: block id out of range");
@@ -268,7 +281,7 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
     auto* kernel = head_dim == 64    ? decode<scalar_t, 64>
                    : head_dim == 128 ? decode<scalar_t, 128>
                                      : decode<scalar_t, 0>;
-    kernel(q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(), tables, lens,
+    kernel(q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(), tables, lens, skips,
            out.data_ptr<scalar_t>(), batch, heads, kv_heads, head_dim, block_size, width, static_cast<float>(scale));
   });
   return out;
@@ -636,7 +649,7 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
 
 TORCH_LIBRARY(kvserve, m) {
   m.def("paged_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor context_lens, "
-        "float scale) -> Tensor");
+        "float scale, Tensor? skip) -> Tensor");
   m.def("skinny_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("gguf_linear(Tensor x, Tensor q, Tensor scales, int n_out, Tensor? bias) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");

@@ -15,14 +15,17 @@ import triton.language as tl
 
 
 @triton.jit
-def _paged_decode_kernel(q_ptr, kv_ptr, out_ptr, tables_ptr, lens_ptr, scale,
+def _paged_decode_kernel(q_ptr, kv_ptr, out_ptr, tables_ptr, lens_ptr, skip_ptr, scale,
                          stride_q_seq, stride_q_head, stride_kv_kind, stride_kv_block, stride_kv_slot,
                          stride_kv_head, stride_table, stride_out_seq, stride_out_head,
                          GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                         HEAD_DIM: tl.constexpr, IEEE: tl.constexpr):
+                         HEAD_DIM: tl.constexpr, IEEE: tl.constexpr, HAS_SKIP: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     ctx = tl.load(lens_ptr + seq)
+    # a sliding window's keys before it, at the start of the (shifted) table's first block; that
+    # block holds the window's first key too, so the running max is finite after it
+    skip = tl.load(skip_ptr + seq) if HAS_SKIP else 0
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, HEAD_DIM)
     t = tl.arange(0, BLOCK_SIZE)
@@ -37,7 +40,7 @@ def _paged_decode_kernel(q_ptr, kv_ptr, out_ptr, tables_ptr, lens_ptr, scale,
     k_base = kv_ptr + kv_head * stride_kv_head
     for i in range(0, tl.cdiv(ctx, BLOCK_SIZE)):
         block = tl.load(tables_ptr + seq * stride_table + i).to(tl.int64)
-        in_ctx = i * BLOCK_SIZE + t < ctx  # [BLOCK_SIZE]
+        in_ctx = (i * BLOCK_SIZE + t < ctx) & (i * BLOCK_SIZE + t >= skip)  # [BLOCK_SIZE]
         offs = block * stride_kv_block + t[:, None] * stride_kv_slot + d[None, :]
         k = tl.load(k_base + offs, mask=in_ctx[:, None], other=0.0)  # [BLOCK_SIZE, HEAD_DIM]
         v = tl.load(k_base + stride_kv_kind + offs, mask=in_ctx[:, None], other=0.0)
@@ -70,16 +73,17 @@ def supports(num_heads: int, num_kv_heads: int, head_dim: int, block_size: int) 
 
 
 def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
-                 scale: float) -> torch.Tensor:
-    """q [B, heads, D]; block_tables [B, max_blocks] int; context_lens [B] int32 (>= 1) -> out [B, heads, D]."""
+                 scale: float, skip: torch.Tensor | None = None) -> torch.Tensor:
+    """q [B, heads, D]; block_tables [B, max_blocks] int; context_lens [B] int32 (>= 1); skip [B] int32:
+    keys at the start of each row's first block not to attend to (a sliding window's) -> out [B, heads, D]."""
     batch, num_heads, head_dim = q.shape
     _, _, block_size, kv_heads, _ = kv_cache.shape
     group = num_heads // kv_heads
     out = torch.empty_like(q)
     _paged_decode_kernel[(batch, kv_heads)](
-        q, kv_cache, out, block_tables, context_lens, scale,
+        q, kv_cache, out, block_tables, context_lens, context_lens if skip is None else skip, scale,
         q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), 16), BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
-        IEEE=kv_cache.dtype == torch.float32, num_warps=4)
+        IEEE=kv_cache.dtype == torch.float32, HAS_SKIP=skip is not None, num_warps=4)
     return out

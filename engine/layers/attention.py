@@ -3,10 +3,13 @@
 KV cache of one layer: [2, num_blocks, block_size, num_kv_heads, head_dim]; token slot
 `block_id * block_size + offset` holds the key/value of one position of one sequence.
 The batch's tokens are laid out prefills first, then one token per decoding sequence.
+
+A layer with a sliding window W (Mistral, the local layers of Gemma, Qwen's windowed layers) lets
+the query at position i see the keys at positions i - W + 1 .. i only, as transformers does.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +31,7 @@ class PrefillSpan:
     # [n, context_len] bool, True where a new token sees a key, for spans that are not causal (a
     # draft tree: each draft sees the history and its own branch); None: causal
     mask: torch.Tensor | None = None
+    positions: torch.Tensor | None = None  # [n] of a masked span (its keys: positions 0 .. context_len - 1)
 
 
 @dataclass
@@ -40,6 +44,19 @@ class DecodeInputs:
     context_lens: torch.Tensor | None = None
     # [num_decodes, 1, 1, width * block_size] bool, True where a key is in context; the reference reads it
     key_mask: torch.Tensor | None = None
+    # the kernels, under a sliding window: [num_decodes] keys to pass over at the start of each row's
+    # (shifted) table, those of its first block that lie before the window
+    skip: torch.Tensor | None = None
+    block_size: int = 0
+    windowed: dict[int, DecodeInputs] = field(default_factory=dict)  # window -> its inputs, made once a step
+
+    def window(self, window: int | None) -> DecodeInputs:
+        """The inputs of layers that see only the last `window` keys (None: these)."""
+        if window is None:
+            return self
+        if window not in self.windowed:
+            self.windowed[window] = self.backend.windowed(self, window)
+        return self.windowed[window]
 
 
 @dataclass
@@ -68,15 +85,17 @@ def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor) -> tuple[torch.
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """q [T, heads, D], k/v [T, kv_heads, D] of the new tokens -> out [T, heads, D]."""
+                    meta: AttentionMetadata, scale: float, window: int | None = None) -> torch.Tensor:
+    """q [T, heads, D], k/v [T, kv_heads, D] of the new tokens -> out [T, heads, D]. window: the
+    layer's sliding window (None: every earlier key)."""
     write_kv(kv_cache, k, v, meta.slot_mapping)
     out = torch.empty_like(q)
     for span in meta.prefills:
-        out[span.start:span.end] = prefill_span(q, k, v, kv_cache, span, scale)
+        out[span.start:span.end] = prefill_span(q, k, v, kv_cache, span, scale, window)
     if meta.decode is not None:
         p = meta.num_prefill_tokens
-        out[p:] = meta.decode.backend.decode(q[p:], kv_cache, meta.decode, scale)
+        inputs = meta.decode.window(window)
+        out[p:] = inputs.backend.decode(q[p:], kv_cache, inputs, scale)
     return out
 
 
@@ -94,6 +113,19 @@ class DecodeBackend:
     def decode(self, q: torch.Tensor, kv_cache: torch.Tensor, inputs: DecodeInputs, scale: float) -> torch.Tensor:
         raise NotImplementedError
 
+    def windowed(self, inputs: DecodeInputs, window: int) -> DecodeInputs:
+        """For the kernels: each row's table from the block holding its window's first key on, its
+        context counted from there, and the keys of that block before the window to pass over."""
+        lens = inputs.context_lens.long()
+        bs = inputs.block_size
+        first = (lens - window).clamp(min=0)  # [B] the window's first key
+        shift = first // bs  # [B] whole blocks before it
+        cols = torch.arange(inputs.block_tables.shape[1], device=lens.device)
+        cols = (cols[None, :] + shift[:, None]).clamp(max=inputs.block_tables.shape[1] - 1)  # (past the end: stale)
+        tables = inputs.block_tables.gather(1, cols)
+        return DecodeInputs(self, tables, context_lens=(lens - shift * bs).to(inputs.context_lens.dtype),
+                            skip=(first - shift * bs).to(inputs.context_lens.dtype), block_size=bs)
+
 
 class ReferenceDecode(DecodeBackend):
     """Plain PyTorch on any device: gather the blocks, then SDPA under a mask of the context."""
@@ -103,7 +135,13 @@ class ReferenceDecode(DecodeBackend):
     def prepare(self, block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int) -> DecodeInputs:
         keys = torch.arange(block_tables.shape[1] * block_size, device=block_tables.device)
         mask = (keys[None, :] < context_lens[:, None])[:, None, None, :]  # [B, 1, 1, width * block_size]
-        return DecodeInputs(self, block_tables, key_mask=mask)
+        return DecodeInputs(self, block_tables, context_lens=context_lens, key_mask=mask, block_size=block_size)
+
+    def windowed(self, inputs: DecodeInputs, window: int) -> DecodeInputs:
+        keys = torch.arange(inputs.key_mask.shape[-1], device=inputs.key_mask.device)
+        seen = keys[None, :] >= inputs.context_lens[:, None] - window  # [B, L]
+        return DecodeInputs(self, inputs.block_tables, context_lens=inputs.context_lens,
+                            key_mask=inputs.key_mask & seen[:, None, None, :], block_size=inputs.block_size)
 
     def decode(self, q: torch.Tensor, kv_cache: torch.Tensor, inputs: DecodeInputs, scale: float) -> torch.Tensor:
         return decode_reference(q, kv_cache, inputs.block_tables, inputs.key_mask, scale)
@@ -115,10 +153,10 @@ class CppDecode(DecodeBackend):
     name = "cpp"
 
     def prepare(self, block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int) -> DecodeInputs:
-        return DecodeInputs(self, block_tables, context_lens=context_lens)
+        return DecodeInputs(self, block_tables, context_lens=context_lens, block_size=block_size)
 
     def decode(self, q: torch.Tensor, kv_cache: torch.Tensor, inputs: DecodeInputs, scale: float) -> torch.Tensor:
-        return cpu.paged_decode(q, kv_cache, inputs.block_tables, inputs.context_lens, scale)
+        return cpu.paged_decode(q, kv_cache, inputs.block_tables, inputs.context_lens, scale, inputs.skip)
 
 
 class TritonDecode(DecodeBackend):
@@ -127,44 +165,57 @@ class TritonDecode(DecodeBackend):
     name = "triton"
 
     def prepare(self, block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int) -> DecodeInputs:
-        return DecodeInputs(self, block_tables, context_lens=context_lens.to(torch.int32))
+        return DecodeInputs(self, block_tables, context_lens=context_lens.to(torch.int32), block_size=block_size)
 
     def decode(self, q: torch.Tensor, kv_cache: torch.Tensor, inputs: DecodeInputs, scale: float) -> torch.Tensor:
         from engine.kernels.paged_decode import paged_decode  # needs the triton package
 
-        return paged_decode(q, kv_cache, inputs.block_tables, inputs.context_lens, scale)
+        return paged_decode(q, kv_cache, inputs.block_tables, inputs.context_lens, scale, inputs.skip)
 
 
 DECODE_BACKENDS: dict[str, DecodeBackend] = {b.name: b for b in (ReferenceDecode(), CppDecode(), TritonDecode())}
 
 
-def prefill_span(q, k, v, kv_cache, span: PrefillSpan, scale: float) -> torch.Tensor:
-    n = span.end - span.start
+def prefill_span(q, k, v, kv_cache, span: PrefillSpan, scale: float, window: int | None = None) -> torch.Tensor:
+    n, ctx = span.end - span.start, span.context_len
+    if window is not None and ctx <= window:
+        window = None  # every key is in the window
     qs = q[span.start:span.end].transpose(0, 1).unsqueeze(0)  # [1, heads, n, D]
     if span.block_table is None:  # nothing earlier in the cache: attend to the span itself
-        ks = k[span.start:span.end].transpose(0, 1).unsqueeze(0)  # [1, kv_heads, n, D]
-        vs = v[span.start:span.end].transpose(0, 1).unsqueeze(0)
-        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
+        kc, vc = k[span.start:span.end], v[span.start:span.end]  # [n, kv_heads, D]
+        if window is None:
+            o = F.scaled_dot_product_attention(qs, kc.transpose(0, 1).unsqueeze(0), vc.transpose(0, 1).unsqueeze(0),
+                                               is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            o = prefill_masked(qs, kc, vc, scale, window)
     else:
         kc, vc = gather_kv(kv_cache, span.block_table)  # [nb * block_size, kv_heads, D]
-        ctx = span.context_len
         if span.mask is not None:
-            o = attend_masked(qs, kc[:ctx], vc[:ctx], span.mask, scale)
-        elif q.device.type == "cpu" and ctx > n and n >= SPLIT_MIN_TOKENS:
+            o = attend_masked(qs, kc[:ctx], vc[:ctx], _in_window(span.mask, span.positions, window), scale)
+        elif q.device.type == "cpu" and ctx > n and n >= SPLIT_MIN_TOKENS and window is None:
             o = prefill_after_history(qs, kc[:ctx - n], vc[:ctx - n], k[span.start:span.end],
                                        v[span.start:span.end], scale)
         else:
-            o = prefill_masked(qs, kc[:ctx], vc[:ctx], scale)
+            o = prefill_masked(qs, kc[:ctx], vc[:ctx], scale, window)
     return o.squeeze(0).transpose(0, 1)  # [n, heads, D]
 
 
-def prefill_masked(qs, k_ctx, v_ctx, scale: float) -> torch.Tensor:
+def prefill_masked(qs, k_ctx, v_ctx, scale: float, window: int | None = None) -> torch.Tensor:
     """qs [1, heads, n, D], the last n of the positions of k/v_ctx [ctx, kv_heads, D] -> [1, heads, n, D]."""
     n, ctx = qs.shape[2], k_ctx.shape[0]
-    # query i sits at position ctx - n + i and sees keys 0..ctx - n + i
-    qpos = torch.arange(ctx - n, ctx, device=qs.device)[:, None]
-    mask = torch.arange(ctx, device=qs.device)[None, :] <= qpos  # [n, ctx]
-    return attend_masked(qs, k_ctx, v_ctx, mask, scale)
+    # query i sits at position ctx - n + i and sees keys 0..ctx - n + i (the last `window` of them)
+    qpos = torch.arange(ctx - n, ctx, device=qs.device)
+    mask = torch.arange(ctx, device=qs.device)[None, :] <= qpos[:, None]  # [n, ctx]
+    return attend_masked(qs, k_ctx, v_ctx, _in_window(mask, qpos, window), scale)
+
+
+def _in_window(mask: torch.Tensor, positions: torch.Tensor | None, window: int | None) -> torch.Tensor:
+    """mask [n, ctx], with the keys at or before position - window hidden from each query (its
+    position in positions [n]; key j sits at position j)."""
+    if window is None:
+        return mask
+    keys = torch.arange(mask.shape[1], device=mask.device)
+    return mask & (keys[None, :] > positions.to(mask.device)[:, None] - window)
 
 
 def attend_masked(qs, k_ctx, v_ctx, mask: torch.Tensor, scale: float) -> torch.Tensor:

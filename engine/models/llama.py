@@ -55,9 +55,21 @@ def rope_tables(hf_config, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     return emb.cos() * scaling, emb.sin() * scaling
 
 
+def layer_windows(cfg, max_len: int) -> list[int | None]:
+    """Each layer's sliding window: Mistral and Mixtral window every layer, models with `layer_types`
+    (Qwen2/3 with use_sliding_window, Gemma) the "sliding_attention" ones. None where a layer sees every
+    earlier key, or where the window is no shorter than the context can grow."""
+    window = getattr(cfg, "sliding_window", None)
+    types = getattr(cfg, "layer_types", None) or ["sliding_attention"] * cfg.num_hidden_layers
+    if not window or window >= max_len:
+        return [None] * cfg.num_hidden_layers
+    return [window if t == "sliding_attention" else None for t in types]
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg, qkv_bias: bool, o_bias: bool) -> None:
+    def __init__(self, cfg, qkv_bias: bool, o_bias: bool, window: int | None = None) -> None:
         super().__init__()
+        self.window = window
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = head_dim(cfg)
@@ -78,7 +90,7 @@ class Attention(nn.Module):
         if self.qk_norm:
             qkv = self._norm_qk(qkv)
         q, k, v = self.ops.rope_qkv(qkv, cos, sin, self.num_heads, self.num_kv_heads, self.head_dim)
-        o = paged_attention(q, k, v, kv_cache, meta, self.scale)  # [T, heads, D]
+        o = paged_attention(q, k, v, kv_cache, meta, self.scale, self.window)  # [T, heads, D]
         return self.o_proj(o.reshape(x.shape[0], self.q_size))
 
     def _norm_qk(self, qkv: torch.Tensor) -> torch.Tensor:
@@ -115,10 +127,10 @@ def moe_of_layer(cfg, index: int) -> MoE | None:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg, index: int, qkv_bias: bool, o_bias: bool) -> None:
+    def __init__(self, cfg, index: int, qkv_bias: bool, o_bias: bool, window: int | None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, qkv_bias, o_bias)
+        self.self_attn = Attention(cfg, qkv_bias, o_bias, window)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = moe_of_layer(cfg, index) or MLP(cfg)
 
@@ -143,10 +155,12 @@ class LlamaForCausalLM(nn.Module):
         o_bias = bool(getattr(cfg, "attention_bias", False)) and cfg.model_type != "qwen2"
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, qkv_bias, o_bias) for i in range(cfg.num_hidden_layers))
-        # MoE steps are not captured in CUDA graphs: the per-expert path reads its counts on the host,
-        # and the grouped one has not been run under capture on a GPU yet
-        self.capturable = not any(isinstance(layer.mlp, MoE) for layer in self.layers)
+        windows = layer_windows(cfg, max_len)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, qkv_bias, o_bias, windows[i])
+                                    for i in range(cfg.num_hidden_layers))
+        # Steps of MoE layers and sliding windows are not captured in CUDA graphs: the per-expert
+        # path reads its counts on the host, and neither has been run under capture on a GPU yet
+        self.capturable = not any(isinstance(layer.mlp, MoE) for layer in self.layers) and not any(windows)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)

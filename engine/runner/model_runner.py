@@ -184,11 +184,15 @@ class ModelRunner:
             # a token's slot follows the one before; its position too, except in a draft tree
             slots += [s.block_ids[p // bs] * bs + p % bs for p in range(start, end)]
             tree = req.draft_tree
-            positions += range(start, end) if tree is None else [start] + [start + o for o in tree.offsets]
+            span_positions = range(start, end) if tree is None else [start] + [start + o for o in tree.offsets]
+            positions += span_positions
             if not self._is_decode(s):
                 table = None if start == 0 else torch.tensor(s.block_ids, device=self.device)
-                mask = None if tree is None else self._tree_mask(tree, start)
-                spans.append(PrefillSpan(offset, len(ids), end, table, mask))
+                if tree is None:
+                    spans.append(PrefillSpan(offset, len(ids), end, table))
+                else:
+                    spans.append(PrefillSpan(offset, len(ids), end, table, self._tree_mask(tree, start),
+                                             self._tensor(span_positions)))
             else:
                 decodes.append(s)
             if end >= req.num_tokens:  # the last token, and each draft after it (j: how far after)

@@ -1,16 +1,21 @@
 """Prefill attention over a cached history (a later chunk of a long prompt, or a prefix-cache hit),
-and spans under a mask of their own (a draft tree)."""
+spans under a mask of their own (a draft tree), and sliding windows in prefill and in every decode
+backend."""
 import pytest
 import torch
 
+from engine import platform
 from engine.layers.attention import (
+    DECODE_BACKENDS,
     SPLIT_MIN_TOKENS,
     PrefillSpan,
+    gather_kv,
     prefill_after_history,
     prefill_masked,
     prefill_span,
     write_kv,
 )
+from tests.conftest import random_decode_batch
 
 
 def reference(q, k_all, v_all, scale, visible=None):
@@ -85,3 +90,52 @@ def test_a_span_under_its_own_mask_matches_dense_attention(history, n):
     out = prefill_span(q, k_all[history:], v_all[history:], kv_cache, span, d ** -0.5)
     want = reference(q, k_all, v_all, d ** -0.5, visible=mask)
     assert (out.double() - want).abs().max() <= 4e-6
+
+
+def _windowed_dense(q, kv, tables, lens, scale, window):
+    """Each row's query against the last `window` keys of its context only, in float64, one row at a time."""
+    out = []
+    for b in range(q.shape[0]):
+        k, v = (gather_kv(kv, tables[b])[i][:lens[b]].double() for i in (0, 1))  # [ctx, kv_heads, D]
+        k, v = k[-window:], v[-window:]
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # [w, heads, D]
+        s = torch.einsum("hd,thd->ht", q[b].double(), k) * scale
+        out.append(torch.einsum("ht,thd->hd", s.softmax(-1), v))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+@pytest.mark.parametrize("window", [1, 5, 16, 37, 1000])
+def test_decode_under_a_sliding_window_sees_only_the_last_keys(backend, window):
+    if backend == "cpp" and not platform.cpp_kernels_available():
+        pytest.skip("the C++ kernel cannot be built here")
+    if backend == "triton" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    device = "cuda" if backend == "triton" else "cpu"
+    q, kv, tables, lens = random_decode_batch(6, 8, 2, 64, 16, torch.float32, device, 200)
+    lens[0] = 1  # a lone key; and a context of whole blocks, the window's first key on a block edge
+    lens[1] = 64
+    scale = 0.125
+    decoder = DECODE_BACKENDS[backend]
+    inputs = decoder.prepare(tables.long(), lens.long(), 16).window(window)
+    out = decoder.decode(q, kv, inputs, scale)
+    want = _windowed_dense(q, kv, tables, lens, scale, window)
+    assert ((out.double() - want).norm() / want.norm()).item() < 1e-5
+
+
+@pytest.mark.parametrize("history,n,window", [(0, 40, 7), (30, 20, 16), (100, 1, 16), (5, 600, 100), (3, 9, 64)])
+def test_prefill_under_a_sliding_window_sees_only_the_last_keys(history, n, window):
+    torch.manual_seed(history + n)
+    ctx, bs = history + n, 16
+    kv = torch.zeros(2, ctx // bs + 1, bs, 2, 32)
+    k, v = torch.randn(ctx, 2, 32), torch.randn(ctx, 2, 32)
+    write_kv(kv, k, v, torch.arange(ctx))
+    q = torch.randn(n, 8, 32)
+    table = None if history == 0 else torch.arange(ctx // bs + 1)
+    span = PrefillSpan(0, n, ctx, table)
+    got = prefill_span(q, k[history:], v[history:], kv, span, 0.2, window)
+    pos = torch.arange(history, ctx)[:, None]
+    keys = torch.arange(ctx)[None, :]
+    want = reference(q, k, v, 0.2, (keys <= pos) & (keys > pos - window))
+    assert ((got.double() - want).norm() / want.norm()).item() < 1e-5

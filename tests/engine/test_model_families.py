@@ -1,6 +1,7 @@
-"""The model families beyond Llama (Qwen3, Qwen3-MoE, Mixtral): tiny random checkpoints built from
-their transformers configs, greedy token for token with transformers and logprobs within 1e-4, in one
-batch, staggered, under preemption, on the fast CPU paths and the reference ones."""
+"""The model families beyond Llama (Qwen3, Qwen3-MoE, Mixtral) and sliding windows (Mistral's on every
+layer, Qwen2's on some): tiny random checkpoints built from their transformers configs, greedy token
+for token with transformers and logprobs within 1e-4, with prompts longer than the windows, in one
+batch and staggered under preemption, on the fast CPU paths and the reference ones."""
 from __future__ import annotations
 
 import pytest
@@ -24,7 +25,10 @@ FAMILIES = {
     "qwen3_moe-renormalised": ("qwen3_moe", dict(num_experts=6, num_experts_per_tok=3, moe_intermediate_size=32,
                                                  norm_topk_prob=True)),
     "mixtral": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False)),
+    "mistral-window": ("mistral", dict(sliding_window=16, tie_word_embeddings=False)),  # every layer
+    "qwen2-window": ("qwen2", dict(use_sliding_window=True, sliding_window=12, max_window_layers=1)),  # layer 1
 }
+MOE = ("qwen3_moe", "mixtral")
 PROMPTS = [[5, 17, 300, 4000, 22], list(range(100, 160)), [9], list(range(2000, 2130, 3)) * 3]
 REFERENCE_PATH = dict(enforce_eager=True, linear_backend="torch", attention_backend="torch")
 
@@ -35,7 +39,11 @@ def family(request, tmp_path_factory, smollm2_tokenizer):
     kind, extra = FAMILIES[request.param]
     path = tmp_path_factory.mktemp(request.param)
     hf = make_tiny(path, smollm2_tokenizer, kind, extra)
-    return path, hf, [hf_greedy(hf, p, MAX_NEW) for p in PROMPTS]
+    want = [hf_greedy(hf, p, MAX_NEW) for p in PROMPTS]
+    if extra.get("sliding_window"):  # the window changes what transformers gives: it is tested
+        full = make_tiny(tmp_path_factory.mktemp("full"), smollm2_tokenizer, kind, {**extra, "sliding_window": None})
+        assert [hf_greedy(full, p, MAX_NEW) for p in PROMPTS] != want
+    return path, hf, want
 
 
 @pytest.mark.parametrize("path_kind", ["fast", "reference"])
@@ -43,7 +51,7 @@ def test_one_batch_matches_hf_with_logprobs(family, path_kind):
     path, hf, want = family
     llm = LLM(str(path), num_kv_blocks=128, block_size=8, **(REFERENCE_PATH if path_kind == "reference" else {}))
     moes = [m for m in llm.engine.runner.model.modules() if isinstance(m, MoE)]
-    assert bool(moes) == (hf.config.model_type != "qwen3")
+    assert bool(moes) == (hf.config.model_type in MOE)
     for m in moes:  # the fast path multiplies every expert in one grouped matmul, the reference one by one
         assert m.grouped_mm == platform.grouped_mm_available("cpu", torch.float32)
         m.grouped_mm = m.grouped_mm and path_kind == "fast"
@@ -62,14 +70,7 @@ def test_one_batch_matches_hf_with_logprobs(family, path_kind):
     assert llm.engine.kv.pool.num_free == llm.engine.num_kv_blocks
 
 
-def test_staggered_arrivals_match_hf(family):
-    path, _, want = family
-    engine = LLMEngine(EngineConfig(model=str(path), num_kv_blocks=128, block_size=8))
-    done = _run_staggered(engine, PROMPTS, GREEDY, every=3)
-    _assert_same([done[str(i)][0] for i in range(len(PROMPTS))], want)
-
-
-def test_preemption_and_chunked_prefill_match_hf(family):
+def test_staggered_preempted_and_chunked_match_hf(family):
     path, _, want = family
     # 24 blocks of 8 tokens hold one long sequence (148 tokens) and little else; 32-token chunks split prompts
     engine = LLMEngine(EngineConfig(model=str(path), num_kv_blocks=24, block_size=8, max_num_batched_tokens=32,
