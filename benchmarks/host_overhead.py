@@ -64,12 +64,12 @@ def attend_first_block_only() -> None:
     from engine.layers.attention import DECODE_BACKENDS
 
     for backend in DECODE_BACKENDS.values():
-        def decode(q, kv_cache, inputs, scale, full=backend.decode):
+        def decode(q, kv_cache, inputs, scale, softcap=None, full=backend.decode):
             first = dataclasses.replace(
                 inputs, block_tables=inputs.block_tables[:, :1].contiguous(),
                 context_lens=None if inputs.context_lens is None else inputs.context_lens.clamp(max=1),
                 key_mask=None if inputs.key_mask is None else inputs.key_mask[..., :1].contiguous())
-            return full(q, kv_cache, first, scale)
+            return full(q, kv_cache, first, scale, softcap)
 
         backend.decode = decode
 

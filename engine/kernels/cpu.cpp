@@ -114,7 +114,7 @@ constexpr int64_t kMinSplitBlocks = 8;
 template <typename T, int kHeadDim>
 void decode(const T* q, const T* k_cache, const T* v_cache, const int64_t* block_tables,
             const int64_t* context_lens, const int64_t* skips, T* out, int64_t batch, int64_t heads,
-            int64_t kv_heads, int64_t head_dim_arg, int64_t block_size, int64_t width, float scale) {
+            int64_t kv_heads, int64_t head_dim_arg, int64_t block_size, int64_t width, float scale, float softcap) {
   const int64_t head_dim = kHeadDim ? kHeadDim : head_dim_arg;
   const int64_t group = heads / kv_heads, token_stride = kv_heads * head_dim, block_stride = block_size * token_stride;
   const int64_t row_bytes = token_stride * sizeof(T);
@@ -193,6 +193,8 @@ void decode(const T* q, const T* k_cache, const T* v_cache, const int64_t* block
       const int64_t skip = skips != nullptr && first == 0 ? skips[b] : 0;
       for (int64_t h = 0; h < heads; ++h) {  // softmax numerators in place
         float* s = scores.data() + h * n;
+        if (softcap > 0.f)  // Gemma 2's soft cap on the scaled scores: cap * tanh(s / cap)
+          for (int64_t t = skip; t < n; ++t) s[t] = softcap * std::tanh(s[t] / softcap);
         const float top = max[h] = *std::max_element(s + skip, s + n);
         float total = 0.f;  // a local, not sum[h]: the compiler cannot tell sum from s, and would not vectorise
         std::fill(s, s + skip, 0.f);
@@ -241,10 +243,11 @@ void decode(const T* q, const T* k_cache, const T* v_cache, const int64_t* block
 }
 
 // q [B, heads, D]; k_cache, v_cache [num_blocks, block_size, kv_heads, D]; block_tables [B, width]
-// int64; context_lens [B] int64, each in 1..width * block_size -> out [B, heads, D].
+// int64; context_lens [B] int64, each in 1..width * block_size; skip [B] int64 or none; softcap: 0
+// or the cap of the scaled scores -> out [B, heads, D].
 at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                         const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
-                        const c10::optional<at::Tensor>& skip) {
+                        const c10::optional<at::Tensor>& skip, double softcap) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(), "paged_decode: bad ranks");
   TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous() &&
                   block_tables.is_contiguous() && context_lens.is_contiguous(),
@@ -282,7 +285,8 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
                    : head_dim == 128 ? decode<scalar_t, 128>
                                      : decode<scalar_t, 0>;
     kernel(q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(), tables, lens, skips,
-           out.data_ptr<scalar_t>(), batch, heads, kv_heads, head_dim, block_size, width, static_cast<float>(scale));
+           out.data_ptr<scalar_t>(), batch, heads, kv_heads, head_dim, block_size, width, static_cast<float>(scale),
+           static_cast<float>(softcap));
   });
   return out;
 }
@@ -649,7 +653,7 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
 
 TORCH_LIBRARY(kvserve, m) {
   m.def("paged_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor context_lens, "
-        "float scale, Tensor? skip) -> Tensor");
+        "float scale, Tensor? skip, float softcap=0.0) -> Tensor");
   m.def("skinny_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("gguf_linear(Tensor x, Tensor q, Tensor scales, int n_out, Tensor? bias) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");

@@ -96,12 +96,13 @@ def load() -> None:
 
 
 def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
-                 scale: float, skip: torch.Tensor | None = None) -> torch.Tensor:
+                 scale: float, skip: torch.Tensor | None = None, softcap: float | None = None) -> torch.Tensor:
     """q [B, heads, D]; kv_cache [2, num_blocks, block_size, kv_heads, D]; block_tables [B, width] and
     context_lens [B] int64; skip [B] int64: keys at the start of each row's first block not to attend
-    to (a sliding window's, engine/layers/attention.py) -> out [B, heads, D]."""
+    to (a sliding window's, engine/layers/attention.py); softcap: scaled scores s become
+    softcap * tanh(s / softcap) (Gemma 2) -> out [B, heads, D]."""
     return torch.ops.kvserve.paged_decode(q.contiguous(), kv_cache[0], kv_cache[1], block_tables, context_lens,
-                                          scale, skip)
+                                          scale, skip, softcap or 0.0)
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

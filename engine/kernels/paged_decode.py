@@ -15,11 +15,12 @@ import triton.language as tl
 
 
 @triton.jit
-def _paged_decode_kernel(q_ptr, kv_ptr, out_ptr, tables_ptr, lens_ptr, skip_ptr, scale,
+def _paged_decode_kernel(q_ptr, kv_ptr, out_ptr, tables_ptr, lens_ptr, skip_ptr, scale, softcap,
                          stride_q_seq, stride_q_head, stride_kv_kind, stride_kv_block, stride_kv_slot,
                          stride_kv_head, stride_table, stride_out_seq, stride_out_head,
                          GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                         HEAD_DIM: tl.constexpr, IEEE: tl.constexpr, HAS_SKIP: tl.constexpr):
+                         HEAD_DIM: tl.constexpr, IEEE: tl.constexpr, HAS_SKIP: tl.constexpr,
+                         HAS_SOFTCAP: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     ctx = tl.load(lens_ptr + seq)
@@ -48,7 +49,10 @@ def _paged_decode_kernel(q_ptr, kv_ptr, out_ptr, tables_ptr, lens_ptr, skip_ptr,
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             s = tl.dot(q, tl.trans(k))
-        s = tl.where(in_ctx[None, :], s * scale, float("-inf"))  # [GROUP_PAD, BLOCK_SIZE]
+        s = s * scale
+        if HAS_SOFTCAP:  # Gemma 2: softcap * tanh(s / softcap), tanh(x) as 2 sigmoid(2x) - 1
+            s = softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)
+        s = tl.where(in_ctx[None, :], s, float("-inf"))  # [GROUP_PAD, BLOCK_SIZE]
         m_new = tl.maximum(m, tl.max(s, axis=1))
         p = tl.exp(s - m_new[:, None])
         alpha = tl.exp(m - m_new)
@@ -73,17 +77,19 @@ def supports(num_heads: int, num_kv_heads: int, head_dim: int, block_size: int) 
 
 
 def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
-                 scale: float, skip: torch.Tensor | None = None) -> torch.Tensor:
+                 scale: float, skip: torch.Tensor | None = None, softcap: float | None = None) -> torch.Tensor:
     """q [B, heads, D]; block_tables [B, max_blocks] int; context_lens [B] int32 (>= 1); skip [B] int32:
-    keys at the start of each row's first block not to attend to (a sliding window's) -> out [B, heads, D]."""
+    keys at the start of each row's first block not to attend to (a sliding window's); softcap: the
+    cap of the scaled scores (Gemma 2) -> out [B, heads, D]."""
     batch, num_heads, head_dim = q.shape
     _, _, block_size, kv_heads, _ = kv_cache.shape
     group = num_heads // kv_heads
     out = torch.empty_like(q)
     _paged_decode_kernel[(batch, kv_heads)](
-        q, kv_cache, out, block_tables, context_lens, context_lens if skip is None else skip, scale,
+        q, kv_cache, out, block_tables, context_lens, context_lens if skip is None else skip, scale, softcap or 0.0,
         q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), 16), BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
-        IEEE=kv_cache.dtype == torch.float32, HAS_SKIP=skip is not None, num_warps=4)
+        IEEE=kv_cache.dtype == torch.float32, HAS_SKIP=skip is not None,
+        HAS_SOFTCAP=bool(softcap), num_warps=4)
     return out

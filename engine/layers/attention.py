@@ -5,7 +5,10 @@ KV cache of one layer: [2, num_blocks, block_size, num_kv_heads, head_dim]; toke
 The batch's tokens are laid out prefills first, then one token per decoding sequence.
 
 A layer with a sliding window W (Mistral, the local layers of Gemma, Qwen's windowed layers) lets
-the query at position i see the keys at positions i - W + 1 .. i only, as transformers does.
+the query at position i see the keys at positions i - W + 1 .. i only, as transformers does. A layer
+with a soft cap C (Gemma 2) squashes each scaled score s to C * tanh(s / C) before the softmax;
+SDPA has no such step, so those layers attend through attend_explicit (the arithmetic of
+transformers' eager attention) and the kernels apply the cap themselves.
 """
 from __future__ import annotations
 
@@ -85,24 +88,26 @@ def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor) -> tuple[torch.
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float, window: int | None = None) -> torch.Tensor:
+                    meta: AttentionMetadata, scale: float, window: int | None = None,
+                    softcap: float | None = None) -> torch.Tensor:
     """q [T, heads, D], k/v [T, kv_heads, D] of the new tokens -> out [T, heads, D]. window: the
-    layer's sliding window (None: every earlier key)."""
+    layer's sliding window (None: every earlier key); softcap: its scores' soft cap (None: none)."""
     write_kv(kv_cache, k, v, meta.slot_mapping)
     out = torch.empty_like(q)
     for span in meta.prefills:
-        out[span.start:span.end] = prefill_span(q, k, v, kv_cache, span, scale, window)
+        out[span.start:span.end] = prefill_span(q, k, v, kv_cache, span, scale, window, softcap)
     if meta.decode is not None:
         p = meta.num_prefill_tokens
         inputs = meta.decode.window(window)
-        out[p:] = inputs.backend.decode(q[p:], kv_cache, inputs, scale)
+        out[p:] = inputs.backend.decode(q[p:], kv_cache, inputs, scale, softcap)
     return out
 
 
 # --- decode backends: one new token per sequence against its cached context ----------------------
 class DecodeBackend:
     """A way to run decode attention. `prepare` turns the step's block tables and context lengths
-    into the inputs this backend reads; `decode` runs one layer: q [B, heads, D] -> [B, heads, D]."""
+    into the inputs this backend reads; `decode` runs one layer: q [B, heads, D] -> [B, heads, D],
+    its scaled scores soft-capped where softcap is given."""
 
     name: str
 
@@ -110,7 +115,8 @@ class DecodeBackend:
         """block_tables [B, width] int64, context_lens [B] int64."""
         raise NotImplementedError
 
-    def decode(self, q: torch.Tensor, kv_cache: torch.Tensor, inputs: DecodeInputs, scale: float) -> torch.Tensor:
+    def decode(self, q: torch.Tensor, kv_cache: torch.Tensor, inputs: DecodeInputs, scale: float,
+               softcap: float | None = None) -> torch.Tensor:
         raise NotImplementedError
 
     def windowed(self, inputs: DecodeInputs, window: int) -> DecodeInputs:
@@ -143,8 +149,9 @@ class ReferenceDecode(DecodeBackend):
         return DecodeInputs(self, inputs.block_tables, context_lens=inputs.context_lens,
                             key_mask=inputs.key_mask & seen[:, None, None, :], block_size=inputs.block_size)
 
-    def decode(self, q: torch.Tensor, kv_cache: torch.Tensor, inputs: DecodeInputs, scale: float) -> torch.Tensor:
-        return decode_reference(q, kv_cache, inputs.block_tables, inputs.key_mask, scale)
+    def decode(self, q: torch.Tensor, kv_cache: torch.Tensor, inputs: DecodeInputs, scale: float,
+               softcap: float | None = None) -> torch.Tensor:
+        return decode_reference(q, kv_cache, inputs.block_tables, inputs.key_mask, scale, softcap)
 
 
 class CppDecode(DecodeBackend):
@@ -155,8 +162,9 @@ class CppDecode(DecodeBackend):
     def prepare(self, block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int) -> DecodeInputs:
         return DecodeInputs(self, block_tables, context_lens=context_lens, block_size=block_size)
 
-    def decode(self, q: torch.Tensor, kv_cache: torch.Tensor, inputs: DecodeInputs, scale: float) -> torch.Tensor:
-        return cpu.paged_decode(q, kv_cache, inputs.block_tables, inputs.context_lens, scale, inputs.skip)
+    def decode(self, q: torch.Tensor, kv_cache: torch.Tensor, inputs: DecodeInputs, scale: float,
+               softcap: float | None = None) -> torch.Tensor:
+        return cpu.paged_decode(q, kv_cache, inputs.block_tables, inputs.context_lens, scale, inputs.skip, softcap)
 
 
 class TritonDecode(DecodeBackend):
@@ -167,46 +175,49 @@ class TritonDecode(DecodeBackend):
     def prepare(self, block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int) -> DecodeInputs:
         return DecodeInputs(self, block_tables, context_lens=context_lens.to(torch.int32), block_size=block_size)
 
-    def decode(self, q: torch.Tensor, kv_cache: torch.Tensor, inputs: DecodeInputs, scale: float) -> torch.Tensor:
+    def decode(self, q: torch.Tensor, kv_cache: torch.Tensor, inputs: DecodeInputs, scale: float,
+               softcap: float | None = None) -> torch.Tensor:
         from engine.kernels.paged_decode import paged_decode  # needs the triton package
 
-        return paged_decode(q, kv_cache, inputs.block_tables, inputs.context_lens, scale, inputs.skip)
+        return paged_decode(q, kv_cache, inputs.block_tables, inputs.context_lens, scale, inputs.skip, softcap)
 
 
 DECODE_BACKENDS: dict[str, DecodeBackend] = {b.name: b for b in (ReferenceDecode(), CppDecode(), TritonDecode())}
 
 
-def prefill_span(q, k, v, kv_cache, span: PrefillSpan, scale: float, window: int | None = None) -> torch.Tensor:
+def prefill_span(q, k, v, kv_cache, span: PrefillSpan, scale: float, window: int | None = None,
+                 softcap: float | None = None) -> torch.Tensor:
     n, ctx = span.end - span.start, span.context_len
     if window is not None and ctx <= window:
         window = None  # every key is in the window
     qs = q[span.start:span.end].transpose(0, 1).unsqueeze(0)  # [1, heads, n, D]
     if span.block_table is None:  # nothing earlier in the cache: attend to the span itself
         kc, vc = k[span.start:span.end], v[span.start:span.end]  # [n, kv_heads, D]
-        if window is None:
+        if window is None and softcap is None:
             o = F.scaled_dot_product_attention(qs, kc.transpose(0, 1).unsqueeze(0), vc.transpose(0, 1).unsqueeze(0),
                                                is_causal=True, scale=scale, enable_gqa=True)
         else:
-            o = prefill_masked(qs, kc, vc, scale, window)
+            o = prefill_masked(qs, kc, vc, scale, window, softcap)
     else:
         kc, vc = gather_kv(kv_cache, span.block_table)  # [nb * block_size, kv_heads, D]
         if span.mask is not None:
-            o = attend_masked(qs, kc[:ctx], vc[:ctx], _in_window(span.mask, span.positions, window), scale)
-        elif q.device.type == "cpu" and ctx > n and n >= SPLIT_MIN_TOKENS and window is None:
+            o = attend_masked(qs, kc[:ctx], vc[:ctx], _in_window(span.mask, span.positions, window), scale, softcap)
+        elif q.device.type == "cpu" and ctx > n and n >= SPLIT_MIN_TOKENS and window is None and softcap is None:
             o = prefill_after_history(qs, kc[:ctx - n], vc[:ctx - n], k[span.start:span.end],
                                        v[span.start:span.end], scale)
         else:
-            o = prefill_masked(qs, kc[:ctx], vc[:ctx], scale, window)
+            o = prefill_masked(qs, kc[:ctx], vc[:ctx], scale, window, softcap)
     return o.squeeze(0).transpose(0, 1)  # [n, heads, D]
 
 
-def prefill_masked(qs, k_ctx, v_ctx, scale: float, window: int | None = None) -> torch.Tensor:
+def prefill_masked(qs, k_ctx, v_ctx, scale: float, window: int | None = None,
+                   softcap: float | None = None) -> torch.Tensor:
     """qs [1, heads, n, D], the last n of the positions of k/v_ctx [ctx, kv_heads, D] -> [1, heads, n, D]."""
     n, ctx = qs.shape[2], k_ctx.shape[0]
     # query i sits at position ctx - n + i and sees keys 0..ctx - n + i (the last `window` of them)
     qpos = torch.arange(ctx - n, ctx, device=qs.device)
     mask = torch.arange(ctx, device=qs.device)[None, :] <= qpos[:, None]  # [n, ctx]
-    return attend_masked(qs, k_ctx, v_ctx, _in_window(mask, qpos, window), scale)
+    return attend_masked(qs, k_ctx, v_ctx, _in_window(mask, qpos, window), scale, softcap)
 
 
 def _in_window(mask: torch.Tensor, positions: torch.Tensor | None, window: int | None) -> torch.Tensor:
@@ -218,11 +229,30 @@ def _in_window(mask: torch.Tensor, positions: torch.Tensor | None, window: int |
     return mask & (keys[None, :] > positions.to(mask.device)[:, None] - window)
 
 
-def attend_masked(qs, k_ctx, v_ctx, mask: torch.Tensor, scale: float) -> torch.Tensor:
+def attend_masked(qs, k_ctx, v_ctx, mask: torch.Tensor, scale: float, softcap: float | None = None) -> torch.Tensor:
     """qs [1, heads, n, D] over k/v_ctx [ctx, kv_heads, D] where mask [n, ctx] is True -> [1, heads, n, D]."""
     ks = k_ctx.transpose(0, 1).unsqueeze(0)  # [1, kv_heads, ctx, D]
     vs = v_ctx.transpose(0, 1).unsqueeze(0)
-    return F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
+    return attend(qs, ks, vs, mask, scale, softcap)
+
+
+def attend(qs, ks, vs, mask: torch.Tensor, scale: float, softcap: float | None) -> torch.Tensor:
+    """SDPA, or attend_explicit where the scores are soft-capped."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
+    return attend_explicit(qs, ks, vs, mask, scale, softcap)
+
+
+def attend_explicit(qs, ks, vs, mask: torch.Tensor, scale: float, softcap: float) -> torch.Tensor:
+    """qs [..., heads, n, D] over ks/vs [..., kv_heads, L, D] where mask (broadcast to [..., heads, n, L])
+    is True, the scaled scores soft-capped -> [..., heads, n, D]. The steps and dtypes of transformers'
+    eager attention: products in the model dtype, the softmax in float32."""
+    group = qs.shape[-3] // ks.shape[-3]
+    ks, vs = ks.repeat_interleave(group, dim=-3), vs.repeat_interleave(group, dim=-3)
+    s = torch.matmul(qs, ks.transpose(-1, -2)) * scale  # [..., heads, n, L]
+    s = torch.tanh(s / softcap) * softcap
+    s = s.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(s, dim=-1, dtype=torch.float32).to(qs.dtype), vs)
 
 
 def prefill_after_history(qs, k_hist, v_hist, k_new, v_new, scale: float) -> torch.Tensor:
@@ -262,11 +292,10 @@ def _heads_first(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(0, 1).unsqueeze(0).float()
 
 
-def decode_reference(q, kv_cache, block_tables, key_mask, scale: float) -> torch.Tensor:
+def decode_reference(q, kv_cache, block_tables, key_mask, scale: float, softcap: float | None = None) -> torch.Tensor:
     """The reference decode: one new token per sequence, attending to its context (key_mask) through
     a gathered copy of its blocks. q [B, heads, D] -> [B, heads, D]."""
     kc, vc = gather_kv(kv_cache, block_tables)  # [B, L, kv_heads, D]
     qs = q.unsqueeze(2)  # [B, heads, 1, D]
-    o = F.scaled_dot_product_attention(qs, kc.transpose(1, 2), vc.transpose(1, 2), attn_mask=key_mask,
-                                       scale=scale, enable_gqa=True)
+    o = attend(qs, kc.transpose(1, 2), vc.transpose(1, 2), key_mask, scale, softcap)
     return o.squeeze(2)  # [B, heads, D]

@@ -1,6 +1,6 @@
 """Prefill attention over a cached history (a later chunk of a long prompt, or a prefix-cache hit),
-spans under a mask of their own (a draft tree), and sliding windows in prefill and in every decode
-backend."""
+spans under a mask of their own (a draft tree), and sliding windows and soft-capped scores (Gemma 2)
+in prefill and in every decode backend."""
 import pytest
 import torch
 
@@ -18,14 +18,16 @@ from engine.layers.attention import (
 from tests.conftest import random_decode_batch
 
 
-def reference(q, k_all, v_all, scale, visible=None):
+def reference(q, k_all, v_all, scale, visible=None, softcap=None):
     """q [n, heads, D] at the last n of ctx positions; k/v_all [ctx, kv_heads, D]; float64 math.
-    visible [n, ctx] bool: the keys each query sees (default: causal)."""
+    visible [n, ctx] bool: the keys each query sees (default: causal); softcap: scores capped so."""
     n, heads, _ = q.shape
     ctx, kv_heads, _ = k_all.shape
     k = k_all.double().repeat_interleave(heads // kv_heads, dim=1)  # [ctx, heads, D]
     v = v_all.double().repeat_interleave(heads // kv_heads, dim=1)
     scores = torch.einsum("nhd,chd->hnc", q.double(), k) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     if visible is None:
         visible = torch.arange(ctx)[None, :] <= torch.arange(ctx - n, ctx)[:, None]  # [n, ctx]
     p = scores.masked_fill(~visible, float("-inf")).softmax(-1)
@@ -92,7 +94,7 @@ def test_a_span_under_its_own_mask_matches_dense_attention(history, n):
     assert (out.double() - want).abs().max() <= 4e-6
 
 
-def _windowed_dense(q, kv, tables, lens, scale, window):
+def _windowed_dense(q, kv, tables, lens, scale, window, softcap=None):
     """Each row's query against the last `window` keys of its context only, in float64, one row at a time."""
     out = []
     for b in range(q.shape[0]):
@@ -101,13 +103,15 @@ def _windowed_dense(q, kv, tables, lens, scale, window):
         group = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # [w, heads, D]
         s = torch.einsum("hd,thd->ht", q[b].double(), k) * scale
+        if softcap is not None:
+            s = softcap * torch.tanh(s / softcap)
         out.append(torch.einsum("ht,thd->hd", s.softmax(-1), v))
     return torch.stack(out)
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
-@pytest.mark.parametrize("window", [1, 5, 16, 37, 1000])
-def test_decode_under_a_sliding_window_sees_only_the_last_keys(backend, window):
+@pytest.mark.parametrize("window,softcap", [(1, None), (5, None), (16, None), (37, 2.0), (1000, None), (1000, 2.0)])
+def test_decode_under_a_sliding_window_sees_only_the_last_keys(backend, window, softcap):
     if backend == "cpp" and not platform.cpp_kernels_available():
         pytest.skip("the C++ kernel cannot be built here")
     if backend == "triton" and not torch.cuda.is_available():
@@ -119,23 +123,28 @@ def test_decode_under_a_sliding_window_sees_only_the_last_keys(backend, window):
     scale = 0.125
     decoder = DECODE_BACKENDS[backend]
     inputs = decoder.prepare(tables.long(), lens.long(), 16).window(window)
-    out = decoder.decode(q, kv, inputs, scale)
-    want = _windowed_dense(q, kv, tables, lens, scale, window)
+    q = q * 8  # scores well past the cap, where capping changes the weights
+    out = decoder.decode(q, kv, inputs, scale, softcap)
+    want = _windowed_dense(q, kv, tables, lens, scale, window, softcap)
+    if softcap is not None:
+        assert (want - _windowed_dense(q, kv, tables, lens, scale, window)).abs().max() > 0.1
     assert ((out.double() - want).norm() / want.norm()).item() < 1e-5
 
 
-@pytest.mark.parametrize("history,n,window", [(0, 40, 7), (30, 20, 16), (100, 1, 16), (5, 600, 100), (3, 9, 64)])
-def test_prefill_under_a_sliding_window_sees_only_the_last_keys(history, n, window):
+@pytest.mark.parametrize("history,n,window,softcap", [(0, 40, 7, None), (30, 20, 16, None), (100, 1, 16, None),
+                                                      (5, 600, 100, None), (3, 9, 64, None), (0, 40, 7, 1.5),
+                                                      (0, 40, None, 1.5), (30, 20, 16, 1.5), (5, 600, None, 1.5)])
+def test_prefill_under_a_sliding_window_sees_only_the_last_keys(history, n, window, softcap):
     torch.manual_seed(history + n)
     ctx, bs = history + n, 16
     kv = torch.zeros(2, ctx // bs + 1, bs, 2, 32)
     k, v = torch.randn(ctx, 2, 32), torch.randn(ctx, 2, 32)
     write_kv(kv, k, v, torch.arange(ctx))
-    q = torch.randn(n, 8, 32)
+    q = torch.randn(n, 8, 32) * 3
     table = None if history == 0 else torch.arange(ctx // bs + 1)
     span = PrefillSpan(0, n, ctx, table)
-    got = prefill_span(q, k[history:], v[history:], kv, span, 0.2, window)
+    got = prefill_span(q, k[history:], v[history:], kv, span, 0.2, window, softcap)
     pos = torch.arange(history, ctx)[:, None]
     keys = torch.arange(ctx)[None, :]
-    want = reference(q, k, v, 0.2, (keys <= pos) & (keys > pos - window))
+    want = reference(q, k, v, 0.2, (keys <= pos) & (keys > pos - (window or ctx)), softcap)
     assert ((got.double() - want).norm() / want.norm()).item() < 1e-5
