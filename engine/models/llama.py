@@ -36,11 +36,14 @@ def head_dim(hf_config) -> int:
     return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
 
 
-def rope_tables(hf_config, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [max_len, head_dim] float32, computed as transformers' rotary embedding does."""
+def rope_tables(hf_config, max_len: int, layer_type: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [max_len, head_dim] float32, computed as transformers' rotary embedding does.
+    layer_type: for configs with RoPE parameters per kind of layer (Gemma 3), that kind's."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     params = getattr(hf_config, "rope_parameters", None) or {}
+    if layer_type is not None:
+        params = params[layer_type]
     rope_type = params.get("rope_type", "default")
     if rope_type == "dynamic":
         raise ValueError("rope_type 'dynamic' is not supported (its frequencies depend on the sequence length)")
@@ -49,7 +52,8 @@ def rope_tables(hf_config, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         inv_freq = 1.0 / (params["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
         scaling = 1.0
     else:
-        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, "cpu")
+        kwargs = {} if layer_type is None else {"layer_type": layer_type}
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, "cpu", **kwargs)
     freqs = torch.arange(max_len, dtype=torch.float)[:, None] * inv_freq.float()[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos() * scaling, emb.sin() * scaling
@@ -67,30 +71,32 @@ def layer_windows(cfg, max_len: int) -> list[int | None]:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg, qkv_bias: bool, o_bias: bool, window: int | None = None) -> None:
+    def __init__(self, cfg, qkv_bias: bool, o_bias: bool, window: int | None = None, norm=RMSNorm) -> None:
         super().__init__()
         self.window = window
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = head_dim(cfg)
-        self.scale = self.head_dim ** -0.5
+        # Gemma: scores scaled by query_pre_attn_scalar^-1/2 rather than head_dim's, and soft-capped (2)
+        self.scale = (getattr(cfg, "query_pre_attn_scalar", None) or self.head_dim) ** -0.5
+        self.softcap = getattr(cfg, "attn_logit_softcapping", None)
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=o_bias)
         self.ops = EAGER_OPS
-        # Qwen3 variant: each head's q and k normalised over head_dim before RoPE
+        # Qwen3 and Gemma 3 variant: each head's q and k normalised over head_dim before RoPE
         self.qk_norm = cfg.model_type in QK_NORM_TYPES
         if self.qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+            self.q_norm = norm(self.head_dim, cfg.rms_norm_eps)
+            self.k_norm = norm(self.head_dim, cfg.rms_norm_eps)
 
     def forward(self, x, cos, sin, meta: AttentionMetadata, kv_cache: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv_proj(x)  # [T, (heads + 2 kv_heads) * D]
         if self.qk_norm:
             qkv = self._norm_qk(qkv)
         q, k, v = self.ops.rope_qkv(qkv, cos, sin, self.num_heads, self.num_kv_heads, self.head_dim)
-        o = paged_attention(q, k, v, kv_cache, meta, self.scale, self.window)  # [T, heads, D]
+        o = paged_attention(q, k, v, kv_cache, meta, self.scale, self.window, self.softcap)  # [T, heads, D]
         return self.o_proj(o.reshape(x.shape[0], self.q_size))
 
     def _norm_qk(self, qkv: torch.Tensor) -> torch.Tensor:
@@ -112,7 +118,7 @@ class MLP(nn.Module):
         return self.down_proj(self.ops.silu_mul(self.gate_up_proj(x)))
 
 
-QK_NORM_TYPES = ("qwen3", "qwen3_moe")
+QK_NORM_TYPES = ("qwen3", "qwen3_moe", "gemma3_text")
 
 
 def moe_of_layer(cfg, index: int) -> MoE | None:
@@ -149,23 +155,30 @@ _EXPERT = {"w1": ("w13", 0), "gate_proj": ("w13", 0), "w3": ("w13", 1), "up_proj
 
 
 class LlamaForCausalLM(nn.Module):
+    norm_class = RMSNorm
+
     def __init__(self, cfg, max_len: int) -> None:
         super().__init__()
-        qkv_bias = bool(getattr(cfg, "attention_bias", False)) or cfg.model_type == "qwen2"
-        o_bias = bool(getattr(cfg, "attention_bias", False)) and cfg.model_type != "qwen2"
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         windows = layer_windows(cfg, max_len)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, qkv_bias, o_bias, windows[i])
-                                    for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(self.make_layer(cfg, i, windows[i]) for i in range(cfg.num_hidden_layers))
         # Steps of MoE layers and sliding windows are not captured in CUDA graphs: the per-expert
         # path reads its counts on the host, and neither has been run under capture on a GPU yet
         self.capturable = not any(isinstance(layer.mlp, MoE) for layer in self.layers) and not any(windows)
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = self.norm_class(cfg.hidden_size, cfg.rms_norm_eps)
         self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if self.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self.register_rope(cfg, max_len)
+
+    def make_layer(self, cfg, index: int, window: int | None) -> nn.Module:
+        qkv_bias = bool(getattr(cfg, "attention_bias", False)) or cfg.model_type == "qwen2"
+        o_bias = bool(getattr(cfg, "attention_bias", False)) and cfg.model_type != "qwen2"
+        return DecoderLayer(cfg, index, qkv_bias, o_bias, window)
+
+    def register_rope(self, cfg, max_len: int) -> None:
         cos, sin = rope_tables(cfg, max_len)
         self.register_buffer("rope_cos", cos, persistent=False)  # [max_len, D] float32
         self.register_buffer("rope_sin", sin, persistent=False)

