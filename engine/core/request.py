@@ -63,6 +63,8 @@ class Request:
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: int | str | None = None  # the stop token id or string that ended it
     num_preemptions: int = 0
+    # longrope models (Phi-3): whether its cached KV was computed under the long factors
+    long_rope_kv: bool = False
     num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache at admission
     first_scheduled_time: float | None = None  # time.monotonic() stamps, for metrics
     last_token_time: float | None = None

@@ -50,8 +50,11 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 prefill_cap: int = 0) -> None:
+                 prefill_cap: int = 0, long_rope_from: int | None = None) -> None:
         self.kv = kv
+        # longrope (Phi-3): a sequence longer than this is rotated by the long factors throughout;
+        # one that grows past it while decoding is recomputed, as transformers drops its cache then
+        self.long_rope_from = long_rope_from
         self.prefill_cap = prefill_cap
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -144,11 +147,22 @@ class Scheduler:
     def _took(self, req: Request, n: int) -> None:
         if n - len(req.draft_token_ids) > 1:  # prompt tokens (drafts ride on a decode)
             self._prefill_left -= n
+        if self.long_rope_from is not None and req.num_tokens > self.long_rope_from:
+            req.long_rope_kv = True
+
+    def _crossed_long_rope(self, req: Request) -> bool:
+        """req's KV was computed under longrope's short factors, and it is now long."""
+        return (self.long_rope_from is not None and req.num_computed_tokens > 0 and not req.long_rope_kv
+                and req.num_tokens > self.long_rope_from)
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
+            if self._crossed_long_rope(req):
+                self._preempt(self.running.pop(i))
+                out.preempted.append(req)
+                continue
             n = self._chunk(req, budget)
             if n == 0:  # a prompt still prefilling, and this step's prefill tokens are spent
                 i += 1
@@ -225,6 +239,7 @@ class Scheduler:
             req.beam.forget(req.index)
         self.kv.free(req.seq_id)
         req.num_computed_tokens = 0
+        req.long_rope_kv = False
         req.clear_drafts()
         req.status = RequestStatus.WAITING
         req.num_preemptions += 1

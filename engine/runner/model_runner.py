@@ -39,6 +39,7 @@ class ModelRunnerOutput:
 class _Batch:
     input_ids: torch.Tensor  # [T] int64
     positions: torch.Tensor  # [T] int64
+    rope_rows: torch.Tensor  # [T] int64: each token's row of the target's RoPE tables (its position, but Phi-3's)
     meta: AttentionMetadata
     # (seq, index in the batch, draft offset j): the logits there pick the token after its last
     # token and its first j drafts (j = 0 without drafts)
@@ -147,9 +148,9 @@ class ModelRunner:
         meta = batch.meta
         if (self.graphs is not None and meta.num_prefill_tokens == 0
                 and self.graphs.can_run(len(batch.input_ids), meta.decode.block_tables.shape[1])):
-            hidden = self.graphs.run(batch.input_ids, batch.positions, meta)  # [T, hidden]
+            hidden = self.graphs.run(batch.input_ids, batch.rope_rows, meta)  # [T, hidden]
         else:
-            hidden = self.model(batch.input_ids, batch.positions, meta, self.kv_caches)  # [T, hidden]
+            hidden = self.model(batch.input_ids, batch.rope_rows, meta, self.kv_caches)  # [T, hidden]
         if self.mirror_draft:
             self.draft_model(batch.input_ids, batch.positions, meta, self.draft_kv_caches)
         for seq_id, start, offset, n in batch.hidden_rows:
@@ -171,6 +172,7 @@ class ModelRunner:
         seqs = sorted(sched.seqs, key=self._is_decode)
         ids: list[int] = []
         positions: list[int] = []
+        rope_rows: list[int] = []
         slots: list[int] = []
         spans: list[PrefillSpan] = []
         decodes: list[ScheduledSeq] = []
@@ -186,6 +188,7 @@ class ModelRunner:
             tree = req.draft_tree
             span_positions = range(start, end) if tree is None else [start] + [start + o for o in tree.offsets]
             positions += span_positions
+            rope_rows += self.model.rope_rows(span_positions, req.num_tokens)
             if not self._is_decode(s):
                 table = None if start == 0 else torch.tensor(s.block_ids, device=self.device)
                 if tree is None:
@@ -207,7 +210,10 @@ class ModelRunner:
             num_prefill_tokens=sum(sp.end - sp.start for sp in spans))
         if decodes:
             self._decode_metadata(decodes, meta)
-        return _Batch(self._tensor(ids), self._tensor(positions), meta, sample_rows, prompt_rows, hidden_rows)
+        rows = self._tensor(rope_rows) if rope_rows != positions else None
+        positions = self._tensor(positions)
+        return _Batch(self._tensor(ids), positions, positions if rows is None else rows, meta, sample_rows,
+                      prompt_rows, hidden_rows)
 
     @staticmethod
     def _is_decode(s: ScheduledSeq) -> bool:

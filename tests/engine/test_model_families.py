@@ -33,7 +33,14 @@ FAMILIES = {
                               final_logit_softcapping=8.0, tie_word_embeddings=False)),
     "gemma3": ("gemma3_text", dict(head_dim=16, sliding_window=12, query_pre_attn_scalar=24,
                                    layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=False)),
+    # longrope from position 64: the 60-token prompt crosses it while decoding, the 132-token one is past it
+    "phi3-longrope": ("phi3", dict(original_max_position_embeddings=64, rope_parameters=dict(
+        rope_type="longrope", rope_theta=10000.0, original_max_position_embeddings=64,
+        short_factor=[1.0 + i / 4 for i in range(8)], long_factor=[1.0 + i for i in range(8)]))),
 }
+# a change of config that must change transformers' output, for the features tested here
+UNLIKE = {"phi3-longrope": {"original_max_position_embeddings": 512, "rope_parameters": dict(
+    FAMILIES["phi3-longrope"][1]["rope_parameters"], original_max_position_embeddings=512)}}
 MOE = ("qwen3_moe", "mixtral")
 PROMPTS = [[5, 17, 300, 4000, 22], list(range(100, 160)), [9], list(range(2000, 2130, 3)) * 3]
 REFERENCE_PATH = dict(enforce_eager=True, linear_backend="torch", attention_backend="torch")
@@ -46,11 +53,13 @@ def family(request, tmp_path_factory, smollm2_tokenizer):
     path = tmp_path_factory.mktemp(request.param)
     hf = make_tiny(path, smollm2_tokenizer, kind, extra)
     want = [hf_greedy(hf, p, MAX_NEW) for p in PROMPTS]
+    unlike = UNLIKE.get(request.param)
     if extra.get("sliding_window"):  # the window changes what transformers gives: it is tested
         # (Gemma's configs need a window: every layer made global instead)
-        unwindowed = {"layer_types": ["full_attention"] * 2} if kind.startswith("gemma") else {"sliding_window": None}
-        full = make_tiny(tmp_path_factory.mktemp("full"), smollm2_tokenizer, kind, {**extra, **unwindowed})
-        assert [hf_greedy(full, p, MAX_NEW) for p in PROMPTS] != want
+        unlike = {"layer_types": ["full_attention"] * 2} if kind.startswith("gemma") else {"sliding_window": None}
+    if unlike is not None:
+        other = make_tiny(tmp_path_factory.mktemp("unlike"), smollm2_tokenizer, kind, {**extra, **unlike})
+        assert [hf_greedy(other, p, MAX_NEW) for p in PROMPTS] != want
     return path, hf, want
 
 
@@ -69,13 +78,26 @@ def test_one_batch_matches_hf_with_logprobs(family, path_kind):
     assert all(len(set(w)) > 3 for w in want)  # real continuations, not one repeated token
     for prompt, out in zip(PROMPTS, outs):
         full = prompt + out.outputs[0].token_ids
-        with torch.no_grad():
-            ref = hf(torch.tensor([full[:-1]])).logits[0].float().log_softmax(-1)  # [len - 1, V]
+        ref = _hf_log_softmax(hf, prompt, out.outputs[0].token_ids)
         scored = (out.prompt_logprobs or [None])[1:] + out.outputs[0].logprobs
         got = [lp.logprob for lp in scored]
         rows = torch.arange(len(full) - 1)
         assert (torch.tensor(got) - ref[rows, torch.tensor(full[1:])]).abs().max() < 1e-4
     assert llm.engine.kv.pool.num_free == llm.engine.num_kv_blocks
+
+
+def _hf_log_softmax(hf, prompt: list[int], generated: list[int]) -> torch.Tensor:
+    """[len(prompt) + len(generated) - 1, V]: transformers' log-softmax scoring each token after the
+    first: the prompt's from one forward over it, the generated ones' as generate() computed them
+    (not one forward over the whole text, which differs under longrope past its switch)."""
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        prompt_rows = hf(ids).logits[0, :-1]  # [len(prompt) - 1, V]
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=len(generated),
+                          min_new_tokens=len(generated), do_sample=False, output_logits=True,
+                          return_dict_in_generate=True, pad_token_id=hf.generation_config.eos_token_id)
+    assert out.sequences[0, len(prompt):].tolist() == generated
+    return torch.cat([prompt_rows, torch.cat(out.logits)]).float().log_softmax(-1)
 
 
 def test_staggered_preempted_and_chunked_match_hf(family):
@@ -86,3 +108,9 @@ def test_staggered_preempted_and_chunked_match_hf(family):
     done = _run_staggered(engine, PROMPTS * 2, GREEDY, every=1)
     assert engine.scheduler.num_preemptions > 0
     _assert_same([done[str(i)][0] for i in range(2 * len(PROMPTS))], want * 2)
+
+
+def test_rope_on_part_of_each_head_is_refused_by_name(tmp_path, smollm2_tokenizer):
+    make_tiny(tmp_path, smollm2_tokenizer, "phi3", dict(partial_rotary_factor=0.5))
+    with pytest.raises(ValueError, match="partial_rotary_factor"):
+        LLM(str(tmp_path), num_kv_blocks=16)
