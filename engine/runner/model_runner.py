@@ -188,7 +188,8 @@ class ModelRunner:
             tree = req.draft_tree
             span_positions = range(start, end) if tree is None else [start] + [start + o for o in tree.offsets]
             positions += span_positions
-            rope_rows += self.model.rope_rows(span_positions, req.num_tokens)
+            if self.model.long_rope_from is not None:  # else a token's row is its position
+                rope_rows += self.model.rope_rows(span_positions, req.num_tokens)
             if not self._is_decode(s):
                 table = None if start == 0 else torch.tensor(s.block_ids, device=self.device)
                 if tree is None:
@@ -210,10 +211,9 @@ class ModelRunner:
             num_prefill_tokens=sum(sp.end - sp.start for sp in spans))
         if decodes:
             self._decode_metadata(decodes, meta)
-        rows = self._tensor(rope_rows) if rope_rows != positions else None
         positions = self._tensor(positions)
-        return _Batch(self._tensor(ids), positions, positions if rows is None else rows, meta, sample_rows,
-                      prompt_rows, hidden_rows)
+        rows = self._tensor(rope_rows) if self.model.long_rope_from is not None else positions
+        return _Batch(self._tensor(ids), positions, rows, meta, sample_rows, prompt_rows, hidden_rows)
 
     @staticmethod
     def _is_decode(s: ScheduledSeq) -> bool:
