@@ -263,6 +263,7 @@ class Scheduler:
                 self.kv.free_tail(s.request.seq_id, s.request.num_computed_tokens + 1)
             self.kv.cache_full_blocks(s.request.seq_id, s.request.token_ids, s.request.num_computed_tokens,
                                       s.request.cache_salt)
+            self.kv.free_passed(s.request.seq_id, s.request.num_computed_tokens, s.request.cache_salt)
             if s.request.num_computed_tokens >= s.request.num_prompt_tokens:
                 self._release_forks(s.request)
 

@@ -102,7 +102,7 @@ class LLMEngine:
         prefix_caching = config.enable_prefix_caching and model.long_rope_from is None
         if config.enable_prefix_caching and not prefix_caching:
             logger.info("prefix caching is off: longrope's KV depends on the sequence's length")
-        self.kv = KVCacheManager(self.num_kv_blocks, config.block_size, prefix_caching)
+        self.kv = KVCacheManager(self.num_kv_blocks, config.block_size, prefix_caching, self._kv_window(model))
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.max_prefill_tokens_while_decoding, model.long_rope_from)
         graphs = self.backends.cuda_graphs and model.capturable
@@ -141,6 +141,12 @@ class LLMEngine:
                              f"kernel, the target's runs {self.backends.attention!r}: give --attention-backend torch")
         return build_model(src, cfg, self.max_model_len, self.dtype, self.device, self.config.load_format,
                            backends), cfg
+
+    def _kv_window(self, model: torch.nn.Module) -> int | None:
+        """The positions every layer attends to (None: all of them), of a draft model of its own too:
+        it reads the same block tables."""
+        windows = [model.kv_window] + ([self._draft[0].kv_window] if self._draft is not None else [])
+        return None if None in windows else max(windows)
 
     def _max_model_len(self) -> int:
         limit = getattr(self.hf_config, "max_position_embeddings", None) or 2048
@@ -260,6 +266,9 @@ class LLMEngine:
         need = self.kv.num_blocks_for(len(ids) + new)
         if params.use_beam_search:  # the prompt's blocks shared, each beam's own after them (at most)
             need = self.kv.num_blocks_for(len(ids)) + params.beam_width * (self.kv.num_blocks_for(new) + 1)
+        if self.kv.window is not None:  # at most the window and a step's tokens are held, in every beam
+            held = self.kv.num_blocks_for(self.kv.window + self.config.max_num_batched_tokens) + 1
+            need = min(need, held * (params.beam_width if params.use_beam_search else 1))
         if need > self.num_kv_blocks:
             raise ContextLengthError(
                 f"This request needs {need} KV-cache blocks but the pool has only {self.num_kv_blocks}; "

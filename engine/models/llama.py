@@ -170,6 +170,9 @@ class LlamaForCausalLM(nn.Module):
         self.long_rope_from: int | None = None  # longrope: original_max_position_embeddings
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         windows = layer_windows(cfg, max_len)
+        # the positions every layer attends to, where all have a window (the KV pool gives back blocks
+        # before it); None where some layer sees every earlier position
+        self.kv_window = max(windows) if all(windows) else None
         self.layers = nn.ModuleList(self.make_layer(cfg, i, windows[i]) for i in range(cfg.num_hidden_layers))
         # Steps of MoE layers and sliding windows are not captured in CUDA graphs: the per-expert
         # path reads its counts on the host, and neither has been run under capture on a GPU yet

@@ -50,6 +50,12 @@ class _Batch:
     hidden_rows: list[tuple[str, int, int, int]] = field(default_factory=list)
 
 
+def _table_tensor(block_ids: list[int]) -> torch.Tensor:
+    """[len] int64. Blocks given back outside a sliding window (NO_BLOCK) read as block 0: every
+    path masks those positions (or starts the table past them), so only a valid index is needed."""
+    return torch.tensor(block_ids, dtype=torch.int64).clamp_(min=0)
+
+
 class _BlockTables:
     """Every sequence's block table as a row of one CPU tensor, kept between steps: a step writes
     only the blocks added since the last one, so building a decode batch's tables does not grow
@@ -79,7 +85,7 @@ class _BlockTables:
         if seen is not block_ids or done > len(block_ids):
             done = 0
         if done < len(block_ids):
-            self.table[row, done:len(block_ids)] = torch.tensor(block_ids[done:], dtype=torch.int64)
+            self.table[row, done:len(block_ids)] = _table_tensor(block_ids[done:])
         self.rows[seq_id] = (row, block_ids, len(block_ids))
         return row
 
@@ -191,7 +197,7 @@ class ModelRunner:
             if self.model.long_rope_from is not None:  # else a token's row is its position
                 rope_rows += self.model.rope_rows(span_positions, req.num_tokens)
             if not self._is_decode(s):
-                table = None if start == 0 else torch.tensor(s.block_ids, device=self.device)
+                table = None if start == 0 else _table_tensor(s.block_ids).to(self.device)
                 if tree is None:
                     spans.append(PrefillSpan(offset, len(ids), end, table))
                 else:

@@ -2,7 +2,7 @@
 import pytest
 
 from engine.core.block_pool import BlockPool, NoFreeBlocksError
-from engine.core.kv_cache_manager import KVCacheManager
+from engine.core.kv_cache_manager import NO_BLOCK, KVCacheManager
 
 
 def test_allocate_and_free_exact_ids():
@@ -164,3 +164,61 @@ def test_caching_disabled_never_hits():
     kv.free("a")
     assert kv.pool.num_cached == 0
     assert kv.take_cached_prefix("b", [1, 2, 3, 4, 5], max_tokens=4) == 0
+
+
+# --- sliding windows ----------------------------------------------------------------------------
+def test_blocks_wholly_before_the_window_go_back_exactly_when_passed():
+    # window 6, blocks of 4: the token at position p sees p - 5 .. p, so block 0 (positions 0..3)
+    # is passed once the next token is at position 9, block 1 (4..7) at 13
+    kv = KVCacheManager(num_blocks=8, block_size=4, window=6)
+    for computed, passed in [(8, 0), (9, 1), (12, 1), (13, 2), (20, 3)]:
+        assert kv.allocate_slots("a", computed + 1)
+        kv.free_passed("a", computed)
+        table = kv.block_ids("a")
+        assert table[:passed] == [NO_BLOCK] * passed and NO_BLOCK not in table[passed:]
+        assert kv.pool.num_free == 8 - (len(table) - passed)
+        kv.check_invariants()
+    kv.free("a")
+    assert kv.pool.num_free == 8
+    kv.check_invariants()
+
+
+def test_no_block_goes_back_without_a_window():
+    kv = KVCacheManager(num_blocks=8, block_size=4)
+    assert kv.allocate_slots("a", 30)
+    kv.free_passed("a", 29)
+    assert NO_BLOCK not in kv.block_ids("a") and kv.pool.num_free == 0
+
+
+def test_a_fork_shares_the_window_and_not_the_blocks_given_back():
+    kv = KVCacheManager(num_blocks=8, block_size=4, window=4)
+    assert kv.allocate_slots("a", 14)
+    kv.free_passed("a", 14)  # the next token (14) sees 11..14: blocks 0 and 1 passed
+    computed, copies = kv.fork("a", "b", 14)
+    assert computed == 14 and kv.block_ids("b")[:3] == [NO_BLOCK, NO_BLOCK, kv.block_ids("a")[2]]
+    assert copies == [(kv.block_ids("a")[3], kv.block_ids("b")[3])]
+    kv.check_invariants()
+    kv.free("a")
+    kv.free("b")
+    assert kv.pool.num_free == 8
+    kv.check_invariants()
+
+
+def test_prefix_cache_keeps_its_chain_under_a_window():
+    # the newest registered block stays (the next block's key names it), and a hit takes back only
+    # the blocks the window still reaches
+    kv = KVCacheManager(num_blocks=16, block_size=4, enable_prefix_caching=True, window=4)
+    tokens = list(range(100, 124))  # 6 blocks
+    assert kv.allocate_slots("a", 12)
+    kv.cache_full_blocks("a", tokens, 12)
+    kv.free_passed("a", 12)  # window passed blocks 0, 1 (next token 12 sees 9..12); 2 is the newest cached
+    assert kv.block_ids("a")[:2] == [NO_BLOCK, NO_BLOCK]
+    assert kv.allocate_slots("a", 24)
+    kv.cache_full_blocks("a", tokens, 24)  # blocks 3.. register as children of block 2
+    assert kv.pool.num_cached == 6
+    kv.free("a")
+    assert kv.take_cached_prefix("b", tokens + [1], max_tokens=24) == 24
+    table = kv.block_ids("b")
+    assert table[:5] == [NO_BLOCK] * 5 and kv.pool.ref_counts[table[5]] == 1  # 24 sees 21..24: block 5
+    assert kv.pool.num_free == 15
+    kv.check_invariants()

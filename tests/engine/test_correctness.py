@@ -47,8 +47,9 @@ def test_reference_linear_backend_matches_hf(smollm2_dir, reference_prompts, hf_
     _assert_same(_tokens(llm.generate(reference_prompts, GREEDY)), hf_reference)
 
 
-def _run_staggered(engine: LLMEngine, prompts, params, every: int = 3) -> dict[str, list[int]]:
-    """Add one request every `every` steps while the others decode; check invariants each step."""
+def _run_staggered(engine: LLMEngine, prompts, params, every: int = 3, after_step=None) -> dict[str, list[int]]:
+    """Add one request every `every` steps while the others decode; check invariants each step
+    (and call after_step(engine))."""
     pending = list(enumerate(prompts))
     done: dict[str, list[int]] = {}
     step = 0
@@ -60,6 +61,8 @@ def _run_staggered(engine: LLMEngine, prompts, params, every: int = 3) -> dict[s
             if out.finished:
                 done[out.request_id] = [c.token_ids for c in out.outputs]
         engine.check_invariants()
+        if after_step is not None:
+            after_step(engine)
         step += 1
     assert engine.kv.pool.num_free == engine.num_kv_blocks
     return done

@@ -101,9 +101,11 @@ def _hf_log_softmax(hf, prompt: list[int], generated: list[int]) -> torch.Tensor
 
 
 def test_staggered_preempted_and_chunked_match_hf(family):
-    path, _, want = family
-    # 24 blocks of 8 tokens hold one long sequence (148 tokens) and little else; 32-token chunks split prompts
-    engine = LLMEngine(EngineConfig(model=str(path), num_kv_blocks=24, block_size=8, max_num_batched_tokens=32,
+    path, hf, want = family
+    # 24 blocks of 8 tokens hold one long sequence (148 tokens) and little else; 32-token chunks split
+    # prompts. Under Mistral's window on every layer a sequence holds at most 7 blocks: 12 then.
+    blocks = 12 if hf.config.model_type == "mistral" else 24
+    engine = LLMEngine(EngineConfig(model=str(path), num_kv_blocks=blocks, block_size=8, max_num_batched_tokens=32,
                                     max_model_len=192))
     done = _run_staggered(engine, PROMPTS * 2, GREEDY, every=1)
     assert engine.scheduler.num_preemptions > 0
@@ -114,3 +116,48 @@ def test_rope_on_part_of_each_head_is_refused_by_name(tmp_path, smollm2_tokenize
     make_tiny(tmp_path, smollm2_tokenizer, "phi3", dict(partial_rotary_factor=0.5))
     with pytest.raises(ValueError, match="partial_rotary_factor"):
         LLM(str(tmp_path), num_kv_blocks=16)
+
+
+@pytest.fixture(scope="module")
+def mistral(tmp_path_factory, smollm2_tokenizer):
+    """A tiny Mistral with a 16-token window on every layer, and transformers' greedy outputs on PROMPTS."""
+    path = tmp_path_factory.mktemp("mistral")
+    hf = make_tiny(path, smollm2_tokenizer, *FAMILIES["mistral-window"])
+    return path, [hf_greedy(hf, p, MAX_NEW) for p in PROMPTS]
+
+
+def _poison_free_blocks(engine: LLMEngine) -> None:
+    """Overwrite the KV of the free blocks no prefix-cache key names (those given back outside the
+    window among them): a later step that still read one of them would go wrong."""
+    pool = engine.kv.pool
+    ids = torch.tensor([i for i in pool._free if pool._keys[i] is None], dtype=torch.long)
+    for cache in engine.runner.kv_caches:  # [2, blocks, block_size, kv_heads, D]
+        cache[:, ids] = 100.0
+
+
+@pytest.mark.parametrize("path_kind", ["fast", "reference"])
+def test_windowed_blocks_go_back_and_are_never_read_again(mistral, path_kind):
+    """Every layer windowed (16 tokens): a sequence holds its window's blocks and a step's, not its
+    whole context: 146 tokens (19 blocks of 8) run on a pool of 6, one after another, token-exact."""
+    path, want = mistral
+    engine = LLMEngine(EngineConfig(model=str(path), num_kv_blocks=6, block_size=8, max_num_batched_tokens=16,
+                                    max_num_seqs=1, enable_prefix_caching=False, max_model_len=192,
+                                    **(REFERENCE_PATH if path_kind == "reference" else {})))
+    held = []
+    done = _run_staggered(engine, PROMPTS, GREEDY, every=1, after_step=lambda e: (
+        held.append(e.kv.pool.num_blocks - e.kv.pool.num_free), _poison_free_blocks(e)))
+    _assert_same([done[str(i)][0] for i in range(len(PROMPTS))], want)
+    assert engine.scheduler.num_preemptions == 0 and max(held) <= 5  # ceil((16 + 16) / 8) + 1
+
+
+def test_prefix_caching_with_windows_matches_hf(mistral):
+    """Prompts seen before (longer than the window) start from cached blocks, the ones before the
+    window not taken back at all; the outputs stay token-exact, in a batch and under preemption."""
+    path, want = mistral
+    engine = LLMEngine(EngineConfig(model=str(path), num_kv_blocks=64, block_size=8, max_num_batched_tokens=32,
+                                    max_model_len=192))
+    first = _run_staggered(engine, PROMPTS, GREEDY, every=1, after_step=_poison_free_blocks)
+    again = _run_staggered(engine, PROMPTS * 2, GREEDY, every=1, after_step=_poison_free_blocks)
+    assert engine.scheduler.prefix_cache_hits >= 2 * (120 + 56)  # the two long prompts' full blocks, twice
+    _assert_same([first[str(i)][0] for i in range(len(PROMPTS))], want)
+    _assert_same([again[str(i)][0] for i in range(2 * len(PROMPTS))], want * 2)
