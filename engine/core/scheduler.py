@@ -38,6 +38,8 @@ class SchedulerOutput:
     finished_seq_ids: list[str] = field(default_factory=list)
     # beam search: KV blocks to copy (source, destination) before the step runs (forked beams)
     block_copies: list[tuple[int, int]] = field(default_factory=list)
+    # the pool ran short this step (preempted for want of blocks): nobody waiting is admitted
+    short_of_blocks: bool = False
 
     @property
     def num_batched_tokens(self) -> int:
@@ -103,7 +105,7 @@ class Scheduler:
         self._finished_since_step, self._block_copies = [], []
         self._prefill_left = self._prefill_allowance()
         budget = self._schedule_running(out, self.max_num_batched_tokens)
-        if not out.preempted:
+        if not out.short_of_blocks:
             self._schedule_waiting(out, budget)
         if out.is_empty and self.waiting and self.running:
             self._unpark(out)
@@ -181,6 +183,7 @@ class Scheduler:
     def _make_room(self, req: Request, n: int, out: SchedulerOutput) -> bool:
         """Allocate slots for n new tokens of req, preempting from the back of running if needed."""
         while not self.kv.allocate_slots(req.seq_id, req.num_computed_tokens + n):
+            out.short_of_blocks = True
             victim = self.running.pop()
             self._preempt(victim)
             out.preempted.append(victim)

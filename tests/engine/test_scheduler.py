@@ -192,3 +192,19 @@ def test_random_workload_never_leaks(seed):
         step(sched)
     assert sched.kv.pool.num_free == 24
     assert sched.kv.block_tables == {} or all(not t for t in sched.kv.block_tables.values())
+
+
+def test_a_longrope_recompute_does_not_hold_back_the_queue():
+    # longrope from 6 tokens: "a" (5 tokens) crosses it by its first output and is recomputed; that
+    # is no shortage of blocks, so "b" waiting behind it is admitted in the same step
+    sched = Scheduler(KVCacheManager(num_blocks=10, block_size=4), max_num_seqs=4, max_num_batched_tokens=64,
+                      long_rope_from=5)
+    a, = make("a", 5)
+    sched.add([a])
+    step(sched)
+    b, = make("b", 3)
+    sched.add([b])
+    out = step(sched)
+    assert out.preempted == [a]
+    assert sorted(s.request.request_id for s in out.seqs) == ["a", "b"]  # a from the start, b admitted
+    assert not out.short_of_blocks
