@@ -5,9 +5,11 @@ import copy
 import dataclasses
 import logging
 import time
+import weakref
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from engine import platform
 from engine.core.beam import BeamGroup, Hypothesis
@@ -19,8 +21,10 @@ from engine.core.sampling_params import SamplingParams
 from engine.core.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from engine.frontend.detokenizer import IncrementalDetokenizer, SequenceText
 from engine.frontend.metrics import EngineMetrics
+from engine.layers.parallel import SINGLE, TensorParallel
 from engine.models.llama import head_dim
 from engine.models.loader import (
+    GEMMA_TYPES,
     build_model,
     eos_token_ids,
     load_hf_config,
@@ -29,13 +33,15 @@ from engine.models.loader import (
     pick_dtype,
     resolve_source,
 )
-from engine.runner import contrastive
+from engine.runner import contrastive, tp_worker
 from engine.runner.grammar import Grammars
 from engine.runner.lookahead import LookaheadProposer
 from engine.runner.model_runner import ModelRunner, ModelRunnerOutput
 from engine.runner.spec_decode import NgramProposer, SelfDraftProposer
 
 logger = logging.getLogger(__name__)
+# Seconds a rank waits in a collective for the others (a hung rank ends the engine after this long).
+TP_TIMEOUT_S = 600.0
 PROPOSERS = {"ngram": NgramProposer, "lookahead": LookaheadProposer, "draft_model": SelfDraftProposer}
 
 
@@ -88,15 +94,22 @@ class LLMEngine:
         longest = max((len(t) for t in self.tokenizer.get_vocab()), default=1)
         self.max_prompt_chars = 2 * longest * self.max_model_len
         torch.manual_seed(config.seed)
-        self.backends = platform.choose(config, self.device, self.dtype, _attention_shape(self.hf_config),
-                                        src.gguf_origin is not None)
-        model = build_model(src, self.hf_config, self.max_model_len, self.dtype, self.device, config.load_format,
-                            self.backends)
+        # tensor parallelism: this process is rank 0; its shapes are a rank's share
+        self.tp = TensorParallel(0, config.tensor_parallel_size)
+        self.backends = platform.choose(config, self.device, self.dtype, _attention_shape(self.hf_config, self.tp),
+                                        src.gguf_origin is not None and self.tp.size == 1)
         spec = config.speculative_config
         # a draft model of its own: loaded before the pool is sized, which holds its KV too
         self._draft = self._load_draft_model(spec.model) if spec and spec.method == "draft_model" \
             and spec.model != "self" else None
         self.num_kv_blocks = self._num_kv_blocks()
+        self._ranks: list = []  # the processes of ranks 1 .. size - 1
+        self._channel: tp_worker.Channel | None = None  # rank 0's messages to them
+        self._finalizer: weakref.finalize | None = None  # stops them (close(), or when the engine is collected)
+        if self.tp.size > 1:
+            self._start_ranks(src)
+        model = build_model(src, self.hf_config, self.max_model_len, self.dtype, self.device, config.load_format,
+                            self.backends, self.tp)
         # a block's KV under longrope depends on the length of the sequence that computed it (the short
         # or the long factors), which the prefix cache's keys do not hold: no prefix caching there
         prefix_caching = config.enable_prefix_caching and model.long_rope_from is None
@@ -105,10 +118,11 @@ class LLMEngine:
         self.kv = KVCacheManager(self.num_kv_blocks, config.block_size, prefix_caching, self._kv_window(model))
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.max_prefill_tokens_while_decoding, model.long_rope_from)
-        graphs = self.backends.cuda_graphs and model.capturable
+        graphs = self.backends.cuda_graphs and model.capturable and self.tp.size == 1
         self.runner = ModelRunner(model, self.hf_config, self.num_kv_blocks, config.block_size, self.device,
                                   self.dtype, config.seed, self.backends.attention,
                                   config.max_num_seqs if graphs else 0, self.max_model_len)
+        self.runner.channel = self._channel
         self._requests: dict[str, _RequestState] = {}
         self._failed: list[RequestOutput] = []  # outputs of requests failed during the current step
         self.metrics = EngineMetrics(self.model_name, self.scheduler, self.kv, config.speculative_config is not None)
@@ -142,6 +156,28 @@ class LLMEngine:
         return build_model(src, cfg, self.max_model_len, self.dtype, self.device, self.config.load_format,
                            backends), cfg
 
+    def _start_ranks(self, src) -> None:
+        """Check the model splits over the ranks, start ranks 1 .., and join them as rank 0."""
+        if dist.is_initialized():  # (torch.distributed has one default process group a process)
+            raise RuntimeError("tensor_parallel_size: another engine's ranks are running in this process; "
+                               "close() it first")
+        if self.hf_config.model_type in GEMMA_TYPES:
+            raise ValueError(f"tensor_parallel_size: {self.hf_config.model_type} has no sharded layers yet "
+                             "(the Llama, Mistral, Qwen, Phi-3 and MoE families do)")
+        self.tp.share(self.hf_config.intermediate_size, "intermediate_size")  # (heads: checked by the shape)
+        spec = tp_worker.RankSpec(src, self.hf_config, self.max_model_len, self.dtype, self.device.type,
+                                  self.config.load_format, self.backends, self.num_kv_blocks, self.config.block_size,
+                                  self.config.seed, TP_TIMEOUT_S)
+        init_method, self._ranks = tp_worker.spawn(self.tp.size, spec)
+        tp_worker.share_cores(self.tp.size)
+        self.tp, self._channel = tp_worker.join(0, self.tp.size, init_method, spec)
+        self._finalizer = weakref.finalize(self, _stop_ranks, self._channel, self._ranks)
+
+    def close(self) -> None:
+        """Stop the tensor-parallel ranks (nothing to do without them); the engine runs no more steps."""
+        if self._finalizer is not None:
+            self._finalizer()
+
     def _kv_window(self, model: torch.nn.Module) -> int | None:
         """The positions every layer attends to (None: all of them), of a draft model of its own too:
         it reads the same block tables."""
@@ -158,7 +194,8 @@ class LLMEngine:
     def _num_kv_blocks(self) -> int:
         if self.config.num_kv_blocks is not None:
             return self.config.num_kv_blocks
-        per_block = ModelRunner.kv_bytes_per_block(self.hf_config, self.config.block_size, self.dtype)
+        per_block = ModelRunner.kv_bytes_per_block(self.hf_config, self.config.block_size, self.dtype,
+                                                   _attention_shape(self.hf_config, self.tp)[1])
         if self._draft is not None:  # the draft model's pool has as many blocks
             per_block += ModelRunner.kv_bytes_per_block(self._draft[1], self.config.block_size, self.dtype)
         budget = self.config.kv_cache_memory
@@ -554,9 +591,25 @@ class LLMEngine:
         self.scheduler.check_invariants()
 
 
-def _attention_shape(hf_config) -> tuple[int, int, int]:
-    """(query heads, KV heads, head_dim), as the model builds its attention."""
-    return hf_config.num_attention_heads, hf_config.num_key_value_heads, head_dim(hf_config)
+def _attention_shape(hf_config, tp: TensorParallel = SINGLE) -> tuple[int, int, int]:
+    """(query heads, KV heads, head_dim), as the model builds its attention (a rank's, under
+    tensor parallelism)."""
+    heads = tp.share(hf_config.num_attention_heads, "num_attention_heads")
+    return heads, tp.kv_heads(hf_config.num_attention_heads, hf_config.num_key_value_heads)[1], head_dim(hf_config)
+
+
+def _stop_ranks(channel: tp_worker.Channel, procs: list) -> None:
+    """The engine is gone: its ranks are told to stop, and killed if they have not within seconds."""
+    try:
+        channel.stop()
+    except Exception:
+        logger.warning("could not tell every tensor-parallel rank to stop", exc_info=True)
+    for p in procs:
+        p.join(timeout=10)
+        if p.is_alive():
+            p.kill()
+            p.join()
+    dist.destroy_process_group()
 
 
 def _reports(req: Request) -> bool:

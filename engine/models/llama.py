@@ -15,6 +15,7 @@ from torch import nn
 from engine.layers.attention import AttentionMetadata, paged_attention
 from engine.layers.moe import MoE
 from engine.layers.ops import EAGER_OPS, Ops
+from engine.layers.parallel import SINGLE, TensorParallel, VocabParallelEmbedding
 
 
 class RMSNorm(nn.Module):
@@ -77,11 +78,14 @@ def layer_windows(cfg, max_len: int) -> list[int | None]:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg, qkv_bias: bool, o_bias: bool, window: int | None = None, norm=RMSNorm) -> None:
+    def __init__(self, cfg, qkv_bias: bool, o_bias: bool, window: int | None = None, norm=RMSNorm,
+                 tp: TensorParallel = SINGLE) -> None:
+        """tp: this rank's share (engine/layers/parallel.py): its query heads and KV heads."""
         super().__init__()
         self.window = window
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = cfg.num_key_value_heads
+        self.tp = tp
+        self.num_heads = tp.share(cfg.num_attention_heads, "num_attention_heads")
+        self.first_kv_head, self.num_kv_heads = tp.kv_heads(cfg.num_attention_heads, cfg.num_key_value_heads)
         self.head_dim = head_dim(cfg)
         # Gemma: scores scaled by query_pre_attn_scalar^-1/2 rather than head_dim's, and soft-capped (2)
         self.scale = (getattr(cfg, "query_pre_attn_scalar", None) or self.head_dim) ** -0.5
@@ -103,7 +107,7 @@ class Attention(nn.Module):
             qkv = self._norm_qk(qkv)
         q, k, v = self.ops.rope_qkv(qkv, cos, sin, self.num_heads, self.num_kv_heads, self.head_dim)
         o = paged_attention(q, k, v, kv_cache, meta, self.scale, self.window, self.softcap)  # [T, heads, D]
-        return self.o_proj(o.reshape(x.shape[0], self.q_size))
+        return self.tp.all_reduce(self.o_proj(o.reshape(x.shape[0], self.q_size)))  # (row-parallel)
 
     def _norm_qk(self, qkv: torch.Tensor) -> torch.Tensor:
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -113,15 +117,17 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg) -> None:
+    def __init__(self, cfg, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
         bias = getattr(cfg, "mlp_bias", False)
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=bias)
+        self.tp = tp
+        self.intermediate = tp.share(cfg.intermediate_size, "intermediate_size")  # this rank's units
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * self.intermediate, bias=bias)
+        self.down_proj = nn.Linear(self.intermediate, cfg.hidden_size, bias=bias)
         self.ops = EAGER_OPS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.ops.silu_mul(self.gate_up_proj(x)))
+        return self.tp.all_reduce(self.down_proj(self.ops.silu_mul(self.gate_up_proj(x))))  # (row-parallel)
 
 
 QK_NORM_TYPES = ("qwen3", "qwen3_moe", "gemma3_text")
@@ -139,12 +145,13 @@ def moe_of_layer(cfg, index: int) -> MoE | None:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg, index: int, qkv_bias: bool, o_bias: bool, window: int | None) -> None:
+    def __init__(self, cfg, index: int, qkv_bias: bool, o_bias: bool, window: int | None,
+                 tp: TensorParallel = SINGLE) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, qkv_bias, o_bias, window)
+        self.self_attn = Attention(cfg, qkv_bias, o_bias, window, tp=tp)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = moe_of_layer(cfg, index) or MLP(cfg)
+        self.mlp = moe_of_layer(cfg, index) or MLP(cfg, tp)
 
     def forward(self, h, cos, sin, meta, kv_cache):
         a = self.self_attn(self.input_layernorm(h), cos, sin, meta, kv_cache)
@@ -163,12 +170,15 @@ _EXPERT = {"w1": ("w13", 0), "gate_proj": ("w13", 0), "w3": ("w13", 1), "up_proj
 class LlamaForCausalLM(nn.Module):
     norm_class = RMSNorm
 
-    def __init__(self, cfg, max_len: int) -> None:
+    def __init__(self, cfg, max_len: int, tp: TensorParallel = SINGLE) -> None:
+        """tp: the shard this rank holds under tensor parallelism (engine/layers/parallel.py)."""
         super().__init__()
         self.config = cfg
         self.max_len = max_len
+        self.tp = tp
         self.long_rope_from: int | None = None  # longrope: original_max_position_embeddings
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size) if tp.size == 1 else \
+            VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
         windows = layer_windows(cfg, max_len)
         # the positions every layer attends to, where all have a window (the KV pool gives back blocks
         # before it); None where some layer sees every earlier position
@@ -179,7 +189,7 @@ class LlamaForCausalLM(nn.Module):
         self.capturable = not any(isinstance(layer.mlp, MoE) for layer in self.layers) and not any(windows)
         self.norm = self.norm_class(cfg.hidden_size, cfg.rms_norm_eps)
         self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.hidden_size, tp.padded_vocab(cfg.vocab_size) // tp.size, bias=False)
         if self.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.register_rope(cfg, max_len)
@@ -187,7 +197,7 @@ class LlamaForCausalLM(nn.Module):
     def make_layer(self, cfg, index: int, window: int | None) -> nn.Module:
         qkv_bias = bool(getattr(cfg, "attention_bias", False)) or cfg.model_type == "qwen2"
         o_bias = bool(getattr(cfg, "attention_bias", False)) and cfg.model_type != "qwen2"
-        return DecoderLayer(cfg, index, qkv_bias, o_bias, window)
+        return DecoderLayer(cfg, index, qkv_bias, o_bias, window, self.tp)
 
     def register_rope(self, cfg, max_len: int) -> None:
         cos, sin = rope_tables(cfg, max_len)
@@ -226,9 +236,11 @@ class LlamaForCausalLM(nn.Module):
             if hasattr(module, "ops"):
                 module.ops = ops
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, hidden] -> logits [N, vocab] float32."""
-        return self.lm_head(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """hidden [N, hidden] -> logits [N, vocab] float32 (under tensor parallelism: on rank 0,
+        each rank's slice of the vocabulary gathered; None on the others)."""
+        logits = self.tp.gather_first(self.lm_head(hidden))
+        return None if logits is None else logits[:, :self.config.vocab_size].float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         params = dict(self.named_parameters(remove_duplicate=False))
@@ -241,6 +253,8 @@ class LlamaForCausalLM(nn.Module):
                 target, part = self._place(name, params)
             except (KeyError, ValueError, IndexError):
                 raise ValueError(f"checkpoint tensor {hf_name!r} has no place in the model") from None
+            if self.tp.size > 1:
+                tensor = self._shard(name, tensor)
             if part.shape != tensor.shape:
                 raise ValueError(f"checkpoint tensor {hf_name!r} has shape {tuple(tensor.shape)}; "
                                  f"the model's config gives {tuple(part.shape)}")
@@ -250,6 +264,34 @@ class LlamaForCausalLM(nn.Module):
                    and not (n == "lm_head.weight" and self.tie_word_embeddings)]
         if missing:
             raise ValueError(f"checkpoint lacks tensors of {len(missing)} parameters, e.g. {missing[:3]}")
+
+    def _shard(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a whole checkpoint tensor (engine/layers/parallel.py): rows of the
+        column-parallel projections (each fused part on its own), columns of the row-parallel ones
+        (whose bias rank 0 alone adds), rows of the padded vocabulary, the rest whole."""
+        cfg, tp, a = self.config, self.tp, self.layers[0].self_attn
+        d, inter = a.head_dim, cfg.intermediate_size // tp.size
+        q = (cfg.num_attention_heads * d, tp.rank * a.q_size, a.q_size)  # (whole rows, first, count)
+        kv = (cfg.num_key_value_heads * d, a.first_kv_head * d, a.kv_size)
+        mlp = (cfg.intermediate_size, tp.rank * inter, inter)
+        kind = name.split(".")[-2] if "." in name else name
+        if ".experts." in name or kind == "gate":  # MoE layers run whole on every rank
+            return tensor
+        parts = {"q_proj": [q], "k_proj": [kv], "v_proj": [kv], "qkv_proj": [q, kv, kv],
+                 "gate_proj": [mlp], "up_proj": [mlp], "gate_up_proj": [mlp, mlp]}.get(kind)
+        if parts is not None:
+            pieces = tensor.split([whole for whole, _, _ in parts])
+            return torch.cat([p[first:first + n] for p, (_, first, n) in zip(pieces, parts)])
+        if kind in ("o_proj", "down_proj"):
+            if name.endswith("bias"):
+                return tensor if tp.rank == 0 else torch.zeros_like(tensor)
+            _, first, n = q if kind == "o_proj" else mlp
+            return tensor[:, first:first + n]
+        if kind in ("embed_tokens", "lm_head"):
+            n = self.lm_head.out_features
+            rows = tensor[tp.rank * n:(tp.rank + 1) * n]
+            return torch.cat([rows, rows.new_zeros(n - len(rows), rows.shape[1])])  # (past the vocabulary)
+        return tensor
 
     def _place(self, name: str, params: dict) -> tuple[str, torch.Tensor]:
         """The parameter a checkpoint tensor belongs to, and the part of it that the tensor fills."""

@@ -19,6 +19,7 @@ import torch
 from engine.layers.gguf_linear import use_gguf_linears
 from engine.layers.moe import MoE
 from engine.layers.packed_linear import pack_linears
+from engine.layers.parallel import SINGLE, TensorParallel
 from engine.models.gemma import GemmaForCausalLM, GemmaRMSNorm
 from engine.models.llama import LlamaForCausalLM
 from engine.paths import cache_root
@@ -236,11 +237,15 @@ def pick_dtype(dtype: str, hf_config, device: torch.device) -> torch.dtype:
 
 
 def build_model(src: ModelSource, hf_config, max_len: int, dtype: torch.dtype, device: torch.device,
-                load_format: str, backends: Backends):
+                load_format: str, backends: Backends, tp: TensorParallel = SINGLE):
     """Our model of the checkpoint's shape, with its weights (or random ones for 'dummy'), its
-    linears and element-wise ops as engine/platform.py chose."""
+    linears and element-wise ops as engine/platform.py chose; under tensor parallelism, this
+    rank's shard (Gemma has no sharded layers: refused before)."""
     with torch.device(device):
-        model = (GemmaForCausalLM if hf_config.model_type in GEMMA_TYPES else LlamaForCausalLM)(hf_config, max_len)
+        if hf_config.model_type in GEMMA_TYPES:
+            model = GemmaForCausalLM(hf_config, max_len)
+        else:
+            model = LlamaForCausalLM(hf_config, max_len, tp)
     if load_format == "dummy":
         _init_dummy(model)
     else:

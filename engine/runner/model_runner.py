@@ -119,6 +119,8 @@ class ModelRunner:
         self.draft_model: torch.nn.Module | None = None
         self.draft_kv_caches: list[torch.Tensor] = []
         self.mirror_draft = False  # a draft model of its own also runs each step's tokens: its cache keeps up
+        # tensor parallelism, on rank 0: the other ranks are told each forward, logits call and copy
+        self.channel = None
 
     def use_draft_layers(self, num_layers: int) -> None:
         self.draft_model, self.draft_kv_caches = self.model, self.kv_caches[:num_layers]
@@ -136,8 +138,10 @@ class ModelRunner:
         self.mirror_draft = True
 
     @staticmethod
-    def kv_bytes_per_block(hf_config, block_size: int, dtype: torch.dtype) -> int:
-        per_token = 2 * hf_config.num_hidden_layers * hf_config.num_key_value_heads * head_dim(hf_config)
+    def kv_bytes_per_block(hf_config, block_size: int, dtype: torch.dtype, kv_heads: int | None = None) -> int:
+        """kv_heads: the KV heads of a rank's shard (default: the model's)."""
+        kv_heads = kv_heads or hf_config.num_key_value_heads
+        per_token = 2 * hf_config.num_hidden_layers * kv_heads * head_dim(hf_config)
         return per_token * block_size * torch.empty((), dtype=dtype).element_size()
 
     @torch.inference_mode()
@@ -156,12 +160,16 @@ class ModelRunner:
                 and self.graphs.can_run(len(batch.input_ids), meta.decode.block_tables.shape[1])):
             hidden = self.graphs.run(batch.input_ids, batch.rope_rows, meta)  # [T, hidden]
         else:
+            if self.channel is not None:
+                self.channel.forward(batch.input_ids, batch.rope_rows, meta)
             hidden = self.model(batch.input_ids, batch.rope_rows, meta, self.kv_caches)  # [T, hidden]
         if self.mirror_draft:
             self.draft_model(batch.input_ids, batch.positions, meta, self.draft_kv_caches)
         for seq_id, start, offset, n in batch.hidden_rows:
             self.hidden_states.write(seq_id, start, hidden[offset:offset + n])
         rows = [i for _, i, _ in batch.sample_rows] + [i for _, _, i in batch.prompt_rows]
+        if rows and self.channel is not None:
+            self.channel.logits(rows)
         logits = self.model.compute_logits(hidden[rows]) if rows else None  # [R, V] float32
         out = ModelRunnerOutput()
         if batch.sample_rows:
@@ -287,6 +295,12 @@ class ModelRunner:
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Forked beams: copy whole blocks (source -> destination) in every layer's cache."""
         src, dst = self._tensor([c[0] for c in copies]), self._tensor([c[1] for c in copies])
+        if self.channel is not None:
+            self.channel.copy(src, dst)
+        self.copy_blocks(src, dst)
+
+    def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Block src[i]'s KV into block dst[i], in every layer's cache (this rank's shard)."""
         for cache in self.kv_caches + (self.draft_kv_caches if self.mirror_draft else []):
             cache[:, dst] = cache[:, src]  # [2, blocks, block_size, kv_heads, D]
 

@@ -24,7 +24,7 @@ VARIANTS = {
 def make_tiny(tmp_path, tokenizer, kind: str, extra: dict):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = AutoConfig.for_model(kind, **TINY, **extra)
+    cfg = AutoConfig.for_model(kind, **{**TINY, **extra})
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     model.save_pretrained(tmp_path)

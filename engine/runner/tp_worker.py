@@ -1,0 +1,194 @@
+"""Tensor parallelism's ranks: rank 0 (the engine: scheduler, sampler, the requests) tells the
+others what each step runs, and every rank runs the same forward on its shard.
+
+A message is one broadcast of a small header, [command, payload length], then one of the payload:
+a flat int64 tensor. A forward's payload is the step's tensors (token ids, RoPE rows, KV slots,
+each prefill span's bounds, block table and mask, the decode rows' block tables and context
+lengths): a few integers a token, no pickled objects. The messages travel on a gloo group of
+their own (host tensors, also under NCCL, whose group the model's collectives use).
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from engine.kernels import cpu
+from engine.layers.attention import AttentionMetadata, DecodeBackend, PrefillSpan
+from engine.layers.parallel import TensorParallel
+
+FORWARD, LOGITS, COPY, STOP = range(4)
+_NONE = -1  # an absent block table in a span's description
+
+
+def encode_forward(input_ids: torch.Tensor, rope_rows: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    """The step's forward inputs as one flat int64 tensor (what decode_forward reads back)."""
+    decode = meta.decode
+    rows, width = (0, 0) if decode is None else decode.block_tables.shape
+    parts = [torch.tensor([len(input_ids), len(meta.prefills), rows, width]), input_ids, rope_rows, meta.slot_mapping]
+    for span in meta.prefills:
+        table = _NONE if span.block_table is None else len(span.block_table)
+        parts.append(torch.tensor([span.start, span.end, span.context_len, table, int(span.mask is not None)]))
+        parts += [p.reshape(-1) for p in (span.block_table, span.mask, span.positions) if p is not None]
+    if decode is not None:
+        parts += [decode.block_tables.reshape(-1), decode.context_lens]
+    return torch.cat([p.to("cpu", torch.int64) for p in parts])
+
+
+def decode_forward(flat: torch.Tensor, decoder: DecodeBackend, block_size: int,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    """(input_ids [T], rope_rows [T], the step's AttentionMetadata) from encode_forward's tensor."""
+    reader = _Reader(flat.to(device))
+    num_tokens, num_spans, rows, width = reader.ints(4)
+    input_ids, rope_rows, slots = reader.take(num_tokens), reader.take(num_tokens), reader.take(num_tokens)
+    spans = []
+    for _ in range(num_spans):
+        start, end, ctx, table_len, masked = reader.ints(5)
+        table = None if table_len == _NONE else reader.take(table_len)
+        mask = reader.take((end - start) * ctx).view(end - start, ctx).bool() if masked else None
+        positions = reader.take(end - start) if masked else None
+        spans.append(PrefillSpan(start, end, ctx, table, mask, positions))
+    meta = AttentionMetadata(slot_mapping=slots, prefills=spans, num_prefill_tokens=sum(s.end - s.start for s in spans))
+    if rows:
+        tables = reader.take(rows * width).view(rows, width)
+        meta.decode = decoder.prepare(tables, reader.take(rows), block_size)
+    return input_ids, rope_rows, meta
+
+
+class _Reader:
+    def __init__(self, flat: torch.Tensor) -> None:
+        self.flat, self.at = flat, 0
+
+    def take(self, n: int) -> torch.Tensor:
+        self.at += n
+        return self.flat[self.at - n:self.at]
+
+    def ints(self, n: int) -> list[int]:
+        return self.take(n).tolist()
+
+
+class Channel:
+    """Rank 0's messages to the other ranks, on a gloo group (`group`)."""
+
+    def __init__(self, group) -> None:
+        self.group = group
+
+    def send(self, command: int, payload: torch.Tensor | None = None) -> None:
+        n = 0 if payload is None else payload.numel()
+        dist.broadcast(torch.tensor([command, n]), src=0, group=self.group)
+        if n:
+            dist.broadcast(payload, src=0, group=self.group)
+
+    def receive(self) -> tuple[int, torch.Tensor | None]:
+        header = torch.empty(2, dtype=torch.int64)
+        dist.broadcast(header, src=0, group=self.group)
+        command, n = header.tolist()
+        if not n:
+            return command, None
+        payload = torch.empty(n, dtype=torch.int64)
+        dist.broadcast(payload, src=0, group=self.group)
+        return command, payload
+
+    # --- rank 0 ---------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, rope_rows: torch.Tensor, meta: AttentionMetadata) -> None:
+        self.send(FORWARD, encode_forward(input_ids, rope_rows, meta))
+
+    def logits(self, rows: list[int]) -> None:
+        self.send(LOGITS, torch.tensor(rows, dtype=torch.int64))
+
+    def copy(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        self.send(COPY, torch.cat([src, dst]).cpu())
+
+    def stop(self) -> None:
+        self.send(STOP)
+
+
+def follow(channel: Channel, runner) -> None:
+    """Ranks 1..: run what rank 0 says until it says stop. runner: this rank's ModelRunner (its
+    shard of the model and of the KV pool)."""
+    hidden = None
+    while True:
+        command, payload = channel.receive()
+        if command == FORWARD:
+            ids, rows, meta = decode_forward(payload, runner.decoder, runner.block_size, runner.device)
+            hidden = runner.model(ids, rows, meta, runner.kv_caches)  # [T, hidden], the same on every rank
+        elif command == LOGITS:
+            runner.model.compute_logits(hidden[payload.to(hidden.device)])  # this rank's share, sent to rank 0
+        elif command == COPY:
+            src, dst = payload.to(runner.device).chunk(2)
+            runner.copy_blocks(src, dst)
+        elif command == STOP:
+            return
+        else:
+            raise RuntimeError(f"unknown tensor-parallel command {command}")
+
+
+# --- starting the ranks -----------------------------------------------------------------------
+@dataclass
+class RankSpec:
+    """What every rank builds its shard from (sent once, when the ranks start)."""
+
+    src: object  # engine.models.loader.ModelSource
+    hf_config: object
+    max_model_len: int
+    dtype: torch.dtype
+    device_type: str
+    load_format: str
+    backends: object  # engine.platform.Backends
+    num_blocks: int
+    block_size: int
+    seed: int
+    timeout_s: float
+
+
+def join(rank: int, size: int, init_method: str, spec: RankSpec) -> tuple[TensorParallel, Channel]:
+    """Join the process group (gloo on CPU, NCCL on CUDA) and the gloo group of rank 0's messages."""
+    backend = "nccl" if spec.device_type == "cuda" else "gloo"
+    timeout = timedelta(seconds=spec.timeout_s)
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size, timeout=timeout)
+    control = dist.new_group(backend="gloo", timeout=timeout)
+    return TensorParallel(rank, size), Channel(control)
+
+
+def share_cores(size: int) -> None:
+    """Each rank's torch threads: its share of the cores (more would contend for them)."""
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
+
+
+def spawn(size: int, spec: RankSpec) -> tuple[str, list]:
+    """Start ranks 1 .. size - 1 as processes on this machine; (the init method, the processes)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    init_method = f"tcp://127.0.0.1:{port}"
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=run_rank, args=(rank, size, init_method, spec), daemon=True, name=f"kvserve-tp{rank}")
+             for rank in range(1, size)]
+    for p in procs:
+        p.start()
+    return init_method, procs
+
+
+def run_rank(rank: int, size: int, init_method: str, spec: RankSpec) -> None:
+    """A rank other than 0: build the shard, then run rank 0's steps until it says stop."""
+    from engine.models.loader import build_model
+    from engine.runner.model_runner import ModelRunner
+
+    share_cores(size)
+    if "cpp" in (spec.backends.elementwise, spec.backends.attention) or spec.backends.skinny_linears:
+        cpu.load()  # rank 0 loaded the C++ kernels when it chose them; this process has not
+    device = torch.device(spec.device_type, rank if spec.device_type == "cuda" else None)
+    tp, channel = join(rank, size, init_method, spec)
+    try:
+        model = build_model(spec.src, spec.hf_config, spec.max_model_len, spec.dtype, device, spec.load_format,
+                            spec.backends, tp)
+        runner = ModelRunner(model, spec.hf_config, spec.num_blocks, spec.block_size, device, spec.dtype,
+                             spec.seed, spec.backends.attention, 0, spec.max_model_len)
+        follow(channel, runner)
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,77 @@
+"""Tensor parallelism on CPU: 2 ranks over gloo (one process each) give transformers' greedy tokens,
+logprobs within 1e-4, in one batch and staggered under preemption, on the fast CPU paths and the
+reference ones; for a model whose KV heads split over the ranks and one with fewer KV heads than
+ranks (replicated). Shapes that do not split are refused by name."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine import LLM, SamplingParams
+from engine.core.config import EngineConfig
+from engine.frontend.llm_engine import LLMEngine
+from tests.conftest import hf_greedy
+from tests.engine.test_correctness import _assert_same, _run_staggered
+from tests.engine.test_model_families import REFERENCE_PATH, _hf_log_softmax
+from tests.engine.test_models import make_tiny
+
+MAX_NEW = 12
+PROMPTS = [[5, 17, 300, 4000, 22], list(range(100, 160)), [9], list(range(2000, 2130, 3))]
+# 4 query heads; KV heads 2 (one a rank) or 1 (on both ranks); biases on every projection
+SHAPES = {"kv-split": dict(num_key_value_heads=2, attention_bias=True, mlp_bias=True),
+          "kv-replicated": dict(num_key_value_heads=1, tie_word_embeddings=False)}
+
+
+@pytest.fixture(scope="module", params=sorted(SHAPES))
+def tiny(request, tmp_path_factory, smollm2_tokenizer):
+    path = tmp_path_factory.mktemp(request.param)
+    hf = make_tiny(path, smollm2_tokenizer, "llama", SHAPES[request.param])
+    torch.manual_seed(1)
+    for name, p in hf.named_parameters():  # transformers starts biases at zero: where one is counted
+        if name.endswith("bias"):  # twice, or sliced wrong, the output must change
+            p.data.normal_(0.0, 0.5)
+    hf.save_pretrained(path)
+    return path, hf, [hf_greedy(hf, p, MAX_NEW) for p in PROMPTS]
+
+
+@pytest.mark.parametrize("path_kind", ["fast", "reference"])
+def test_two_ranks_match_hf_in_a_batch_staggered_and_preempted(tiny, path_kind):
+    path, hf, want = tiny
+    # 24 blocks of 8: the staggered run preempts; 32-token steps chunk the long prompts
+    engine = LLMEngine(EngineConfig(model=str(path), tensor_parallel_size=2, num_kv_blocks=24, block_size=8,
+                                    max_num_batched_tokens=32, max_model_len=192,
+                                    **(REFERENCE_PATH if path_kind == "reference" else {})))
+    try:
+        _check_batch_then_staggered(engine, hf, want)
+    finally:
+        engine.close()
+    assert not any(p.is_alive() for p in engine._ranks)
+
+
+def _check_batch_then_staggered(engine: LLMEngine, hf, want: list[list[int]]) -> None:
+    attn = engine.runner.model.layers[0].self_attn
+    assert (attn.num_heads, attn.num_kv_heads) == (2, hf.config.num_key_value_heads // 2 or 1)
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True, logprobs=1)
+    for i, p in enumerate(PROMPTS):
+        engine.add_request(str(i), p, params)
+    outs = {}
+    while engine.has_unfinished_requests():
+        outs.update({o.request_id: o.outputs[0] for o in engine.step() if o.finished})
+    _assert_same([outs[str(i)].token_ids for i in range(len(PROMPTS))], want)
+    for i, p in enumerate(PROMPTS):
+        ref = _hf_log_softmax(hf, p, want[i])[len(p) - 1:]  # [MAX_NEW, V]: the generated tokens' rows
+        got = torch.tensor([lp.logprob for lp in outs[str(i)].logprobs])
+        assert (got - ref[torch.arange(MAX_NEW), torch.tensor(want[i])]).abs().max() < 1e-4
+    greedy = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
+    done = _run_staggered(engine, PROMPTS * 2, greedy, every=1)
+    assert engine.scheduler.num_preemptions > 0
+    _assert_same([done[str(i)][0] for i in range(2 * len(PROMPTS))], want * 2)
+
+
+def test_shapes_that_do_not_split_are_refused_by_name(tmp_path, smollm2_tokenizer):
+    make_tiny(tmp_path, smollm2_tokenizer, "llama", dict(num_attention_heads=4, num_key_value_heads=2))
+    with pytest.raises(ValueError, match="num_attention_heads"):
+        LLM(str(tmp_path), tensor_parallel_size=3)
+    with pytest.raises(ValueError, match="speculative_config"):
+        LLM(str(tmp_path), tensor_parallel_size=2, speculative_config={"method": "draft_model", "model": "self",
+                                                                        "num_layers": 1})
