@@ -169,9 +169,10 @@ class LLMEngine:
                                   self.config.load_format, self.backends, self.num_kv_blocks, self.config.block_size,
                                   self.config.seed, TP_TIMEOUT_S)
         init_method, self._ranks = tp_worker.spawn(self.tp.size, spec)
+        threads = torch.get_num_threads()
         tp_worker.share_cores(self.tp.size)
         self.tp, self._channel = tp_worker.join(0, self.tp.size, init_method, spec)
-        self._finalizer = weakref.finalize(self, _stop_ranks, self._channel, self._ranks)
+        self._finalizer = weakref.finalize(self, _stop_ranks, self._channel, self._ranks, threads)
 
     def close(self) -> None:
         """Stop the tensor-parallel ranks (nothing to do without them); the engine runs no more steps."""
@@ -598,8 +599,9 @@ def _attention_shape(hf_config, tp: TensorParallel = SINGLE) -> tuple[int, int, 
     return heads, tp.kv_heads(hf_config.num_attention_heads, hf_config.num_key_value_heads)[1], head_dim(hf_config)
 
 
-def _stop_ranks(channel: tp_worker.Channel, procs: list) -> None:
-    """The engine is gone: its ranks are told to stop, and killed if they have not within seconds."""
+def _stop_ranks(channel: tp_worker.Channel, procs: list, threads: int) -> None:
+    """The engine is gone: its ranks are told to stop, and killed if they have not within seconds;
+    this process gets its torch threads back."""
     try:
         channel.stop()
     except Exception:
@@ -610,6 +612,7 @@ def _stop_ranks(channel: tp_worker.Channel, procs: list) -> None:
             p.kill()
             p.join()
     dist.destroy_process_group()
+    torch.set_num_threads(threads)
 
 
 def _reports(req: Request) -> bool:

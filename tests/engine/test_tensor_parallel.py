@@ -38,6 +38,7 @@ def tiny(request, tmp_path_factory, smollm2_tokenizer):
 def test_two_ranks_match_hf_in_a_batch_staggered_and_preempted(tiny, path_kind):
     path, hf, want = tiny
     # 24 blocks of 8: the staggered run preempts; 32-token steps chunk the long prompts
+    threads = torch.get_num_threads()  # (rank 0 takes its share of the cores while the ranks run)
     engine = LLMEngine(EngineConfig(model=str(path), tensor_parallel_size=2, num_kv_blocks=24, block_size=8,
                                     max_num_batched_tokens=32, max_model_len=192,
                                     **(REFERENCE_PATH if path_kind == "reference" else {})))
@@ -45,7 +46,7 @@ def test_two_ranks_match_hf_in_a_batch_staggered_and_preempted(tiny, path_kind):
         _check_batch_then_staggered(engine, hf, want)
     finally:
         engine.close()
-    assert not any(p.is_alive() for p in engine._ranks)
+    assert not any(p.is_alive() for p in engine._ranks) and torch.get_num_threads() == threads
 
 
 def _check_batch_then_staggered(engine: LLMEngine, hf, want: list[list[int]]) -> None:
