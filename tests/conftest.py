@@ -32,7 +32,7 @@ PASSAGE = (
 )
 
 PROMPT_LENGTHS = [1, 2, 5, 11, 17, 32, 64, 100, 150, 220, 310, 400]
-MAX_NEW_TOKENS = 32
+MAX_NEW_TOKENS = 16
 
 
 @pytest.fixture(scope="session")

@@ -107,7 +107,7 @@ def test_a_draft_model_needs_the_targets_tokenizer(tmp_path, smollm2_dir, smollm
 def test_the_target_as_its_own_draft_model_is_kept_nearly_always(smollm2_dir, reference_prompts, hf_reference):
     """The same weights in a pool of their own: the draft's cache must follow the target's every
     step (prefills, kept drafts, preemption) for its picks to be the target's."""
-    engine = LLMEngine(EngineConfig(model=str(smollm2_dir), num_kv_blocks=160, max_num_batched_tokens=128,
+    engine = LLMEngine(EngineConfig(model=str(smollm2_dir), num_kv_blocks=120, max_num_batched_tokens=128,
                                     block_size=4, speculative_config=SpeculativeConfig.parse(
                                         _draft_of_its_own(smollm2_dir))))
     prompts, want = reference_prompts[1::2], hf_reference[1::2]

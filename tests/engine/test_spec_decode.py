@@ -83,7 +83,7 @@ def test_greedy_in_one_batch_matches_hf_and_drafts_are_accepted(spec_llm, refere
 
 
 def test_staggered_and_preempted_match_hf(smollm2_dir, reference_prompts, hf_reference):
-    engine = LLMEngine(EngineConfig(model=str(smollm2_dir), num_kv_blocks=40, max_num_batched_tokens=128,
+    engine = LLMEngine(EngineConfig(model=str(smollm2_dir), num_kv_blocks=28, max_num_batched_tokens=128,
                                     speculative_config=SpeculativeConfig(**NGRAM)))
     prompts, want = reference_prompts[::2], hf_reference[::2]  # (every other: the suite's time)
     done = _run_staggered(engine, prompts, GREEDY, every=1)
