@@ -86,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"kvserve: {e}", file=sys.stderr)
         return 2
+    from engine.frontend.llm_engine import follow_rank_zero
+    if follow_rank_zero(config):  # torchrun's ranks 1.. serve nothing: they ran rank 0's steps
+        return 0
     from engine.frontend.async_llm import AsyncLLM
     from server.app import create_app
 

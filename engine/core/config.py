@@ -152,8 +152,10 @@ class EngineConfig:
     enforce_eager: bool = _option(False, "no compiled kernels and no CUDA graphs (faster start, slower decode)")
     seed: int = _option(0, "seed of the shared sampling generator")
     tensor_parallel_size: int = _option(
-        1, "ranks the model is split over (tensor parallelism: one process per rank on this machine, gloo on "
-           "CPU, NCCL on CUDA)")
+        1, "ranks the model is split over (tensor parallelism: one process per rank, spawned on this machine or "
+           "started by torchrun; gloo on CPU, NCCL on CUDA)")
+    tensor_parallel_timeout: float = _option(
+        600.0, "seconds a tensor-parallel step may wait for a rank; one that died or hung longer ends the engine")
     disable_log_stats: bool = _option(False, "no stats lines in the log (every 10 s while serving: throughput, "
                                              "batch, KV cache, speculative acceptance)")
     speculative_config: SpeculativeConfig | None = _option(  # noqa: RUF009 - a dataclasses.field, as above
@@ -185,6 +187,7 @@ class EngineConfig:
         need(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization", "must be in (0, 1]")
         need(isinstance(self.tensor_parallel_size, int) and self.tensor_parallel_size >= 1, "tensor_parallel_size",
              "must be a positive integer")
+        need(self.tensor_parallel_timeout > 0, "tensor_parallel_timeout", "must be positive")
         need(self.tensor_parallel_size == 1 or self.speculative_config is None
              or self.speculative_config.method != "draft_model", "speculative_config",
              "draft_model does not run under tensor_parallel_size > 1 yet (ngram and lookahead do)")

@@ -163,6 +163,8 @@ class AsyncLLM:
             self.error = e
             for rid in list(self._streams):
                 self._deliver(rid, EngineDeadError(f"engine failure: {e}"))
+        finally:
+            self.engine.close()  # (its tensor-parallel ranks: stopped here, the thread that talks to them)
 
     def _drain_inbox(self, block: bool) -> None:
         """Apply what the inbox holds; when idle, wait for it (but wake for the stats line)."""

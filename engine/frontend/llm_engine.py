@@ -40,8 +40,6 @@ from engine.runner.model_runner import ModelRunner, ModelRunnerOutput
 from engine.runner.spec_decode import NgramProposer, SelfDraftProposer
 
 logger = logging.getLogger(__name__)
-# Seconds a rank waits in a collective for the others (a hung rank ends the engine after this long).
-TP_TIMEOUT_S = 600.0
 PROPOSERS = {"ngram": NgramProposer, "lookahead": LookaheadProposer, "draft_model": SelfDraftProposer}
 
 
@@ -103,8 +101,7 @@ class LLMEngine:
         self._draft = self._load_draft_model(spec.model) if spec and spec.method == "draft_model" \
             and spec.model != "self" else None
         self.num_kv_blocks = self._num_kv_blocks()
-        self._ranks: list = []  # the processes of ranks 1 .. size - 1
-        self._channel: tp_worker.Channel | None = None  # rank 0's messages to them
+        self._ranks: tp_worker.Ranks | None = None  # ranks 1 .. size - 1
         self._finalizer: weakref.finalize | None = None  # stops them (close(), or when the engine is collected)
         if self.tp.size > 1:
             self._start_ranks(src)
@@ -122,7 +119,7 @@ class LLMEngine:
         self.runner = ModelRunner(model, self.hf_config, self.num_kv_blocks, config.block_size, self.device,
                                   self.dtype, config.seed, self.backends.attention,
                                   config.max_num_seqs if graphs else 0, self.max_model_len)
-        self.runner.channel = self._channel
+        self.runner.channel = self._ranks and self._ranks.channel
         self._requests: dict[str, _RequestState] = {}
         self._failed: list[RequestOutput] = []  # outputs of requests failed during the current step
         self.metrics = EngineMetrics(self.model_name, self.scheduler, self.kv, config.speculative_config is not None)
@@ -165,14 +162,11 @@ class LLMEngine:
             raise ValueError(f"tensor_parallel_size: {self.hf_config.model_type} has no sharded layers yet "
                              "(the Llama, Mistral, Qwen, Phi-3 and MoE families do)")
         self.tp.share(self.hf_config.intermediate_size, "intermediate_size")  # (heads: checked by the shape)
-        spec = tp_worker.RankSpec(src, self.hf_config, self.max_model_len, self.dtype, self.device.type,
-                                  self.config.load_format, self.backends, self.num_kv_blocks, self.config.block_size,
-                                  self.config.seed, TP_TIMEOUT_S)
-        init_method, self._ranks = tp_worker.spawn(self.tp.size, spec)
-        threads = torch.get_num_threads()
-        tp_worker.share_cores(self.tp.size)
-        self.tp, self._channel = tp_worker.join(0, self.tp.size, init_method, spec)
-        self._finalizer = weakref.finalize(self, _stop_ranks, self._channel, self._ranks, threads)
+        spec = tp_worker.RankSpec(src, self.hf_config, self.max_model_len, self.dtype, self.config.load_format,
+                                  self.backends, self.num_kv_blocks, self.config.block_size, self.config.seed)
+        self.tp, self._ranks = tp_worker.start(self.tp.size, self.device.type, self.config.tensor_parallel_timeout,
+                                               spec)
+        self._finalizer = weakref.finalize(self, self._ranks.stop)
 
     def close(self) -> None:
         """Stop the tensor-parallel ranks (nothing to do without them); the engine runs no more steps."""
@@ -592,27 +586,21 @@ class LLMEngine:
         self.scheduler.check_invariants()
 
 
+def follow_rank_zero(config: EngineConfig) -> bool:
+    """Where torchrun started this process as rank 1 or above: run rank 0's steps on this rank's
+    shard until it says stop, and say True; elsewhere (rank 0, or no launcher) False at once."""
+    launched = tp_worker.launched()
+    if launched is None or launched[0] == 0:
+        return False
+    tp_worker.run_rank(*launched, "env://", pick_device(config.device).type, config.tensor_parallel_timeout)
+    return True
+
+
 def _attention_shape(hf_config, tp: TensorParallel = SINGLE) -> tuple[int, int, int]:
     """(query heads, KV heads, head_dim), as the model builds its attention (a rank's, under
     tensor parallelism)."""
     heads = tp.share(hf_config.num_attention_heads, "num_attention_heads")
     return heads, tp.kv_heads(hf_config.num_attention_heads, hf_config.num_key_value_heads)[1], head_dim(hf_config)
-
-
-def _stop_ranks(channel: tp_worker.Channel, procs: list, threads: int) -> None:
-    """The engine is gone: its ranks are told to stop, and killed if they have not within seconds;
-    this process gets its torch threads back."""
-    try:
-        channel.stop()
-    except Exception:
-        logger.warning("could not tell every tensor-parallel rank to stop", exc_info=True)
-    for p in procs:
-        p.join(timeout=10)
-        if p.is_alive():
-            p.kill()
-            p.join()
-    dist.destroy_process_group()
-    torch.set_num_threads(threads)
 
 
 def _reports(req: Request) -> bool:
@@ -621,7 +609,10 @@ def _reports(req: Request) -> bool:
 
 
 def _is_device_fault(error: BaseException) -> bool:
-    """A CUDA error leaves the context unusable for every request, so it ends the engine; any
-    other error is taken to be the fault of the request being served."""
+    """A CUDA error leaves the context unusable for every request, and tensor-parallel ranks out of
+    step cannot run another, so both end the engine; any other error is taken to be the fault of
+    the request being served."""
     accelerator = getattr(torch, "AcceleratorError", ())
-    return isinstance(error, accelerator) or (isinstance(error, RuntimeError) and "CUDA error" in str(error))
+    if isinstance(error, (accelerator, tp_worker.RanksOutOfStep)):
+        return True
+    return isinstance(error, RuntimeError) and "CUDA error" in str(error)

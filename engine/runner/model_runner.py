@@ -1,6 +1,7 @@
 """Turns a SchedulerOutput into tensors, runs the model, samples: one ModelRunnerOutput back."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -14,6 +15,7 @@ from engine.runner import contrastive
 from engine.runner.cuda_graphs import DecodeGraphs
 from engine.runner.sampler import Sampler, SamplingInputs, logprobs_of
 from engine.runner.spec_decode import TO_DRAFT
+from engine.runner.tp_worker import RanksOutOfStep
 
 
 @dataclass
@@ -160,23 +162,42 @@ class ModelRunner:
                 and self.graphs.can_run(len(batch.input_ids), meta.decode.block_tables.shape[1])):
             hidden = self.graphs.run(batch.input_ids, batch.rope_rows, meta)  # [T, hidden]
         else:
-            if self.channel is not None:
-                self.channel.forward(batch.input_ids, batch.rope_rows, meta)
-            hidden = self.model(batch.input_ids, batch.rope_rows, meta, self.kv_caches)  # [T, hidden]
+            with self._lockstep():
+                if self.channel is not None:
+                    self.channel.forward(batch.input_ids, batch.rope_rows, meta)
+                hidden = self.model(batch.input_ids, batch.rope_rows, meta, self.kv_caches)  # [T, hidden]
         if self.mirror_draft:
             self.draft_model(batch.input_ids, batch.positions, meta, self.draft_kv_caches)
         for seq_id, start, offset, n in batch.hidden_rows:
             self.hidden_states.write(seq_id, start, hidden[offset:offset + n])
         rows = [i for _, i, _ in batch.sample_rows] + [i for _, _, i in batch.prompt_rows]
-        if rows and self.channel is not None:
-            self.channel.logits(rows)
-        logits = self.model.compute_logits(hidden[rows]) if rows else None  # [R, V] float32
+        logits = self._logits(hidden, rows) if rows else None  # [R, V] float32
         out = ModelRunnerOutput()
         if batch.sample_rows:
             self._sample(logits[:len(batch.sample_rows)], batch.sample_rows, out, hidden)
         if batch.prompt_rows:
             self._prompt_logprobs(logits[len(batch.sample_rows):], batch, out)
         return out
+
+    def _logits(self, hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        with self._lockstep():
+            if self.channel is not None:
+                self.channel.logits(rows)
+            return self.model.compute_logits(hidden[rows])  # [R, V] float32
+
+    @contextmanager
+    def _lockstep(self):
+        """A part of the step every tensor-parallel rank runs with rank 0. If it raises on rank 0
+        (a rank died or timed out, or rank 0's share failed), the ranks wait at different points
+        from then on: no later step could be trusted, so the engine ends (RanksOutOfStep)."""
+        if self.channel is None:
+            yield
+            return
+        try:
+            yield
+        except Exception as e:
+            self.channel.in_step = False
+            raise RanksOutOfStep(f"a tensor-parallel step failed midway: {e}") from e
 
     # --- inputs ---------------------------------------------------------------------------
     def _prepare(self, sched: SchedulerOutput) -> _Batch:
@@ -295,9 +316,10 @@ class ModelRunner:
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Forked beams: copy whole blocks (source -> destination) in every layer's cache."""
         src, dst = self._tensor([c[0] for c in copies]), self._tensor([c[1] for c in copies])
-        if self.channel is not None:
-            self.channel.copy(src, dst)
-        self.copy_blocks(src, dst)
+        with self._lockstep():
+            if self.channel is not None:
+                self.channel.copy(src, dst)
+            self.copy_blocks(src, dst)
 
     def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Block src[i]'s KV into block dst[i], in every layer's cache (this rank's shard)."""

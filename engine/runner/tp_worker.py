@@ -9,7 +9,9 @@ their own (host tensors, also under NCCL, whose group the model's collectives us
 """
 from __future__ import annotations
 
+import logging
 import os
+import signal
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
@@ -21,6 +23,8 @@ import torch.multiprocessing as mp
 from engine.kernels import cpu
 from engine.layers.attention import AttentionMetadata, DecodeBackend, PrefillSpan
 from engine.layers.parallel import TensorParallel
+
+logger = logging.getLogger(__name__)
 
 FORWARD, LOGITS, COPY, STOP = range(4)
 _NONE = -1  # an absent block table in a span's description
@@ -72,11 +76,22 @@ class _Reader:
         return self.take(n).tolist()
 
 
+class RanksOutOfStep(RuntimeError):
+    """Rank 0's part of a step every rank runs failed: a rank died or hung past the timeout, or
+    rank 0's own share raised midway. The ranks no longer run the same step; the engine ends."""
+
+
+# A rank waits for rank 0's next message however long the engine idles; rank 0's sends and the
+# model's collectives keep the timeout, so a dead or hung rank is noticed within it.
+_IDLE = timedelta(days=365)
+
+
 class Channel:
     """Rank 0's messages to the other ranks, on a gloo group (`group`)."""
 
     def __init__(self, group) -> None:
         self.group = group
+        self.in_step = True  # False once a step failed midway (see RanksOutOfStep)
 
     def send(self, command: int, payload: torch.Tensor | None = None) -> None:
         n = 0 if payload is None else payload.numel()
@@ -85,14 +100,27 @@ class Channel:
             dist.broadcast(payload, src=0, group=self.group)
 
     def receive(self) -> tuple[int, torch.Tensor | None]:
-        header = torch.empty(2, dtype=torch.int64)
-        dist.broadcast(header, src=0, group=self.group)
+        header = self._wait(torch.empty(2, dtype=torch.int64))
         command, n = header.tolist()
         if not n:
             return command, None
-        payload = torch.empty(n, dtype=torch.int64)
-        dist.broadcast(payload, src=0, group=self.group)
-        return command, payload
+        return command, self._wait(torch.empty(n, dtype=torch.int64))
+
+    def _wait(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Receive one broadcast from rank 0 into `tensor`, waiting up to _IDLE for it."""
+        opts = dist.BroadcastOptions()
+        opts.rootRank, opts.rootTensor, opts.timeout = 0, 0, _IDLE
+        self.group.broadcast([tensor], opts).wait()
+        return tensor
+
+    def send_spec(self, spec: RankSpec) -> None:
+        """Once, at start: what the ranks build (pickled; the steps' messages are not)."""
+        dist.broadcast_object_list([spec], src=0, group=self.group)
+
+    def receive_spec(self) -> RankSpec:
+        box = [None]
+        dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
 
     # --- rank 0 ---------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, rope_rows: torch.Tensor, meta: AttentionMetadata) -> None:
@@ -137,54 +165,106 @@ class RankSpec:
     hf_config: object
     max_model_len: int
     dtype: torch.dtype
-    device_type: str
     load_format: str
     backends: object  # engine.platform.Backends
     num_blocks: int
     block_size: int
     seed: int
-    timeout_s: float
 
 
-def join(rank: int, size: int, init_method: str, spec: RankSpec) -> tuple[TensorParallel, Channel]:
+def join(rank: int, size: int, init_method: str, device_type: str, timeout_s: float) -> tuple[TensorParallel, Channel]:
     """Join the process group (gloo on CPU, NCCL on CUDA) and the gloo group of rank 0's messages."""
-    backend = "nccl" if spec.device_type == "cuda" else "gloo"
-    timeout = timedelta(seconds=spec.timeout_s)
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    timeout = timedelta(seconds=timeout_s)
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size, timeout=timeout)
     control = dist.new_group(backend="gloo", timeout=timeout)
     return TensorParallel(rank, size), Channel(control)
 
 
+def launched() -> tuple[int, int] | None:
+    """(rank, world size) when torchrun (or another env:// launcher) started this process, else None."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return None
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+
+
 def share_cores(size: int) -> None:
-    """Each rank's torch threads: its share of the cores (more would contend for them)."""
+    """Each rank's torch threads: its share of the cores (more would contend for them). size: the
+    ranks on this machine."""
+    size = int(os.environ.get("LOCAL_WORLD_SIZE", size))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
 
 
-def spawn(size: int, spec: RankSpec) -> tuple[str, list]:
+class Ranks:
+    """Rank 0's hold on ranks 1..: the channel to them and, when it spawned them, their processes."""
+
+    def __init__(self, channel: Channel, procs: list, threads: int) -> None:
+        self.channel, self.procs, self.threads = channel, procs, threads
+
+    def stop(self) -> None:
+        """Tell the ranks to stop (or, out of step, kill them) and leave the process group; this
+        process gets its torch threads back."""
+        if self.channel.in_step:
+            try:
+                self.channel.stop()
+            except Exception:  # a rank already gone: it is killed below
+                logger.warning("could not tell every tensor-parallel rank to stop", exc_info=True)
+        for p in self.procs:
+            p.join(timeout=10 if self.channel.in_step else 0)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        dist.destroy_process_group()
+        torch.set_num_threads(self.threads)
+
+
+def start(size: int, device_type: str, timeout_s: float, spec: RankSpec) -> tuple[TensorParallel, Ranks]:
+    """Start ranks 1 .. size - 1 (or, under torchrun, find them), join them as rank 0 and send them
+    the spec; (this rank's TensorParallel, the hold on the others)."""
+    procs, init_method = [], "env://"
+    if launched() is None:
+        init_method, procs = _spawn(size, device_type, timeout_s)
+    elif launched() != (0, size):
+        raise ValueError(f"tensor_parallel_size: {size}, but the launcher started rank {launched()[0]} of "
+                         f"{launched()[1]} here (it must be rank 0 of {size})")
+    threads = torch.get_num_threads()
+    share_cores(size)
+    tp, channel = join(0, size, init_method, device_type, timeout_s)
+    channel.send_spec(spec)
+    return tp, Ranks(channel, procs, threads)
+
+
+def _spawn(size: int, device_type: str, timeout_s: float) -> tuple[str, list]:
     """Start ranks 1 .. size - 1 as processes on this machine; (the init method, the processes)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     init_method = f"tcp://127.0.0.1:{port}"
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=run_rank, args=(rank, size, init_method, spec), daemon=True, name=f"kvserve-tp{rank}")
-             for rank in range(1, size)]
+    procs = [ctx.Process(target=run_rank, args=(rank, size, init_method, device_type, timeout_s), daemon=True,
+                         name=f"kvserve-tp{rank}") for rank in range(1, size)]
     for p in procs:
         p.start()
     return init_method, procs
 
 
-def run_rank(rank: int, size: int, init_method: str, spec: RankSpec) -> None:
-    """A rank other than 0: build the shard, then run rank 0's steps until it says stop."""
+def run_rank(rank: int, size: int, init_method: str, device_type: str, timeout_s: float) -> None:
+    """A rank other than 0: build the shard rank 0 describes, then run its steps until it says stop."""
     from engine.models.loader import build_model
     from engine.runner.model_runner import ModelRunner
 
+    # Ctrl-C reaches every rank, torchrun passes SIGTERM on to each: rank 0 drains its requests,
+    # then tells them to stop (if it dies instead, their next wait fails and they exit)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     share_cores(size)
-    if "cpp" in (spec.backends.elementwise, spec.backends.attention) or spec.backends.skinny_linears:
-        cpu.load()  # rank 0 loaded the C++ kernels when it chose them; this process has not
-    device = torch.device(spec.device_type, rank if spec.device_type == "cuda" else None)
-    tp, channel = join(rank, size, init_method, spec)
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    device = torch.device(device_type, local if device_type == "cuda" else None)
+    tp, channel = join(rank, size, init_method, device_type, timeout_s)
     try:
+        spec = channel.receive_spec()
+        if "cpp" in (spec.backends.elementwise, spec.backends.attention) or spec.backends.skinny_linears:
+            cpu.load()  # rank 0 loaded the C++ kernels when it chose them; this process has not
         model = build_model(spec.src, spec.hf_config, spec.max_model_len, spec.dtype, device, spec.load_format,
                             spec.backends, tp)
         runner = ModelRunner(model, spec.hf_config, spec.num_blocks, spec.block_size, device, spec.dtype,

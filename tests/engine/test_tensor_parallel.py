@@ -4,12 +4,16 @@ reference ones; for a model whose KV heads split over the ranks and one with few
 ranks (replicated). Shapes that do not split are refused by name."""
 from __future__ import annotations
 
+import os
+import signal
+import time
+
 import pytest
 import torch
 
 from engine import LLM, SamplingParams
 from engine.core.config import EngineConfig
-from engine.frontend.llm_engine import LLMEngine
+from engine.frontend.llm_engine import DeviceFaultError, LLMEngine
 from tests.conftest import hf_greedy
 from tests.engine.test_correctness import _assert_same, _run_staggered
 from tests.engine.test_model_families import REFERENCE_PATH, _hf_log_softmax
@@ -46,7 +50,7 @@ def test_two_ranks_match_hf_in_a_batch_staggered_and_preempted(tiny, path_kind):
         _check_batch_then_staggered(engine, hf, want)
     finally:
         engine.close()
-    assert not any(p.is_alive() for p in engine._ranks) and torch.get_num_threads() == threads
+    assert not any(p.is_alive() for p in engine._ranks.procs) and torch.get_num_threads() == threads
 
 
 def _check_batch_then_staggered(engine: LLMEngine, hf, want: list[list[int]]) -> None:
@@ -76,3 +80,59 @@ def test_shapes_that_do_not_split_are_refused_by_name(tmp_path, smollm2_tokenize
     with pytest.raises(ValueError, match="speculative_config"):
         LLM(str(tmp_path), tensor_parallel_size=2, speculative_config={"method": "draft_model", "model": "self",
                                                                         "num_layers": 1})
+
+
+# --- a rank that dies, hangs or waits ------------------------------------------------------------
+def _two_ranks(path, timeout: float) -> LLMEngine:
+    return LLMEngine(EngineConfig(model=str(path), tensor_parallel_size=2, num_kv_blocks=24, block_size=8,
+                                  max_model_len=192, tensor_parallel_timeout=timeout))
+
+
+def _greedy(engine: LLMEngine, rid: str) -> list[int]:
+    engine.add_request(rid, PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True))
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                return out.outputs[0].token_ids
+    raise AssertionError("the request did not finish")
+
+
+@pytest.mark.parametrize("tiny", ["kv-split"], indirect=True)  # (one shape: the fault is not in the layers)
+def test_ranks_wait_for_the_next_step_longer_than_the_timeout(tiny):
+    """The timeout bounds a step, not the engine's idle time: ranks left waiting past it still serve."""
+    path, _, want = tiny
+    engine = _two_ranks(path, timeout=2.0)
+    try:
+        assert _greedy(engine, "a") == want[0]
+        time.sleep(4.0)  # idle for twice the timeout (no timing is asserted)
+        assert _greedy(engine, "b") == want[0]
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("tiny", ["kv-split"], indirect=True)
+@pytest.mark.parametrize("fault", ["killed", "hung"])
+def test_a_rank_that_dies_or_hangs_ends_the_engine(tiny, fault):
+    """Mid-run, rank 1 is killed (or stopped: its collectives time out): the next step raises
+    DeviceFaultError instead of hanging or failing the requests one by one, close() returns and
+    leaves no rank process and no process group, and a new engine can start in this process."""
+    path, _, want = tiny
+    engine = _two_ranks(path, timeout=3.0)
+    rank = engine._ranks.procs[0]
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
+    engine.add_request("a", PROMPTS[0], params)
+    engine.step()
+    os.kill(rank.pid, signal.SIGKILL if fault == "killed" else signal.SIGSTOP)
+    try:
+        with pytest.raises(DeviceFaultError, match="tensor-parallel"):
+            for _ in range(MAX_NEW):
+                engine.step()
+    finally:
+        engine.close()
+    rank.join(timeout=30)
+    assert not rank.is_alive() and not torch.distributed.is_initialized()
+    again = _two_ranks(path, timeout=30.0)
+    try:
+        assert _greedy(again, "b") == want[0]
+    finally:
+        again.close()

@@ -18,16 +18,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(model_dir, *extra: str, name: str | None = "smol") -> tuple[subprocess.Popen, str]:
+def launch(model_dir, *extra: str, name: str | None = "smol",
+           launcher: tuple[str, ...] = (sys.executable,)) -> tuple[subprocess.Popen, str]:
     """The server process and its base URL, once /health answers 200 (bounded wait).
 
-    model_dir None serves the bundled default model; name None keeps the model's own name.
+    model_dir None serves the bundled default model; name None keeps the model's own name;
+    launcher: what runs `-m server` (e.g. torchrun and its flags).
     """
     port = free_port()
     args = ["--port", str(port), "--log-level", "warning", *extra]
     args += ["--model", str(model_dir)] if model_dir is not None else []
     args += ["--served-model-name", name] if name is not None else []
-    proc = subprocess.Popen([sys.executable, "-m", "server", "serve", *args], cwd=ROOT,
+    proc = subprocess.Popen([*launcher, "-m", "server", "serve", *args], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
@@ -49,6 +51,27 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait(timeout=60)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes below pid (children, theirs, ...), from /proc."""
+    children = []
+    for task in os.listdir(f"/proc/{pid}/task") if os.path.isdir(f"/proc/{pid}/task") else ():
+        try:  # (a child belongs to the thread that started it)
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                children += [int(c) for c in f.read().split()]
+        except FileNotFoundError:
+            pass
+    return children + [d for c in children for d in descendants(c)]
+
+
+def running(pid: int) -> bool:
+    """Whether pid is a process that has not exited (a zombie has)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def metrics(base: str) -> dict[str, float]:
