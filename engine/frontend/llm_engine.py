@@ -95,7 +95,7 @@ class LLMEngine:
         # tensor parallelism: this process is rank 0; its shapes are a rank's share
         self.tp = TensorParallel(0, config.tensor_parallel_size)
         self.backends = platform.choose(config, self.device, self.dtype, _attention_shape(self.hf_config, self.tp),
-                                        src.gguf_origin is not None and self.tp.size == 1)
+                                        src.gguf_origin is not None)
         spec = config.speculative_config
         # a draft model of its own: loaded before the pool is sized, which holds its KV too
         self._draft = self._load_draft_model(spec.model) if spec and spec.method == "draft_model" \

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from engine.kernels import cpu
+from engine.layers.parallel import Shard
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,23 @@ class Blocks:
 
     def rows(self, index: torch.Tensor) -> Blocks:
         return Blocks(self.q[index], self.d[index], None if self.m is None else self.m[index])
+
+    def shard(self, shard: Shard) -> Blocks | None:
+        """A tensor-parallel rank's part (engine/layers/parallel.py); None where its columns do not
+        start and end on whole blocks."""
+        if shard.cols is not None:
+            first, n = shard.cols
+            if first % BLOCK or n % BLOCK:
+                return None
+            cut = slice(first // BLOCK, (first + n) // BLOCK)
+            return Blocks(self.q[:, first:first + n], self.d[:, cut], None if self.m is None else self.m[:, cut])
+        part = self.rows(shard.row_index())
+        missing = (shard.pad_rows or 0) - len(part.q)
+        if missing <= 0:
+            return part
+        zeros = Blocks(part.q.new_zeros(missing, part.q.shape[1]), part.d.new_zeros(missing, part.d.shape[1]),
+                       None if part.m is None else part.m.new_zeros(missing, part.m.shape[1]))
+        return Blocks.cat([part, zeros])  # (zero scales: zero weights)
 
     @staticmethod
     def cat(parts: list[Blocks]) -> Blocks:
@@ -134,7 +152,8 @@ def _sources(model: nn.Module, hf_config) -> dict[str, list[list[tuple[str, int 
     return out
 
 
-def _matching_blocks(blocks: dict[str, Blocks], layouts, weight: torch.Tensor) -> Blocks | None:
+def _matching_blocks(blocks: dict[str, Blocks], layouts, weight: torch.Tensor,
+                     shard: Shard | None) -> Blocks | None:
     for layout in layouts:
         if not all(name in blocks for name, _ in layout):
             continue
@@ -144,14 +163,17 @@ def _matching_blocks(blocks: dict[str, Blocks], layouts, weight: torch.Tensor) -
             candidate = Blocks.cat(parts)
         except ValueError:
             continue
-        if candidate.q.shape == weight.shape and torch.equal(candidate.dequantize(), weight):
+        if shard is not None:
+            candidate = candidate.shard(shard)
+        if candidate is not None and candidate.q.shape == weight.shape and torch.equal(candidate.dequantize(), weight):
             return candidate
     return None
 
 
-def use_gguf_linears(model: nn.Module, path: Path, hf_config) -> int:
+def use_gguf_linears(model: nn.Module, path: Path, hf_config, shard_of=None) -> int:
     """Replace each float32 CPU nn.Linear whose weight the GGUF file's blocks reproduce exactly by a
-    GGUFLinear; returns how many."""
+    GGUFLinear; returns how many. shard_of(weight name) -> Shard | None: under tensor parallelism,
+    the part of the whole weight this rank's linear holds (the blocks are cut to it)."""
     blocks = read_gguf_blocks(path)
     replaced = 0
     for name, layouts in _sources(model, hf_config).items():
@@ -159,7 +181,7 @@ def use_gguf_linears(model: nn.Module, path: Path, hf_config) -> int:
         if not (isinstance(linear, nn.Linear) and linear.weight.dtype == torch.float32
                 and linear.weight.device.type == "cpu"):
             continue
-        found = _matching_blocks(blocks, layouts, linear.weight)
+        found = _matching_blocks(blocks, layouts, linear.weight, shard_of and shard_of(f"{name}.weight"))
         if found is None:
             log.info("%s: no GGUF blocks in %s reproduce its weight; it stays float32", name, path.name)
             continue

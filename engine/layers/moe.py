@@ -5,6 +5,10 @@ The step's (token, expert) pairs are sorted by expert once, so that each expert'
 contiguous slice; then either torch's grouped matmul multiplies every slice by its expert in one
 call (`grouped_mm`, where engine/platform.py found it works for the device and dtype), or a loop
 runs one matmul per expert that has rows. Never a Python iteration per token.
+
+Under tensor parallelism each rank holds every expert's slice of the intermediate units (rows of
+w13's gate and up parts, the matching columns of w2), routes the same way (the router is whole on
+every rank) and the partial outputs are summed by one all-reduce, as in a dense MLP.
 """
 from __future__ import annotations
 
@@ -13,13 +17,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.layers.ops import EAGER_OPS
+from engine.layers.parallel import SINGLE, TensorParallel
 
 
 class MoE(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int,
-                 renormalize: bool) -> None:
+                 renormalize: bool, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
-        self.num_experts, self.top_k, self.renormalize = num_experts, top_k, renormalize
+        self.num_experts, self.top_k, self.renormalize, self.tp = num_experts, top_k, renormalize, tp
+        intermediate_size = tp.share(intermediate_size, "the experts' intermediate size")  # this rank's units
         self.gate = nn.Linear(hidden_size, num_experts, bias=False)  # the router
         # every expert's gate rows then up rows, and its down projection, stacked
         self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
@@ -38,7 +44,8 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, experts = self.route(x)
-        return grouped_experts(x, weights, experts, self.w13, self.w2, self.ops.silu_mul, self.grouped_mm)
+        out = grouped_experts(x, weights, experts, self.w13, self.w2, self.ops.silu_mul, self.grouped_mm)
+        return self.tp.all_reduce(out)  # (row-parallel w2)
 
 
 def grouped_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, w13: torch.Tensor,

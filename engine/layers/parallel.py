@@ -67,6 +67,33 @@ class TensorParallel:
 SINGLE = TensorParallel()
 
 
+@dataclass(frozen=True)
+class Shard:
+    """A rank's part of a whole weight [N, K] (or bias [N]): rows picked part by part, a fused
+    weight's parts (q, k, v; gate, up) each on its own; or a slice of its columns. Rows past the
+    end of a part are absent, and zero rows pad the result to pad_rows (a vocabulary's last rank)."""
+
+    rows: list[tuple[int, int, int]] | None = None  # per part: (its rows in the whole, first, count)
+    cols: tuple[int, int] | None = None  # (first, count)
+    pad_rows: int | None = None
+
+    def row_index(self) -> torch.Tensor:
+        """[n] the whole weight's rows this rank holds, in order."""
+        picks, start = [], 0
+        for whole, first, n in self.rows:
+            picks.append(torch.arange(start + first, start + min(first + n, whole)))
+            start += whole
+        return torch.cat(picks)
+
+    def of(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.cols is not None:
+            first, n = self.cols
+            return tensor[:, first:first + n]
+        tensor = tensor[self.row_index()]
+        missing = (self.pad_rows or 0) - len(tensor)
+        return torch.cat([tensor, tensor.new_zeros(missing, *tensor.shape[1:])]) if missing > 0 else tensor
+
+
 class VocabParallelEmbedding(nn.Module):
     """An embedding table split by rows over the ranks (weight [padded vocab / size, hidden])."""
 

@@ -15,7 +15,7 @@ from torch import nn
 from engine.layers.attention import AttentionMetadata, paged_attention
 from engine.layers.moe import MoE
 from engine.layers.ops import EAGER_OPS, Ops
-from engine.layers.parallel import SINGLE, TensorParallel, VocabParallelEmbedding
+from engine.layers.parallel import SINGLE, Shard, TensorParallel, VocabParallelEmbedding
 
 
 class RMSNorm(nn.Module):
@@ -133,14 +133,15 @@ class MLP(nn.Module):
 QK_NORM_TYPES = ("qwen3", "qwen3_moe", "gemma3_text")
 
 
-def moe_of_layer(cfg, index: int) -> MoE | None:
+def moe_of_layer(cfg, index: int, tp: TensorParallel = SINGLE) -> MoE | None:
     """The routed experts of layer `index`, for the MoE variants (None: a dense MLP)."""
     if cfg.model_type == "mixtral":
-        return MoE(cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts, cfg.num_experts_per_tok, True)
+        return MoE(cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts, cfg.num_experts_per_tok, True,
+                   tp)
     if cfg.model_type == "qwen3_moe" and cfg.num_experts > 0 and index not in cfg.mlp_only_layers \
             and (index + 1) % cfg.decoder_sparse_step == 0:
         return MoE(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, cfg.num_experts_per_tok,
-                   cfg.norm_topk_prob)
+                   cfg.norm_topk_prob, tp)
     return None
 
 
@@ -151,7 +152,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg, qkv_bias, o_bias, window, tp=tp)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = moe_of_layer(cfg, index) or MLP(cfg, tp)
+        self.mlp = moe_of_layer(cfg, index, tp) or MLP(cfg, tp)
 
     def forward(self, h, cos, sin, meta, kv_cache):
         a = self.self_attn(self.input_layernorm(h), cos, sin, meta, kv_cache)
@@ -266,32 +267,38 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"checkpoint lacks tensors of {len(missing)} parameters, e.g. {missing[:3]}")
 
     def _shard(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        """This rank's part of a whole checkpoint tensor (engine/layers/parallel.py): rows of the
-        column-parallel projections (each fused part on its own), columns of the row-parallel ones
-        (whose bias rank 0 alone adds), rows of the padded vocabulary, the rest whole."""
+        """This rank's part of a whole checkpoint tensor (engine/layers/parallel.py); a row-parallel
+        projection's bias is rank 0's alone (the all-reduce would count it once a rank)."""
+        if name.endswith("bias") and name.split(".")[-2] in ("o_proj", "down_proj"):
+            return tensor if self.tp.rank == 0 else torch.zeros_like(tensor)
+        shard = self.shard_of(name)
+        return tensor if shard is None else shard.of(tensor)
+
+    def shard_of(self, name: str) -> Shard | None:
+        """Which part of the whole tensor `name` (a checkpoint's or a fused one of ours) this rank
+        holds: rows of the column-parallel projections (each fused part on its own), columns of the
+        row-parallel ones, rows of the padded vocabulary; None: the whole of it."""
         cfg, tp, a = self.config, self.tp, self.layers[0].self_attn
         d, inter = a.head_dim, cfg.intermediate_size // tp.size
         q = (cfg.num_attention_heads * d, tp.rank * a.q_size, a.q_size)  # (whole rows, first, count)
         kv = (cfg.num_key_value_heads * d, a.first_kv_head * d, a.kv_size)
         mlp = (cfg.intermediate_size, tp.rank * inter, inter)
         kind = name.split(".")[-2] if "." in name else name
-        if ".experts." in name or kind == "gate":  # MoE layers run whole on every rank
-            return tensor
+        if ".experts." in name:  # an expert's slice of its units, as a dense MLP's
+            n = self.layers[int(name.split(".")[1])].mlp.w2.shape[-1]
+            mlp = (n * tp.size, tp.rank * n, n)
+            kind = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}.get(kind, kind)
         parts = {"q_proj": [q], "k_proj": [kv], "v_proj": [kv], "qkv_proj": [q, kv, kv],
                  "gate_proj": [mlp], "up_proj": [mlp], "gate_up_proj": [mlp, mlp]}.get(kind)
         if parts is not None:
-            pieces = tensor.split([whole for whole, _, _ in parts])
-            return torch.cat([p[first:first + n] for p, (_, first, n) in zip(pieces, parts)])
+            return Shard(rows=parts)
         if kind in ("o_proj", "down_proj"):
-            if name.endswith("bias"):
-                return tensor if tp.rank == 0 else torch.zeros_like(tensor)
             _, first, n = q if kind == "o_proj" else mlp
-            return tensor[:, first:first + n]
+            return Shard(cols=(first, n))
         if kind in ("embed_tokens", "lm_head"):
             n = self.lm_head.out_features
-            rows = tensor[tp.rank * n:(tp.rank + 1) * n]
-            return torch.cat([rows, rows.new_zeros(n - len(rows), rows.shape[1])])  # (past the vocabulary)
-        return tensor
+            return Shard(rows=[(cfg.vocab_size, tp.rank * n, n)], pad_rows=n)  # (zeros past the vocabulary)
+        return None  # norms, an MoE router
 
     def _place(self, name: str, params: dict) -> tuple[str, torch.Tensor]:
         """The parameter a checkpoint tensor belongs to, and the part of it that the tensor fills."""

@@ -252,7 +252,7 @@ def build_model(src: ModelSource, hf_config, max_len: int, dtype: torch.dtype, d
         model.load_weights(iter_weights(src))
     model = model.to(dtype=dtype).eval().requires_grad_(False)
     if backends.gguf_linears:
-        n = use_gguf_linears(model, src.gguf_origin, hf_config)
+        n = use_gguf_linears(model, src.gguf_origin, hf_config, model.shard_of if tp.size > 1 else None)
         logger.info("%d linear layers multiply with the GGUF blocks of %s", n, src.gguf_origin.name)
     if backends.packed_linears:
         pack_linears(model, skinny=backends.skinny_linears)  # the rest

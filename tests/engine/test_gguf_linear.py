@@ -9,6 +9,7 @@ from gguf import GGMLQuantizationType, quants
 from engine import platform
 from engine.kernels import cpu
 from engine.layers.gguf_linear import Blocks, GGUFLinear, read_gguf_blocks, use_gguf_linears
+from engine.layers.parallel import TensorParallel
 from engine.models.llama import LlamaForCausalLM
 from engine.models.loader import bundled_gguf_path, iter_weights, load_hf_config, resolve_source
 
@@ -102,3 +103,23 @@ def test_read_gguf_blocks_finds_the_bundled_layers():
     blocks = read_gguf_blocks(bundled_gguf_path())
     assert blocks["blk.0.attn_q.weight"].q.shape == (576, 576) and blocks["blk.0.attn_q.weight"].m is not None
     assert blocks["token_embd.weight"].q.shape == (49152, 576) and blocks["token_embd.weight"].m is None  # Q8_0
+
+
+@needs_kernel
+def test_each_tensor_parallel_rank_multiplies_with_its_part_of_the_blocks(smollm2_dir):
+    """SmolLM2 over 3 ranks (its 9 heads and 3 KV heads split by 3): every rank's qkv, o, gate_up,
+    down and vocabulary slice of the LM head is cut from the GGUF blocks, bit for bit its float32 shard
+    (the swap checks that), and computes the same."""
+    src = resolve_source(str(smollm2_dir))
+    cfg = load_hf_config(src)
+    x, h = torch.randn(3, cfg.hidden_size), torch.randn(3, cfg.intermediate_size // 3)
+    for rank in range(3):
+        model = LlamaForCausalLM(cfg, 64, TensorParallel(rank, 3))
+        model.load_weights(iter_weights(src))
+        model.eval().requires_grad_(False)
+        want = model.layers[2].mlp.down_proj(h), model.lm_head(x)  # [3, hidden] and [3, vocab / 3]
+        assert use_gguf_linears(model, bundled_gguf_path(), cfg, model.shard_of) == 4 * cfg.num_hidden_layers + 1
+        assert isinstance(model.layers[2].mlp.down_proj, GGUFLinear) and isinstance(model.lm_head, GGUFLinear)
+        got = model.layers[2].mlp.down_proj(h), model.lm_head(x)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)

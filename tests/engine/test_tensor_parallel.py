@@ -14,9 +14,9 @@ import torch
 from engine import LLM, SamplingParams
 from engine.core.config import EngineConfig
 from engine.frontend.llm_engine import DeviceFaultError, LLMEngine
-from tests.conftest import hf_greedy
+from tests.conftest import MAX_NEW_TOKENS, hf_greedy
 from tests.engine.test_correctness import _assert_same, _run_staggered
-from tests.engine.test_model_families import REFERENCE_PATH, _hf_log_softmax
+from tests.engine.test_model_families import FAMILIES, MOE, REFERENCE_PATH, _hf_log_softmax
 from tests.engine.test_models import make_tiny
 
 MAX_NEW = 12
@@ -136,3 +136,40 @@ def test_a_rank_that_dies_or_hangs_ends_the_engine(tiny, fault):
         assert _greedy(again, "b") == want[0]
     finally:
         again.close()
+
+
+@pytest.mark.parametrize("kind", MOE)
+def test_experts_split_over_two_ranks_match_hf(tmp_path, smollm2_tokenizer, kind):
+    """Each rank holds every expert's half of the units (Qwen3-MoE with a dense layer, Mixtral's
+    w1/w2/w3 names): greedy tokens and logprobs as transformers'."""
+    hf = make_tiny(tmp_path, smollm2_tokenizer, *FAMILIES[kind])
+    want = [hf_greedy(hf, p, MAX_NEW) for p in PROMPTS]
+    llm = LLM(str(tmp_path), tensor_parallel_size=2, num_kv_blocks=64, block_size=8)
+    try:
+        mlp = llm.engine.runner.model.layers[0].mlp
+        assert mlp.w2.shape[-1] * 2 == (hf.config.moe_intermediate_size if kind == "qwen3_moe"
+                                        else hf.config.intermediate_size)
+        params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True, logprobs=1)
+        outs = [o.outputs[0] for o in llm.generate(PROMPTS, params)]
+    finally:
+        llm.engine.close()
+    _assert_same([o.token_ids for o in outs], want)
+    for p, o, w in zip(PROMPTS, outs, want):
+        ref = _hf_log_softmax(hf, p, w)[len(p) - 1:]
+        got = torch.tensor([lp.logprob for lp in o.logprobs])
+        assert (got - ref[torch.arange(MAX_NEW), torch.tensor(w)]).abs().max() < 1e-4
+
+
+def test_the_bundled_model_over_three_ranks_on_its_gguf_blocks(reference_prompts, hf_reference):
+    """SmolLM2's 9 heads and 3 KV heads split over 3 ranks, each multiplying with its part of the
+    GGUF blocks (the default path for the bundled model): transformers' greedy tokens."""
+    picked = [2, 6, 9]  # prompts of 5, 64 and 220 tokens
+    llm = LLM(None, tensor_parallel_size=3, num_kv_blocks=64)
+    try:
+        assert llm.engine.backends.gguf_linears
+        assert type(llm.engine.runner.model.layers[0].self_attn.qkv_proj).__name__ == "GGUFLinear"
+        outs = llm.generate([reference_prompts[i] for i in picked],
+                            SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS, ignore_eos=True))
+    finally:
+        llm.engine.close()
+    _assert_same([o.outputs[0].token_ids for o in outs], [hf_reference[i] for i in picked])
