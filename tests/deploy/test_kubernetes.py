@@ -1,4 +1,4 @@
-"""deploy/kubernetes: every manifest of both overlays valid for a current Kubernetes, and the
+"""deploy/kubernetes: every manifest of the overlays valid for a current Kubernetes, and the
 Deployment's probes, ports, grace period and command in agreement with the server's CLI."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from server.cli import build_parser
 from tests.server.launch import ROOT
 
 KUBE = Path(ROOT) / "deploy" / "kubernetes"
-OVERLAYS = ["cpu", "gpu"]
+OVERLAYS = ["cpu", "gpu", "gpu-tp"]
 VERSION = "1.34.0"  # a current release, supported by kubernetes-validate's bundled schemas
 
 
@@ -83,7 +83,8 @@ def test_the_deployment_agrees_with_the_cli(overlay):
     assert c["env"] == [{"name": "KVSERVE_API_KEY", "valueFrom": secret}]
     assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"] == 10001
     assert c["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
-    assert {m["mountPath"] for m in c["volumeMounts"]} == {"/app/.cache"}  # the image's KVSERVE_CACHE_DIR
+    mounts = {m["mountPath"] for m in c["volumeMounts"]}
+    assert "/app/.cache" in mounts and mounts <= {"/app/.cache", "/dev/shm"}  # the image's KVSERVE_CACHE_DIR
     assert c["resources"]["requests"] and c["resources"]["limits"]["memory"]
 
 
@@ -104,3 +105,20 @@ def test_the_autoscaler_reads_the_queue_the_adapter_serves():
     (rule,) = yaml.safe_load((KUBE / "prometheus-adapter-values.yaml").read_text())["rules"]["custom"]
     assert metric["type"] == "Pods" and metric["pods"]["metric"]["name"] == rule["name"]["as"]
     assert rule["seriesQuery"].startswith("kvserve:num_requests_waiting{")
+
+
+def test_the_tensor_parallel_deployment_is_the_gpu_one_split_over_its_gpus():
+    """gpu-tp: as many ranks as GPUs, a RAM-backed /dev/shm for NCCL; nothing else differs from gpu."""
+    one_pod, one = _container("gpu")
+    tp_pod, tp = _container("gpu-tp")
+    args = build_parser().parse_args(tp["command"][1:])
+    gpus = tp["resources"]["limits"]["nvidia.com/gpu"]
+    assert args.tensor_parallel_size == gpus == tp["resources"]["requests"]["nvidia.com/gpu"] > 1
+    (shm,) = [v for v in tp_pod["volumes"] if v["name"] == "shm"]
+    assert shm["emptyDir"]["medium"] == "Memory"
+    assert {"name": "shm", "mountPath": "/dev/shm"} in tp["volumeMounts"]
+    tp["command"] = tp["command"][:-2]  # --tensor-parallel-size N, last
+    tp["volumeMounts"].remove({"name": "shm", "mountPath": "/dev/shm"})
+    tp_pod["volumes"].remove(shm)
+    tp.pop("resources"), one.pop("resources")
+    assert tp_pod == one_pod
