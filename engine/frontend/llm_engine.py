@@ -24,7 +24,6 @@ from engine.frontend.metrics import EngineMetrics
 from engine.layers.parallel import SINGLE, TensorParallel
 from engine.models.llama import head_dim
 from engine.models.loader import (
-    GEMMA_TYPES,
     build_model,
     eos_token_ids,
     load_hf_config,
@@ -158,9 +157,6 @@ class LLMEngine:
         if dist.is_initialized():  # (torch.distributed has one default process group a process)
             raise RuntimeError("tensor_parallel_size: another engine's ranks are running in this process; "
                                "close() it first")
-        if self.hf_config.model_type in GEMMA_TYPES:
-            raise ValueError(f"tensor_parallel_size: {self.hf_config.model_type} has no sharded layers yet "
-                             "(the Llama, Mistral, Qwen, Phi-3 and MoE families do)")
         self.tp.share(self.hf_config.intermediate_size, "intermediate_size")  # (heads: checked by the shape)
         spec = tp_worker.RankSpec(src, self.hf_config, self.max_model_len, self.dtype, self.config.load_format,
                                   self.backends, self.num_kv_blocks, self.config.block_size, self.config.seed)

@@ -3,7 +3,7 @@ embeddings scaled by sqrt(hidden); RMSNorm by (1 + weight), in float32; norms af
 the MLP as well as before; GeGLU (tanh-approximated GELU); scores scaled by query_pre_attn_scalar;
 sliding windows on the layers layer_types calls sliding. Gemma 2 soft-caps attention scores and
 the final logits; Gemma 3 normalises each head's q and k and gives its local and global layers
-their own RoPE bases.
+their own RoPE bases. Under tensor parallelism they split as the Llama layers do.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.layers.attention import AttentionMetadata
+from engine.layers.parallel import SINGLE, TensorParallel
 from engine.models.llama import MLP, Attention, LlamaForCausalLM, RMSNorm, rope_tables
 
 
@@ -31,19 +32,19 @@ class GemmaRMSNorm(RMSNorm):
 class GemmaMLP(MLP):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
+        return self.tp.all_reduce(self.down_proj(F.gelu(gate, approximate="tanh") * up))  # (row-parallel)
 
 
 class GemmaDecoderLayer(nn.Module):
-    def __init__(self, cfg, index: int, window: int | None) -> None:
+    def __init__(self, cfg, index: int, window: int | None, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
         bias = bool(getattr(cfg, "attention_bias", False))
         self.layer_type = cfg.layer_types[index]
         self.input_layernorm = GemmaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, bias, bias, window, norm=GemmaRMSNorm)
+        self.self_attn = Attention(cfg, bias, bias, window, norm=GemmaRMSNorm, tp=tp)
         self.post_attention_layernorm = GemmaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.pre_feedforward_layernorm = GemmaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = GemmaMLP(cfg)
+        self.mlp = GemmaMLP(cfg, tp)
         self.post_feedforward_layernorm = GemmaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, h, cos, sin, meta, kv_cache):
@@ -54,16 +55,16 @@ class GemmaDecoderLayer(nn.Module):
 class GemmaForCausalLM(LlamaForCausalLM):
     norm_class = GemmaRMSNorm
 
-    def __init__(self, cfg, max_len: int) -> None:
+    def __init__(self, cfg, max_len: int, tp: TensorParallel = SINGLE) -> None:
         if getattr(cfg, "use_bidirectional_attention", False):
             raise ValueError("use_bidirectional_attention (an embedding model's) is not supported")
         if getattr(cfg, "hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
             raise ValueError(f"hidden_activation {cfg.hidden_activation!r} is not supported")
-        super().__init__(cfg, max_len)
+        super().__init__(cfg, max_len, tp)
         self.final_softcap = getattr(cfg, "final_logit_softcapping", None)
 
     def make_layer(self, cfg, index: int, window: int | None) -> nn.Module:
-        return GemmaDecoderLayer(cfg, index, window)
+        return GemmaDecoderLayer(cfg, index, window, self.tp)
 
     def register_rope(self, cfg, max_len: int) -> None:
         """Gemma 3: tables per kind of layer (local and global RoPE bases); Gemma 2: the one table."""
@@ -91,9 +92,12 @@ class GemmaForCausalLM(LlamaForCausalLM):
             h = layer(h, cos, sin, meta, kv_cache)
         return self.norm(h)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, hidden] -> logits [N, vocab] float32, soft-capped in the model dtype (Gemma 2)."""
-        logits = self.lm_head(hidden)
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """hidden [N, hidden] -> logits [N, vocab] float32, soft-capped in the model dtype (Gemma 2);
+        under tensor parallelism gathered on rank 0, None on the others."""
+        logits = self.tp.gather_first(self.lm_head(hidden))
+        if logits is None:
+            return None
         if self.final_softcap:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
-        return logits.float()
+        return logits[:, :self.config.vocab_size].float()

@@ -240,10 +240,10 @@ def build_model(src: ModelSource, hf_config, max_len: int, dtype: torch.dtype, d
                 load_format: str, backends: Backends, tp: TensorParallel = SINGLE):
     """Our model of the checkpoint's shape, with its weights (or random ones for 'dummy'), its
     linears and element-wise ops as engine/platform.py chose; under tensor parallelism, this
-    rank's shard (Gemma has no sharded layers: refused before)."""
+    rank's shard."""
     with torch.device(device):
         if hf_config.model_type in GEMMA_TYPES:
-            model = GemmaForCausalLM(hf_config, max_len)
+            model = GemmaForCausalLM(hf_config, max_len, tp)
         else:
             model = LlamaForCausalLM(hf_config, max_len, tp)
     if load_format == "dummy":

@@ -138,17 +138,18 @@ def test_a_rank_that_dies_or_hangs_ends_the_engine(tiny, fault):
         again.close()
 
 
-@pytest.mark.parametrize("kind", MOE)
-def test_experts_split_over_two_ranks_match_hf(tmp_path, smollm2_tokenizer, kind):
-    """Each rank holds every expert's half of the units (Qwen3-MoE with a dense layer, Mixtral's
-    w1/w2/w3 names): greedy tokens and logprobs as transformers'."""
+@pytest.mark.parametrize("kind", [*MOE, "gemma2", "gemma3"])
+def test_more_families_split_over_two_ranks_match_hf(tmp_path, smollm2_tokenizer, kind):
+    """MoE: each rank holds every expert's half of the units (Qwen3-MoE with a dense layer, Mixtral's
+    w1/w2/w3 names). Gemma 2 (soft caps on scores and logits) and 3 (q/k norms, two RoPE bases), with
+    windows. Greedy tokens and logprobs as transformers'."""
     hf = make_tiny(tmp_path, smollm2_tokenizer, *FAMILIES[kind])
     want = [hf_greedy(hf, p, MAX_NEW) for p in PROMPTS]
     llm = LLM(str(tmp_path), tensor_parallel_size=2, num_kv_blocks=64, block_size=8)
     try:
         mlp = llm.engine.runner.model.layers[0].mlp
-        assert mlp.w2.shape[-1] * 2 == (hf.config.moe_intermediate_size if kind == "qwen3_moe"
-                                        else hf.config.intermediate_size)
+        units = mlp.w2.shape[-1] if kind in MOE else mlp.intermediate
+        assert units * 2 == (hf.config.moe_intermediate_size if kind == "qwen3_moe" else hf.config.intermediate_size)
         params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True, logprobs=1)
         outs = [o.outputs[0] for o in llm.generate(PROMPTS, params)]
     finally:
