@@ -188,9 +188,6 @@ class EngineConfig:
         need(isinstance(self.tensor_parallel_size, int) and self.tensor_parallel_size >= 1, "tensor_parallel_size",
              "must be a positive integer")
         need(self.tensor_parallel_timeout > 0, "tensor_parallel_timeout", "must be positive")
-        need(self.tensor_parallel_size == 1 or self.speculative_config is None
-             or self.speculative_config.method != "draft_model", "speculative_config",
-             "draft_model does not run under tensor_parallel_size > 1 yet (ngram and lookahead do)")
         return self
 
     @classmethod

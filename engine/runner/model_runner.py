@@ -162,16 +162,13 @@ class ModelRunner:
                 and self.graphs.can_run(len(batch.input_ids), meta.decode.block_tables.shape[1])):
             hidden = self.graphs.run(batch.input_ids, batch.rope_rows, meta)  # [T, hidden]
         else:
-            with self._lockstep():
-                if self.channel is not None:
-                    self.channel.forward(batch.input_ids, batch.rope_rows, meta)
-                hidden = self.model(batch.input_ids, batch.rope_rows, meta, self.kv_caches)  # [T, hidden]
+            hidden = self._forward(self.model, batch.input_ids, batch.rope_rows, meta, self.kv_caches)  # [T, hidden]
         if self.mirror_draft:
             self.draft_model(batch.input_ids, batch.positions, meta, self.draft_kv_caches)
         for seq_id, start, offset, n in batch.hidden_rows:
             self.hidden_states.write(seq_id, start, hidden[offset:offset + n])
         rows = [i for _, i, _ in batch.sample_rows] + [i for _, _, i in batch.prompt_rows]
-        logits = self._logits(hidden, rows) if rows else None  # [R, V] float32
+        logits = self._logits(self.model, hidden, rows) if rows else None  # [R, V] float32
         out = ModelRunnerOutput()
         if batch.sample_rows:
             self._sample(logits[:len(batch.sample_rows)], batch.sample_rows, out, hidden)
@@ -179,11 +176,24 @@ class ModelRunner:
             self._prompt_logprobs(logits[len(batch.sample_rows):], batch, out)
         return out
 
-    def _logits(self, hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    def _forward(self, model: torch.nn.Module, input_ids: torch.Tensor, rope_rows: torch.Tensor,
+                 meta: AttentionMetadata, kv_caches: list[torch.Tensor]) -> torch.Tensor:
+        """model's forward over the layers of kv_caches -> [T, hidden]. The target's (all its layers,
+        or the first ones as a self-draft) runs on every tensor-parallel rank; a draft model of its
+        own runs whole on rank 0 alone."""
+        if self.channel is None or model is not self.model:
+            return model(input_ids, rope_rows, meta, kv_caches)
         with self._lockstep():
-            if self.channel is not None:
-                self.channel.logits(rows)
-            return self.model.compute_logits(hidden[rows])  # [R, V] float32
+            self.channel.forward(input_ids, rope_rows, meta, len(kv_caches) if kv_caches is not self.kv_caches else 0)
+            return model(input_ids, rope_rows, meta, kv_caches)
+
+    def _logits(self, model: torch.nn.Module, hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """[R, V] float32: the logits of hidden's rows (gathered from the ranks, for the target)."""
+        if self.channel is None or model is not self.model:
+            return model.compute_logits(hidden[rows])
+        with self._lockstep():
+            self.channel.logits(rows)
+            return model.compute_logits(hidden[rows])
 
     @contextmanager
     def _lockstep(self):
@@ -298,8 +308,9 @@ class ModelRunner:
             slots = [s.block_ids[p // bs] * bs + p % bs for s, p in zip(rows, pos)]
             meta = AttentionMetadata(slot_mapping=self._tensor(slots), prefills=[], num_prefill_tokens=0,
                                      decode=self._decode_inputs(rows, [1] * len(rows), [p + 1 for p in pos]))
-            hidden = self.draft_model(self._tensor(ids), self._tensor(pos), meta, self.draft_kv_caches)  # [rows, h]
-            picks = self.draft_model.compute_logits(hidden).argmax(dim=-1).tolist()
+            hidden = self._forward(self.draft_model, self._tensor(ids), self._tensor(pos), meta,
+                                   self.draft_kv_caches)  # [rows, h]
+            picks = self._logits(self.draft_model, hidden, list(range(len(rows)))).argmax(dim=-1).tolist()
             for s, tok in zip(rows, picks):
                 s.request.draft_token_ids[i] = tok
 

@@ -30,11 +30,14 @@ FORWARD, LOGITS, COPY, STOP = range(4)
 _NONE = -1  # an absent block table in a span's description
 
 
-def encode_forward(input_ids: torch.Tensor, rope_rows: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-    """The step's forward inputs as one flat int64 tensor (what decode_forward reads back)."""
+def encode_forward(input_ids: torch.Tensor, rope_rows: torch.Tensor, meta: AttentionMetadata,
+                   layers: int = 0) -> torch.Tensor:
+    """The step's forward inputs as one flat int64 tensor (what decode_forward reads back); layers:
+    how many of the first layers run (0: all; speculative decoding's self-draft runs a few)."""
     decode = meta.decode
     rows, width = (0, 0) if decode is None else decode.block_tables.shape
-    parts = [torch.tensor([len(input_ids), len(meta.prefills), rows, width]), input_ids, rope_rows, meta.slot_mapping]
+    header = torch.tensor([len(input_ids), len(meta.prefills), rows, width, layers])
+    parts = [header, input_ids, rope_rows, meta.slot_mapping]
     for span in meta.prefills:
         table = _NONE if span.block_table is None else len(span.block_table)
         parts.append(torch.tensor([span.start, span.end, span.context_len, table, int(span.mask is not None)]))
@@ -45,10 +48,10 @@ def encode_forward(input_ids: torch.Tensor, rope_rows: torch.Tensor, meta: Atten
 
 
 def decode_forward(flat: torch.Tensor, decoder: DecodeBackend, block_size: int,
-                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-    """(input_ids [T], rope_rows [T], the step's AttentionMetadata) from encode_forward's tensor."""
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, int]:
+    """(input_ids [T], rope_rows [T], the step's AttentionMetadata, layers) from encode_forward's tensor."""
     reader = _Reader(flat.to(device))
-    num_tokens, num_spans, rows, width = reader.ints(4)
+    num_tokens, num_spans, rows, width, layers = reader.ints(5)
     input_ids, rope_rows, slots = reader.take(num_tokens), reader.take(num_tokens), reader.take(num_tokens)
     spans = []
     for _ in range(num_spans):
@@ -61,7 +64,7 @@ def decode_forward(flat: torch.Tensor, decoder: DecodeBackend, block_size: int,
     if rows:
         tables = reader.take(rows * width).view(rows, width)
         meta.decode = decoder.prepare(tables, reader.take(rows), block_size)
-    return input_ids, rope_rows, meta
+    return input_ids, rope_rows, meta, layers
 
 
 class _Reader:
@@ -123,8 +126,9 @@ class Channel:
         return box[0]
 
     # --- rank 0 ---------------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, rope_rows: torch.Tensor, meta: AttentionMetadata) -> None:
-        self.send(FORWARD, encode_forward(input_ids, rope_rows, meta))
+    def forward(self, input_ids: torch.Tensor, rope_rows: torch.Tensor, meta: AttentionMetadata,
+                layers: int = 0) -> None:
+        self.send(FORWARD, encode_forward(input_ids, rope_rows, meta, layers))
 
     def logits(self, rows: list[int]) -> None:
         self.send(LOGITS, torch.tensor(rows, dtype=torch.int64))
@@ -143,8 +147,9 @@ def follow(channel: Channel, runner) -> None:
     while True:
         command, payload = channel.receive()
         if command == FORWARD:
-            ids, rows, meta = decode_forward(payload, runner.decoder, runner.block_size, runner.device)
-            hidden = runner.model(ids, rows, meta, runner.kv_caches)  # [T, hidden], the same on every rank
+            ids, rows, meta, layers = decode_forward(payload, runner.decoder, runner.block_size, runner.device)
+            caches = runner.kv_caches[:layers] if layers else runner.kv_caches
+            hidden = runner.model(ids, rows, meta, caches)  # [T, hidden], the same on every rank
         elif command == LOGITS:
             runner.model.compute_logits(hidden[payload.to(hidden.device)])  # this rank's share, sent to rank 0
         elif command == COPY:

@@ -77,9 +77,28 @@ def test_shapes_that_do_not_split_are_refused_by_name(tmp_path, smollm2_tokenize
     make_tiny(tmp_path, smollm2_tokenizer, "llama", dict(num_attention_heads=4, num_key_value_heads=2))
     with pytest.raises(ValueError, match="num_attention_heads"):
         LLM(str(tmp_path), tensor_parallel_size=3)
-    with pytest.raises(ValueError, match="speculative_config"):
-        LLM(str(tmp_path), tensor_parallel_size=2, speculative_config={"method": "draft_model", "model": "self",
-                                                                        "num_layers": 1})
+
+
+@pytest.mark.parametrize("tiny", ["kv-split"], indirect=True)
+@pytest.mark.parametrize("draft", ["self", "of its own"])
+def test_a_draft_model_under_two_ranks_matches_hf(tiny, tmp_path, smollm2_tokenizer, draft):
+    """draft_model "self": the target's first layer drafts on both ranks (the forward message says
+    how many layers run); a model of its own drafts whole on rank 0. Greedy = transformers'."""
+    path, _, want = tiny
+    model = "self"
+    if draft == "of its own":
+        make_tiny(tmp_path, smollm2_tokenizer, "llama", dict(num_hidden_layers=1, initializer_range=0.3))
+        model = str(tmp_path)
+    spec = {"method": "draft_model", "model": model, "num_speculative_tokens": 3, "disable_by_batch_size": None,
+            **({"num_layers": 1} if model == "self" else {})}
+    llm = LLM(str(path), tensor_parallel_size=2, num_kv_blocks=64, block_size=8, speculative_config=spec)
+    try:
+        outs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True))
+        drafted = llm.engine.metrics.draft_tokens._value.get()
+    finally:
+        llm.engine.close()
+    assert drafted > 0
+    _assert_same([o.outputs[0].token_ids for o in outs], want)
 
 
 # --- a rank that dies, hangs or waits ------------------------------------------------------------
