@@ -21,7 +21,7 @@ from engine.core.sampling_params import SamplingParams
 from engine.core.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from engine.frontend.detokenizer import IncrementalDetokenizer, SequenceText
 from engine.frontend.metrics import EngineMetrics
-from engine.layers.parallel import SINGLE, TensorParallel
+from engine.layers.parallel import SINGLE, RanksOutOfStep, TensorParallel
 from engine.models.llama import head_dim
 from engine.models.loader import (
     build_model,
@@ -35,7 +35,7 @@ from engine.models.loader import (
 from engine.runner import contrastive, tp_worker
 from engine.runner.grammar import Grammars
 from engine.runner.lookahead import LookaheadProposer
-from engine.runner.model_runner import ModelRunner, ModelRunnerOutput
+from engine.runner.model_runner import ModelRunner, ModelRunnerOutput, ModelSpec
 from engine.runner.spec_decode import NgramProposer, SelfDraftProposer
 
 logger = logging.getLogger(__name__)
@@ -102,10 +102,11 @@ class LLMEngine:
         self.num_kv_blocks = self._num_kv_blocks()
         self._ranks: tp_worker.Ranks | None = None  # ranks 1 .. size - 1
         self._finalizer: weakref.finalize | None = None  # stops them (close(), or when the engine is collected)
+        model_spec = ModelSpec(src, self.hf_config, self.max_model_len, self.dtype, config.load_format, self.backends,
+                               self.num_kv_blocks, config.block_size, config.seed)
         if self.tp.size > 1:
-            self._start_ranks(src)
-        model = build_model(src, self.hf_config, self.max_model_len, self.dtype, self.device, config.load_format,
-                            self.backends, self.tp)
+            self._start_ranks(model_spec)
+        model = model_spec.build_model(self.device, self.tp)
         # a block's KV under longrope depends on the length of the sequence that computed it (the short
         # or the long factors), which the prefix cache's keys do not hold: no prefix caching there
         prefix_caching = config.enable_prefix_caching and model.long_rope_from is None
@@ -115,9 +116,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.max_prefill_tokens_while_decoding, model.long_rope_from)
         graphs = self.backends.cuda_graphs and model.capturable and self.tp.size == 1
-        self.runner = ModelRunner(model, self.hf_config, self.num_kv_blocks, config.block_size, self.device,
-                                  self.dtype, config.seed, self.backends.attention,
-                                  config.max_num_seqs if graphs else 0, self.max_model_len)
+        self.runner = model_spec.build_runner(model, self.device, config.max_num_seqs if graphs else 0)
         self.runner.channel = self._ranks and self._ranks.channel
         self._requests: dict[str, _RequestState] = {}
         self._failed: list[RequestOutput] = []  # outputs of requests failed during the current step
@@ -152,14 +151,12 @@ class LLMEngine:
         return build_model(src, cfg, self.max_model_len, self.dtype, self.device, self.config.load_format,
                            backends), cfg
 
-    def _start_ranks(self, src) -> None:
+    def _start_ranks(self, spec: ModelSpec) -> None:
         """Check the model splits over the ranks, start ranks 1 .., and join them as rank 0."""
         if dist.is_initialized():  # (torch.distributed has one default process group a process)
             raise RuntimeError("tensor_parallel_size: another engine's ranks are running in this process; "
                                "close() it first")
         self.tp.share(self.hf_config.intermediate_size, "intermediate_size")  # (heads: checked by the shape)
-        spec = tp_worker.RankSpec(src, self.hf_config, self.max_model_len, self.dtype, self.config.load_format,
-                                  self.backends, self.num_kv_blocks, self.config.block_size, self.config.seed)
         self.tp, self._ranks = tp_worker.start(self.tp.size, self.device.type, self.config.tensor_parallel_timeout,
                                                spec)
         self._finalizer = weakref.finalize(self, self._ranks.stop)
@@ -609,6 +606,6 @@ def _is_device_fault(error: BaseException) -> bool:
     step cannot run another, so both end the engine; any other error is taken to be the fault of
     the request being served."""
     accelerator = getattr(torch, "AcceleratorError", ())
-    if isinstance(error, (accelerator, tp_worker.RanksOutOfStep)):
+    if isinstance(error, (accelerator, RanksOutOfStep)):
         return True
     return isinstance(error, RuntimeError) and "CUDA error" in str(error)

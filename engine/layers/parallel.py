@@ -67,6 +67,11 @@ class TensorParallel:
 SINGLE = TensorParallel()
 
 
+class RanksOutOfStep(RuntimeError):
+    """Rank 0's part of a step every rank runs failed: a rank died or hung past the timeout, or
+    rank 0's own share raised midway. The ranks no longer run the same step; the engine ends."""
+
+
 @dataclass(frozen=True)
 class Shard:
     """A rank's part of a whole weight [N, K] (or bias [N]): rows picked part by part, a fused

@@ -10,12 +10,13 @@ from engine.core.beam import Candidates
 from engine.core.request import DraftTree, Request, TokenLogprobs
 from engine.core.scheduler import ScheduledSeq, SchedulerOutput
 from engine.layers.attention import DECODE_BACKENDS, AttentionMetadata, DecodeInputs, PrefillSpan
+from engine.layers.parallel import SINGLE, RanksOutOfStep, TensorParallel
 from engine.models.llama import head_dim
+from engine.models.loader import build_model
 from engine.runner import contrastive
 from engine.runner.cuda_graphs import DecodeGraphs
 from engine.runner.sampler import Sampler, SamplingInputs, logprobs_of
 from engine.runner.spec_decode import TO_DRAFT
-from engine.runner.tp_worker import RanksOutOfStep
 
 
 @dataclass
@@ -35,6 +36,31 @@ class ModelRunnerOutput:
     beam_candidates: dict[str, Candidates] = field(default_factory=dict)
     # seq_id -> a contrastive sequence's candidates for the token after its last (see contrastive.py)
     contrastive: dict[str, contrastive.ContrastiveCandidates] = field(default_factory=dict)
+
+
+@dataclass
+class ModelSpec:
+    """What a ModelRunner is built from: the engine's, and each tensor-parallel rank's (sent to
+    them once, when they start)."""
+
+    src: object  # engine.models.loader.ModelSource
+    hf_config: object
+    max_model_len: int
+    dtype: torch.dtype
+    load_format: str
+    backends: object  # engine.platform.Backends
+    num_blocks: int
+    block_size: int
+    seed: int
+
+    def build_model(self, device: torch.device, tp: TensorParallel = SINGLE) -> torch.nn.Module:
+        """The model (this rank's shard under tensor parallelism), on its kernels."""
+        return build_model(self.src, self.hf_config, self.max_model_len, self.dtype, device, self.load_format,
+                           self.backends, tp)
+
+    def build_runner(self, model: torch.nn.Module, device: torch.device, graph_max_batch: int = 0) -> ModelRunner:
+        return ModelRunner(model, self.hf_config, self.num_blocks, self.block_size, device, self.dtype, self.seed,
+                           self.backends.attention, graph_max_batch, self.max_model_len)
 
 
 @dataclass

@@ -13,7 +13,6 @@ import logging
 import os
 import signal
 import socket
-from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
@@ -23,6 +22,7 @@ import torch.multiprocessing as mp
 from engine.kernels import cpu
 from engine.layers.attention import AttentionMetadata, DecodeBackend, PrefillSpan
 from engine.layers.parallel import TensorParallel
+from engine.runner.model_runner import ModelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -79,11 +79,6 @@ class _Reader:
         return self.take(n).tolist()
 
 
-class RanksOutOfStep(RuntimeError):
-    """Rank 0's part of a step every rank runs failed: a rank died or hung past the timeout, or
-    rank 0's own share raised midway. The ranks no longer run the same step; the engine ends."""
-
-
 # A rank waits for rank 0's next message however long the engine idles; rank 0's sends and the
 # model's collectives keep the timeout, so a dead or hung rank is noticed within it.
 _IDLE = timedelta(days=365)
@@ -116,11 +111,11 @@ class Channel:
         self.group.broadcast([tensor], opts).wait()
         return tensor
 
-    def send_spec(self, spec: RankSpec) -> None:
+    def send_spec(self, spec: ModelSpec) -> None:
         """Once, at start: what the ranks build (pickled; the steps' messages are not)."""
         dist.broadcast_object_list([spec], src=0, group=self.group)
 
-    def receive_spec(self) -> RankSpec:
+    def receive_spec(self) -> ModelSpec:
         box = [None]
         dist.broadcast_object_list(box, src=0, group=self.group)
         return box[0]
@@ -162,21 +157,6 @@ def follow(channel: Channel, runner) -> None:
 
 
 # --- starting the ranks -----------------------------------------------------------------------
-@dataclass
-class RankSpec:
-    """What every rank builds its shard from (sent once, when the ranks start)."""
-
-    src: object  # engine.models.loader.ModelSource
-    hf_config: object
-    max_model_len: int
-    dtype: torch.dtype
-    load_format: str
-    backends: object  # engine.platform.Backends
-    num_blocks: int
-    block_size: int
-    seed: int
-
-
 def join(rank: int, size: int, init_method: str, device_type: str, timeout_s: float) -> tuple[TensorParallel, Channel]:
     """Join the process group (gloo on CPU, NCCL on CUDA) and the gloo group of rank 0's messages."""
     backend = "nccl" if device_type == "cuda" else "gloo"
@@ -223,7 +203,7 @@ class Ranks:
         torch.set_num_threads(self.threads)
 
 
-def start(size: int, device_type: str, timeout_s: float, spec: RankSpec) -> tuple[TensorParallel, Ranks]:
+def start(size: int, device_type: str, timeout_s: float, spec: ModelSpec) -> tuple[TensorParallel, Ranks]:
     """Start ranks 1 .. size - 1 (or, under torchrun, find them), join them as rank 0 and send them
     the spec; (this rank's TensorParallel, the hold on the others)."""
     procs, init_method = [], "env://"
@@ -255,9 +235,6 @@ def _spawn(size: int, device_type: str, timeout_s: float) -> tuple[str, list]:
 
 def run_rank(rank: int, size: int, init_method: str, device_type: str, timeout_s: float) -> None:
     """A rank other than 0: build the shard rank 0 describes, then run its steps until it says stop."""
-    from engine.models.loader import build_model
-    from engine.runner.model_runner import ModelRunner
-
     # Ctrl-C reaches every rank, torchrun passes SIGTERM on to each: rank 0 drains its requests,
     # then tells them to stop (if it dies instead, their next wait fails and they exit)
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -270,10 +247,6 @@ def run_rank(rank: int, size: int, init_method: str, device_type: str, timeout_s
         spec = channel.receive_spec()
         if "cpp" in (spec.backends.elementwise, spec.backends.attention) or spec.backends.skinny_linears:
             cpu.load()  # rank 0 loaded the C++ kernels when it chose them; this process has not
-        model = build_model(spec.src, spec.hf_config, spec.max_model_len, spec.dtype, device, spec.load_format,
-                            spec.backends, tp)
-        runner = ModelRunner(model, spec.hf_config, spec.num_blocks, spec.block_size, device, spec.dtype,
-                             spec.seed, spec.backends.attention, 0, spec.max_model_len)
-        follow(channel, runner)
+        follow(channel, spec.build_runner(spec.build_model(device, tp), device))
     finally:
         dist.destroy_process_group()
