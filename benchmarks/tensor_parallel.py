@@ -89,8 +89,8 @@ def rss_mib(pid: int | str = "self") -> float:
     return kib / 1024
 
 
-def run(model: str | None, tp: int, num_seqs: int, dummy: bool) -> dict:
-    engine = LLMEngine(EngineConfig(model=model, tensor_parallel_size=tp, num_kv_blocks=8 * num_seqs + 8,
+def run(model: str | None, tp: int, num_seqs: int, dummy: bool, device: str) -> dict:
+    engine = LLMEngine(EngineConfig(model=model, device=device, tensor_parallel_size=tp, num_kv_blocks=8 * num_seqs + 8,
                                     max_model_len=256, max_num_seqs=num_seqs, enable_prefix_caching=False,
                                     load_format="dummy" if dummy else "auto", disable_log_stats=True))
     try:
@@ -105,7 +105,7 @@ def run(model: str | None, tp: int, num_seqs: int, dummy: bool) -> dict:
         while engine.has_unfinished_requests():
             COLLECTIVES.seconds = 0.0
             start = time.perf_counter()
-            engine.step()
+            engine.step()  # (its sampled tokens are on the host: the step has finished on a GPU too)
             seconds.append(time.perf_counter() - start)
             in_collectives.append(COLLECTIVES.seconds)
         weights = model_bytes(engine.runner.model)
@@ -120,10 +120,13 @@ def run(model: str | None, tp: int, num_seqs: int, dummy: bool) -> dict:
         engine.close()
 
 
-def _all_reduce_rank(rank: int, port: int, rows: list[int], gaps: list[int], out) -> None:
+def _all_reduce_rank(rank: int, port: int, rows: list[int], gaps: list[int], device: str, out) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                            timeout=timedelta(seconds=60))
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=rank, world_size=2, timeout=timedelta(seconds=60))
+    torch.set_default_device(device)
     w = torch.randn(SPLIT_BY_2["hidden_size"], SPLIT_BY_2["intermediate_size"] // 2)  # a rank's half of up_proj
     result = {}
     for n in rows:
@@ -137,6 +140,8 @@ def _all_reduce_rank(rank: int, port: int, rows: list[int], gaps: list[int], out
                     v @ w
                 start = time.perf_counter()
                 dist.all_reduce(x)
+                if device == "cuda":
+                    torch.cuda.synchronize()
                 times.append(time.perf_counter() - start)
             result[f"{n} rows, {gap} matmuls between"] = 1e6 * statistics.median(times)
     if rank == 0:
@@ -144,8 +149,8 @@ def _all_reduce_rank(rank: int, port: int, rows: list[int], gaps: list[int], out
     dist.destroy_process_group()
 
 
-def all_reduce_us(rows: list[int], gaps: list[int]) -> dict[str, float]:
-    """Median microseconds of one gloo all-reduce of [n, hidden] float32 between 2 processes,
+def all_reduce_us(rows: list[int], gaps: list[int], device: str) -> dict[str, float]:
+    """Median microseconds of one all-reduce (gloo; NCCL on cuda) of [n, hidden] float32 between 2 processes,
     back to back (gap 0) and with `gap` [n, 576] x [576, 768] matmuls on each rank before each."""
     import socket
 
@@ -154,7 +159,8 @@ def all_reduce_us(rows: list[int], gaps: list[int]) -> dict[str, float]:
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    procs = [ctx.Process(target=_all_reduce_rank, args=(r, port, rows, gaps, out)) for r in range(2)]
+    procs = [ctx.Process(target=_all_reduce_rank, args=(r, port, rows, gaps, device, out))
+             for r in range(2)]
     for p in procs:
         p.start()
     result = out.get(timeout=600)
@@ -167,11 +173,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seqs", default="1,8")
     ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                    help="cuda: the ranks on GPUs over NCCL (needs 2; the bundled model's 3 ranks need 3)")
     args = ap.parse_args()
     seqs = [int(v) for v in args.seqs.split(",")]
     print(f"torch {torch.__version__}, {os.cpu_count()} cores; {PROMPT} prompt tokens, {NEW} new, greedy\n")
-    results: dict = {"all_reduce_us": all_reduce_us(sorted({*seqs, PROMPT * max(seqs)}), [0, 5])}
-    print("gloo all-reduce of [rows, 576] float32, 2 processes, median us:")
+    results: dict = {"device": args.device,
+                     "all_reduce_us": all_reduce_us(sorted({*seqs, PROMPT * max(seqs)}), [0, 5], args.device)}
+    print(f"{'NCCL' if args.device == 'cuda' else 'gloo'} all-reduce of [rows, 576] float32, 2 processes, median us:")
     for what, us in results["all_reduce_us"].items():
         print(f"  {what}: {us:.0f}")
     print("| model | TP | linears | sequences | prefill step ms | decode step ms | of which collectives, rank 0 "
@@ -179,10 +188,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as root:
         models = {"SmolLM2-135M (bundled, GGUF blocks)": (None, 3, False),
                   "SmolLM2-size, 8 heads / 2 KV (dummy)": (checkpoint(root), 2, True)}
+        gpus = torch.cuda.device_count() if args.device == "cuda" else None
         for name, (path, split, dummy) in models.items():
+            if gpus is not None and split > gpus:
+                continue
             for n in seqs:
                 for tp in (1, split):
-                    r = results.setdefault(name, {}).setdefault(str(n), {})[tp] = run(path, tp, n, dummy)
+                    r = results.setdefault(name, {}).setdefault(str(n), {})[tp] = run(path, tp, n, dummy, args.device)
                     print(f"| {name} | {tp} | {r['linears']} | {n} | {r['prefill_ms']:.1f} | {r['decode_ms']:.2f} "
                           f"| {r['decode_collectives_ms']:.2f} | {r['weights_mib_per_rank']:.0f} "
                           f"| {r['kv_mib_per_rank']:.1f} "

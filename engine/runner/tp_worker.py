@@ -242,6 +242,8 @@ def run_rank(rank: int, size: int, init_method: str, device_type: str, timeout_s
     share_cores(size)
     local = int(os.environ.get("LOCAL_RANK", rank))
     device = torch.device(device_type, local if device_type == "cuda" else None)
+    if device_type == "cuda":
+        torch.cuda.set_device(device)  # (NCCL's communicator uses the current device)
     tp, channel = join(rank, size, init_method, device_type, timeout_s)
     try:
         spec = channel.receive_spec()

@@ -1,5 +1,6 @@
 """CUDA paths, skipped without a GPU: the Triton paged-decode kernel against the reference
-attention, and the engine (kernel, CUDA graphs) against transformers generate() on the same GPU."""
+attention, and the engine (kernel, CUDA graphs; two ranks over NCCL where there are two GPUs) against
+transformers generate() on the same GPU."""
 import os
 
 import pytest
@@ -57,3 +58,32 @@ def test_engine_on_cuda_matches_hf(tmp_path, tokenizer, mode):
     assert (runner.decode_backend == "triton") == (mode != "eager-torch")
     assert (runner.graphs is not None and runner.graphs.replays > 0) == (mode == "graphs")
     assert llm.engine.scheduler.num_preemptions > 0
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_two_ranks_over_nccl_match_hf(tmp_path, tokenizer):
+    """Tensor parallelism on CUDA: one rank a device, the model's all-reduces and the logits' gather
+    over NCCL, rank 0's messages over gloo; greedy as transformers' on one device, under preemption."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model("llama", **{**TINY, "num_hidden_layers": 3, "max_position_embeddings": 1024,
+                                           "attention_bias": True})
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    for name, p in hf.named_parameters():  # (a bias counted on both ranks must change the output)
+        if name.endswith("bias"):
+            p.data.normal_(0.0, 0.5)
+    hf.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    hf = hf.cuda()
+    prompts = [[7], list(range(200, 205)), list(range(1000, 1017)), list(range(300, 360)), list(range(50, 180))]
+    llm = LLM(str(tmp_path), device="cuda", dtype="float32", num_kv_blocks=16, block_size=16, max_num_seqs=4,
+              tensor_parallel_size=2)
+    try:
+        outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True))
+        assert llm.engine.scheduler.num_preemptions > 0
+        assert llm.engine.runner.model.layers[0].self_attn.num_heads == cfg.num_attention_heads // 2
+    finally:
+        llm.engine.close()
+    for p, o in zip(prompts, outs):
+        assert o.outputs[0].token_ids == hf_greedy(hf, p, 40)
