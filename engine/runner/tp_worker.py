@@ -214,8 +214,14 @@ def start(size: int, device_type: str, timeout_s: float, spec: ModelSpec) -> tup
                          f"{launched()[1]} here (it must be rank 0 of {size})")
     threads = torch.get_num_threads()
     share_cores(size)
-    tp, channel = join(0, size, init_method, device_type, timeout_s)
-    channel.send_spec(spec)
+    try:
+        tp, channel = join(0, size, init_method, device_type, timeout_s)
+        channel.send_spec(spec)
+    except BaseException:  # (a rank that failed to start, or this one: none is left waiting)
+        for p in procs:
+            p.kill()
+        torch.set_num_threads(threads)
+        raise
     return tp, Ranks(channel, procs, threads)
 
 
