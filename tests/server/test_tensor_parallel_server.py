@@ -75,3 +75,20 @@ def test_torchrun_starts_the_ranks_and_sigterm_stops_them_all(tiny):
     finally:
         if proc.poll() is None:
             stop(proc)
+
+
+def test_a_killed_server_leaves_no_rank_behind(tiny):
+    """SIGKILL on rank 0 (the server: no drain, no stop message): its rank's next wait fails on the
+    closed connection and it exits."""
+    path, want = tiny
+    proc, base = launch(path, *TP)
+    try:
+        assert _completion(base) == want
+        below = descendants(proc.pid)
+        assert _ranks(proc)
+        proc.kill()
+        proc.wait(timeout=30)
+        wait_for(lambda: not any(running(p) for p in below), "the ranks of a killed server to exit")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
