@@ -1,6 +1,7 @@
-"""The server under tensor parallelism: `kvserve serve --tensor-parallel-size 2` (ranks spawned) and
-under torchrun (ranks started by its rendezvous) give transformers' greedy tokens; a rank that dies
-ends the server with a non-zero exit (a supervisor restarts it) and leaves no process behind."""
+"""The server under tensor parallelism: `kvserve serve --tensor-parallel-size 2` (ranks spawned),
+under torchrun on one machine and README's two-node torchrun command (on loopback) give
+transformers' greedy tokens; a rank that dies ends the server with a non-zero exit (a supervisor
+restarts it), and neither that nor a killed server leaves a process behind."""
 from __future__ import annotations
 
 import os
@@ -14,7 +15,7 @@ import pytest
 
 from tests.conftest import hf_greedy
 from tests.engine.test_models import make_tiny
-from tests.server.launch import descendants, launch, running, stop, wait_for
+from tests.server.launch import descendants, free_port, launch, running, stop, wait_for
 
 PROMPT = [5, 17, 300, 4000, 22]
 MAX_NEW = 10
@@ -92,3 +93,25 @@ def test_a_killed_server_leaves_no_rank_behind(tiny):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_the_two_node_torchrun_command_serves_from_node_rank_0(tiny):
+    """README's multi-node command, both "nodes" on loopback (one rank each): the serving rank is
+    node-rank 0's, whichever node starts first; SIGTERM to it stops the other node's rank too."""
+    path, want = tiny
+    port = free_port()
+    node = ("--nnodes", "2", "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port))
+    run = (sys.executable, "-m", "torch.distributed.run", *node)
+    other = subprocess.Popen([*run, "--node-rank", "1", "-m", "server", "serve", "--model", str(path), *TP,
+                              "--port", str(free_port())], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = None
+    try:
+        proc, base = launch(path, *TP, launcher=(*run, "--node-rank", "0"))
+        assert _completion(base) == want
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        assert other.wait(timeout=60) == 0  # its rank was told to stop, and exited cleanly
+    finally:
+        for p in (other, proc):
+            if p is not None and p.poll() is None:
+                p.kill()
