@@ -87,8 +87,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kvserve: {e}", file=sys.stderr)
         return 2
     from engine.frontend.llm_engine import follow_rank_zero
-    if follow_rank_zero(config):  # torchrun's ranks 1.. serve nothing: they ran rank 0's steps
-        return 0
+    try:
+        if follow_rank_zero(config):  # torchrun's ranks 1.. serve nothing: they ran rank 0's steps
+            return 0
+    except ValueError as e:
+        print(f"kvserve: {e}", file=sys.stderr)
+        return 2
     from engine.frontend.async_llm import AsyncLLM
     from server.app import create_app
 

@@ -581,8 +581,13 @@ class LLMEngine:
 
 def follow_rank_zero(config: EngineConfig) -> bool:
     """Where torchrun started this process as rank 1 or above: run rank 0's steps on this rank's
-    shard until it says stop, and say True; elsewhere (rank 0, or no launcher) False at once."""
+    shard until it says stop, and say True; elsewhere (rank 0, or no launcher) False at once.
+    ValueError where the launcher's world is not tensor_parallel_size (every rank says so at once,
+    rather than waiting for ranks that will never come)."""
     launched = tp_worker.launched()
+    if launched is not None and launched[1] != config.tensor_parallel_size:
+        raise ValueError(f"tensor_parallel_size: {config.tensor_parallel_size}, but the launcher started "
+                         f"{launched[1]} processes (one a rank: give --tensor-parallel-size {launched[1]})")
     if launched is None or launched[0] == 0:
         return False
     tp_worker.run_rank(*launched, "env://", pick_device(config.device).type, config.tensor_parallel_timeout)

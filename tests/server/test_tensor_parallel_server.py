@@ -115,3 +115,14 @@ def test_the_two_node_torchrun_command_serves_from_node_rank_0(tiny):
         for p in (other, proc):
             if p is not None and p.poll() is None:
                 p.kill()
+
+
+def test_a_launcher_world_unlike_the_tensor_parallel_size_is_refused_by_every_rank(tiny):
+    """torchrun with 2 processes, --tensor-parallel-size 1: both exit 2 at once, naming the flag
+    (rank 1 would otherwise wait out the timeout for a rank 0 that never joins)."""
+    path, _ = tiny
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "server", "serve", "--model", str(path), "--port", str(free_port())],
+                          check=False, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert done.stderr.count("--tensor-parallel-size 2") + done.stdout.count("--tensor-parallel-size 2") >= 2
