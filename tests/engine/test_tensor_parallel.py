@@ -1,7 +1,9 @@
 """Tensor parallelism on CPU: 2 ranks over gloo (one process each) give transformers' greedy tokens,
 logprobs within 1e-4, in one batch and staggered under preemption, on the fast CPU paths and the
 reference ones; for a model whose KV heads split over the ranks and one with fewer KV heads than
-ranks (replicated). Shapes that do not split are refused by name."""
+ranks (replicated); for the MoE and Gemma families; with a draft model; the bundled model over 3
+ranks on its GGUF blocks. A rank that dies or hangs ends the engine cleanly; ranks wait out any
+idle time. Shapes that do not split are refused by name."""
 from __future__ import annotations
 
 import os
