@@ -60,19 +60,14 @@ class Blocks:
     def shard(self, shard: Shard) -> Blocks | None:
         """A tensor-parallel rank's part (engine/layers/parallel.py); None where its columns do not
         start and end on whole blocks."""
+        scales = shard  # q's rows are the scales' rows; its columns are BLOCK to a scale
         if shard.cols is not None:
             first, n = shard.cols
             if first % BLOCK or n % BLOCK:
                 return None
-            cut = slice(first // BLOCK, (first + n) // BLOCK)
-            return Blocks(self.q[:, first:first + n], self.d[:, cut], None if self.m is None else self.m[:, cut])
-        part = self.rows(shard.row_index())
-        missing = (shard.pad_rows or 0) - len(part.q)
-        if missing <= 0:
-            return part
-        zeros = Blocks(part.q.new_zeros(missing, part.q.shape[1]), part.d.new_zeros(missing, part.d.shape[1]),
-                       None if part.m is None else part.m.new_zeros(missing, part.m.shape[1]))
-        return Blocks.cat([part, zeros])  # (zero scales: zero weights)
+            scales = Shard(cols=(first // BLOCK, n // BLOCK))
+        # (padding rows get zero scales: zero weights)
+        return Blocks(shard.of(self.q), scales.of(self.d), None if self.m is None else scales.of(self.m))
 
     @staticmethod
     def cat(parts: list[Blocks]) -> Blocks:

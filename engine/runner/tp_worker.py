@@ -206,12 +206,12 @@ class Ranks:
 def start(size: int, device_type: str, timeout_s: float, spec: ModelSpec) -> tuple[TensorParallel, Ranks]:
     """Start ranks 1 .. size - 1 (or, under torchrun, find them), join them as rank 0 and send them
     the spec; (this rank's TensorParallel, the hold on the others)."""
-    procs, init_method = [], "env://"
-    if launched() is None:
+    procs, init_method, who = [], "env://", launched()
+    if who is None:
         init_method, procs = _spawn(size, device_type, timeout_s)
-    elif launched() != (0, size):
-        raise ValueError(f"tensor_parallel_size: {size}, but the launcher started rank {launched()[0]} of "
-                         f"{launched()[1]} here (it must be rank 0 of {size})")
+    elif who != (0, size):
+        raise ValueError(f"tensor_parallel_size: {size}, but the launcher started rank {who[0]} of {who[1]} "
+                         f"here (it must be rank 0 of {size})")
     threads = torch.get_num_threads()
     share_cores(size)
     try:
