@@ -187,7 +187,8 @@ class EngineConfig:
         need(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization", "must be in (0, 1]")
         need(isinstance(self.tensor_parallel_size, int) and self.tensor_parallel_size >= 1, "tensor_parallel_size",
              "must be a positive integer")
-        need(self.tensor_parallel_timeout > 0, "tensor_parallel_timeout", "must be positive")
+        need(0 < self.tensor_parallel_timeout <= 86400, "tensor_parallel_timeout",
+             "must be above 0 and at most 86400 seconds (a day)")
         return self
 
     @classmethod

@@ -79,6 +79,9 @@ def test_shapes_that_do_not_split_are_refused_by_name(tmp_path, smollm2_tokenize
     make_tiny(tmp_path, smollm2_tokenizer, "llama", dict(num_attention_heads=4, num_key_value_heads=2))
     with pytest.raises(ValueError, match="num_attention_heads"):
         LLM(str(tmp_path), tensor_parallel_size=3)
+    for bad in (0.0, -1.0, 1e30, float("nan")):  # (1e30 s would overflow the process group's timedelta)
+        with pytest.raises(ValueError, match="tensor_parallel_timeout"):
+            EngineConfig(model=str(tmp_path), tensor_parallel_timeout=bad).validate()
 
 
 @pytest.mark.parametrize("tiny", ["kv-split"], indirect=True)
