@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     engine = AsyncLLM(config)
     print(engine.describe(), flush=True)
     app = create_app(engine, engine.model_name, options)
-    fmt = app.state.tool_format
+    fmt = app.state.ctx.tool_format
     print(f"kvserve: tool calls: {fmt.name if fmt else 'off (no --tool-call-parser, none in the chat template)'}",
           flush=True)
     print(f"kvserve: serving on http://{args.host}:{args.port}", flush=True)
@@ -192,7 +192,7 @@ class _DrainingServer:
         self.server.should_exit = True
 
     async def drain(self, server) -> None:
-        admission = self.app.state.admission
+        admission = self.app.state.ctx.admission
         logging.getLogger("kvserve.server").info("draining: %d sequence(s) in flight", admission.in_flight)
         deadline = time.monotonic() + self.timeout
         while admission.in_flight > 0 and time.monotonic() < deadline:

@@ -1,6 +1,6 @@
 """The OpenAPI document, made to say what the server really does.
 
-The generation routes parse their bodies themselves (off the event loop, see app._Offload), so
+The generation routes parse their bodies themselves (off the event loop, see context.Offload), so
 FastAPI knows neither their request schemas nor their errors: both are written in here. Every
 error is the OpenAI shape; validation errors are 400 (never FastAPI's 422); streams are
 `text/event-stream`.

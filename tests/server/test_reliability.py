@@ -221,7 +221,7 @@ def test_big_bodies_and_long_prompts_are_handled_off_the_event_loop(smollm2_dir)
     """Parsing a 10 MB body or tokenizing a long prompt on the loop would stall every stream."""
     from transformers import AutoTokenizer
 
-    from server.app import _Offload
+    from server.context import Offload
     from server.protocol import CompletionRequest
 
     seen = {}
@@ -237,10 +237,10 @@ def test_big_bodies_and_long_prompts_are_handled_off_the_event_loop(smollm2_dir)
         return tokenizer.encode("hello")
 
     async def run():
-        work = _Offload(AutoTokenizer.from_pretrained(smollm2_dir))
-        for size in (100, _Offload.INLINE_BODY_BYTES + 1):
+        work = Offload(AutoTokenizer.from_pretrained(smollm2_dir))
+        for size in (100, Offload.INLINE_BODY_BYTES + 1):
             await work.parse(_Body(json.dumps({"prompt": "x" * size}).encode()), Recorded)
-        for size in (100, _Offload.INLINE_CHARS + 1):
+        for size in (100, Offload.INLINE_CHARS + 1):
             await work.tokenize(tokenize, size)
 
     asyncio.run(run())

@@ -1,0 +1,73 @@
+"""From a conversation to checked prompt token ids: the chat template, tools and template
+variables, the size bounds before templating, the structured-output grammar. Chat completions,
+Responses and Messages all come through here, so a conversation is the same prompt in each."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+
+from engine.core.sampling_params import SamplingParams
+from server.context import ServerContext
+from server.errors import APIError, call
+from server.protocol import ChatCompletionRequest, template_kwargs
+from server.reasoning import END as REASONING_END
+from server.serving import compile_grammar
+from server.tool_calls import ToolFormat
+
+
+@dataclass
+class ChatPrompt:
+    """A chat request made ready for the engine, and how its answer is to be read."""
+
+    prompt: list[int]
+    params: SamplingParams
+    calls: ToolFormat | None  # the format of the model's tool calls, when the request lets it call tools
+    thinking: bool  # the answer opens with a thinking segment (with a reasoning parser)
+    tools: list[dict] | None  # the request's tools, as the template took them
+
+
+async def prepare_chat(ctx: ServerContext, body: ChatCompletionRequest) -> ChatPrompt:
+    """ValueErrors (and the template's complaints) become 400s naming the field."""
+    params = call(lambda: body.params(ctx.tool_format))
+    messages, tools = call(body.message_dicts), body.tool_dicts()
+    kwargs = call(lambda: template_kwargs(body.chat_template_kwargs))
+    thinking = ctx.reasoning is not None and ctx.reasoning.thinks(kwargs)
+    if thinking and params.structured_outputs is not None:  # the thinking is free, the answer held
+        params.structured_outputs = dataclasses.replace(params.structured_outputs, start_after=REASONING_END)
+    ctx.admission.check_size(1, *width(params))
+    await compile_grammar(ctx.engine, params)
+    size = num_chars(messages, tools)
+    call(lambda: ctx.engine.check_prompt_chars(size))  # before templating megabytes
+    template = ctx.chat_template
+    prompt = await ctx.work.tokenize(lambda tok: prompt_ids(
+        ctx, tok, chat_ids(tok, messages, True, tools, template, kwargs), params), size)
+    calls = ctx.tool_format if body.tool_choice_mode() is not None else None
+    return ChatPrompt(prompt, params, calls, thinking, tools)
+
+
+def width(params: SamplingParams) -> tuple[int, str]:
+    """Sequences one prompt runs, and the field that sets them."""
+    return params.beam_width, "best_of" if params.use_beam_search else "n"
+
+
+def num_chars(messages: list[dict], tools: list[dict] | None = None) -> int:
+    """The size of a conversation, to bound it before templating (tools count as their JSON)."""
+    return (sum(len(m["content"]) + len(m.get("reasoning_content") or "") for m in messages)
+            + (len(json.dumps(tools)) if tools else 0))
+
+
+def chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool, tools: list[dict] | None = None,
+             chat_template: str | None = None, kwargs: dict | None = None) -> list[int]:
+    """kwargs: the request's chat_template_kwargs, variables for the template."""
+    try:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True,
+                                            tools=tools, chat_template=chat_template, **(kwargs or {}))
+    except Exception as e:  # a template may reject a conversation (e.g. roles out of order)
+        raise APIError(400, f"messages: {e}", param="messages") from e
+    return list(ids["input_ids"] if not isinstance(ids, list) else ids)
+
+
+def prompt_ids(ctx: ServerContext, tokenizer, prompt: str | list[int], params: SamplingParams) -> list[int]:
+    """Tokenize and check a prompt before any generation starts, so errors are plain 400s."""
+    return ctx.engine.prepare_prompt(prompt, params, tokenizer)
