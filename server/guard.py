@@ -72,7 +72,7 @@ class Guard:
     async def _guarded(self, scope, receive, send, headers) -> None:
         open_path = scope["path"] in OPEN_PATHS
         if not open_path and self.options.api_key is not None and not self._authorized(headers):
-            return await self._reject(send, 401, "Invalid or missing API key (Authorization: Bearer ...).",
+            return await self._reject(send, 401, "Invalid or missing API key (Authorization: Bearer ... or x-api-key).",
                                       "authentication_error", "invalid_api_key")
         if not open_path and getattr(self.app_state, "draining", False):
             return await self._reject(send, 503, "The server is shutting down.", "service_unavailable",
@@ -89,9 +89,10 @@ class Guard:
         return await self.app(scope, _replay(body, receive), send)
 
     def _authorized(self, headers) -> bool:
-        given = headers.get(b"authorization", b"")
-        expected = f"Bearer {self.options.api_key}".encode()
-        return hmac.compare_digest(given, expected)
+        """`Authorization: Bearer KEY` (OpenAI's clients) or `x-api-key: KEY` (Anthropic's)."""
+        key = self.options.api_key.encode()
+        bearer = hmac.compare_digest(headers.get(b"authorization", b""), b"Bearer " + key)
+        return hmac.compare_digest(headers.get(b"x-api-key", b""), key) or bearer
 
     async def _read_body(self, receive) -> bytes | None:
         """The whole request body, or None once it passes the limit (JSON bodies are small)."""

@@ -85,7 +85,7 @@ def chat_logprobs(texts: TokenText, token_ids: list[int], entries: list[TokenLog
         return {"token": texts.text(token_id), "logprob": _lp(logprob), "bytes": texts.bytes(token_id)}
 
     return {"content": [{**item(t, e.logprob), "top_logprobs": [item(a, lp) for a, lp in e.top]}
-                        for t, e in zip(token_ids, entries)]}
+                        for t, e in zip(token_ids, entries)], "refusal": None}
 
 
 def concat(first: dict | None, second: dict | None) -> dict | None:

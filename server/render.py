@@ -148,7 +148,7 @@ class ChoiceRender:
             return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
         answer = self._answer()
         piece = answer.feed(text, final=True)
-        message = {"role": "assistant", "content": piece.content}
+        message = {"role": "assistant", "content": piece.content, "refusal": None}
         if answer.made_calls:
             message.update(content=piece.content or None, tool_calls=answer.tool_calls())
         if self.reasoning is not None:  # (an answer that is all thinking has no content)

@@ -10,6 +10,7 @@ import torch
 
 from tests.conftest import hf_greedy
 from tests.server.launch import launch, metrics, stop, wait_idle
+from tests.server.openai_schema import validate
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +113,43 @@ def test_malformed_json_is_400(server):
 
 def test_models_and_health(server, client):
     assert [m.id for m in client.models.list().data] == ["smol"]
+    assert client.models.retrieve("smol").id == "smol"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+    validate(httpx.get(f"{server}/v1/models").json(), "ListModelsResponse")
+    validate(httpx.get(f"{server}/v1/models/smol").json(), "Model")
+    missing = httpx.get(f"{server}/v1/models/org/gpt-4")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+    validate(missing.json(), "ErrorResponse")
     assert httpx.get(f"{server}/health").json() == {"status": "ok"}
+
+
+CHAT = {"messages": [{"role": "user", "content": "Name a colour."}], "temperature": 0, "max_tokens": 6}
+
+
+@pytest.mark.parametrize("path,body,whole,chunk", [
+    ("/v1/chat/completions", CHAT, "CreateChatCompletionResponse", "CreateChatCompletionStreamResponse"),
+    ("/v1/chat/completions", {**CHAT, "logprobs": True, "top_logprobs": 2, "n": 2,
+                              "stream_options": {"include_usage": True}},
+     "CreateChatCompletionResponse", "CreateChatCompletionStreamResponse"),
+    # (not with echo: the prompt's first token has no logprob, null as OpenAI's legacy API sends it; the spec: number)
+    ("/v1/completions", {"prompt": "The sky is", "max_tokens": 4, "logprobs": 2},
+     "CreateCompletionResponse", None),  # (the spec gives no schema for a completions stream's chunks)
+])
+def test_bodies_and_chunks_follow_openais_published_schema(server, path, body, whole, chunk):
+    stream_body = {**body, "stream": True}
+    if "stream_options" in body:
+        body = {k: v for k, v in body.items() if k != "stream_options"}
+    r = httpx.post(f"{server}{path}", json=body, timeout=60)
+    assert r.status_code == 200
+    validate(r.json(), whole)
+    events = _sse(server, path, stream_body)
+    assert events[-1] == "[DONE]"
+    for event in events[:-1] if chunk is not None else ():
+        validate(event, chunk)
+    bad = httpx.post(f"{server}{path}", json={**body, "temperature": 7})
+    assert bad.status_code == 400
+    validate(bad.json(), "ErrorResponse")
 
 
 def test_tokenize_and_detokenize_round_trip(server, client, smollm2_tokenizer):

@@ -40,6 +40,13 @@ def test_api_key_required_on_v1_only(guarded):
     assert httpx.get(f"{guarded}/metrics").status_code == 200
 
 
+def test_the_key_may_come_as_x_api_key_as_anthropics_clients_send_it(guarded):
+    body = {"prompt": "Hi", "max_tokens": 1}
+    assert httpx.post(f"{guarded}/v1/completions", json=body, headers={"x-api-key": KEY}).status_code == 200
+    for headers in ({"x-api-key": "wrong"}, {"x-api-key": f"Bearer {KEY}"}, {"x-api-key": ""}):
+        assert httpx.post(f"{guarded}/v1/completions", json=body, headers=headers).status_code == 401
+
+
 def test_oversized_body_is_413(guarded):
     r = httpx.post(f"{guarded}/v1/completions", content=json.dumps({"prompt": "x" * (2 << 20)}),
                    headers={**_auth(), "content-type": "application/json"})
