@@ -1,7 +1,7 @@
 """Reliability under hostile and heavy use, against a real `kvserve serve` on loopback.
 
     python benchmarks/reliability.py [--parts load,fuzz,stall,soak] [--requests 1000] [--concurrency 64]
-        [--drop 0.2] [--fuzz-seconds 240] [--soak-seconds 300] [--stall-repeats 5]
+        [--drop 0.2] [--fuzz-seconds 240] [--fuzz-paths REGEX] [--soak-seconds 300] [--stall-repeats 5]
         [--json out.json]
 
 Parts (RELIABILITY.md quotes the last run):
@@ -10,8 +10,8 @@ Parts (RELIABILITY.md quotes the last run):
         or not), requests that must get a 400, and a --drop share of streams the client drops
         after a few chunks. Counts: lost (no complete answer and no error), 5xx, greedy
         mismatches, and the KV blocks still held once the server is idle.
-  fuzz  schemathesis (all checks) against /openapi.json for --fuzz-seconds: server errors and
-        the other check failures, by check.
+  fuzz  schemathesis (all checks) against /openapi.json for --fuzz-seconds (the routes
+        --fuzz-paths matches, or all): server errors and the other check failures, by check.
   soak  --soak-seconds of steady mixed load at concurrency 8; the server's RSS sampled every
         5 s and its slope (MiB/min, least squares over the samples after the first minute).
   stall each big body below sent --stall-repeats times while /health is asked back to back: the
@@ -188,6 +188,8 @@ def fuzz(args) -> dict:
                "--request-timeout", "120", "--max-response-time", "120", "--workers", "2", "--seed", str(args.seed),
                "--report", "ndjson",
                "--report-dir", tmp, "--no-color"]
+        if args.fuzz_paths:
+            cmd += ["--include-path-regex", args.fuzz_paths]
         t0 = time.monotonic()
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp, check=False)  # its cache stays in tmp
         elapsed = time.monotonic() - t0
@@ -279,6 +281,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--drop", type=float, default=0.2)
     parser.add_argument("--fuzz-seconds", type=int, default=240)
+    parser.add_argument("--fuzz-paths", default=None, help="fuzz only the paths this regex matches (e.g. "
+                                                            "'^/v1/(responses|messages)')")
     parser.add_argument("--soak-seconds", type=int, default=300)
     parser.add_argument("--stall-repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)

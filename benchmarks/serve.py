@@ -5,7 +5,8 @@
         [--request-rate inf] [--max-concurrency 16] [--json out.json]
 
 Every request streams from /v1/completions at temperature 0 with `ignore_eos` (servers that
-ignore it may stop early; the output tokens counted are the ones that came back). Per request:
+ignore it may stop early; the output tokens counted are the ones that came back); a Workload's
+`route` sends the prompt as a user message to chat, Responses or Messages instead. Per request:
 TTFT (send to first text), TPOT ((E2E - TTFT) / (output tokens - 1)), ITL (gaps between text
 chunks) and E2E; reported as mean, p50 and p99, with request/s and output tok/s over the run.
 
@@ -50,6 +51,7 @@ class Workload:
     ignore_eos: bool = True  # some servers reject the field (transformers serve)
     warmup_prompt: str | None = None  # default: the first prompt (then a prompt cache has seen it)
     extra_body: dict | None = None  # more request fields (e.g. response_format)
+    route: str = "completions"  # or "chat", "responses", "messages": the prompt as a user message
 
 
 # --- prompts -----------------------------------------------------------------------------
@@ -70,34 +72,64 @@ def make_prompts(tokenizer, dataset: str, num: int, input_len: int, prefix_len: 
 
 
 # --- one request -------------------------------------------------------------------------
-async def send(client: httpx.AsyncClient, w: Workload, prompt: str) -> RequestResult:
-    body = {"model": w.model, "prompt": prompt, "max_tokens": w.output_len, "temperature": 0.0,
-            "stream": True, "stream_options": {"include_usage": True}}
+def request_body(w: Workload, prompt: str) -> dict:
+    """The streamed request for `prompt` on the workload's route, greedy, `output_len` tokens at most."""
+    user = [{"role": "user", "content": prompt}]
+    body = {"completions": {"prompt": prompt, "max_tokens": w.output_len},
+            "chat": {"messages": user, "max_tokens": w.output_len},
+            "responses": {"input": prompt, "max_output_tokens": w.output_len},
+            "messages": {"messages": user, "max_tokens": w.output_len}}[w.route]
+    body.update(model=w.model, temperature=0.0, stream=True)
+    if w.route in ("completions", "chat"):
+        body["stream_options"] = {"include_usage": True}
     if w.ignore_eos:
         body["ignore_eos"] = True
-    body.update(w.extra_body or {})
+    return body | (w.extra_body or {})
+
+
+def read_event(route: str, data: str) -> tuple[bool, dict, str, bool]:
+    """One event's data: (it carries text, the usage it reports, an error, the stream is complete)."""
+    if data == "[DONE]":
+        return False, {}, "", True
+    event = json.loads(data)
+    kind = event.get("type", "")
+    if event.get("error") or kind in ("error", "response.failed"):
+        return False, {}, str(event.get("error") or event["response"]["error"])[:200], True
+    if route == "responses":
+        done = kind in ("response.completed", "response.incomplete")
+        usage = event["response"]["usage"] if done else {}
+        return kind.endswith(".delta"), {"prompt": usage.get("input_tokens"), "output": usage.get(
+            "output_tokens")}, "", done
+    if route == "messages":
+        usage = event.get("usage") or event.get("message", {}).get("usage") or {}
+        prompt = usage.get("input_tokens", 0) + usage.get("cache_read_input_tokens", 0) if usage else None
+        return kind == "content_block_delta", {"prompt": prompt, "output": usage.get("output_tokens")}, "", \
+            kind == "message_stop"
+    usage = event.get("usage") or {}
+    text = any(c.get("text") or c.get("delta", {}).get("content") or c.get("delta", {}).get("tool_calls")
+               for c in event.get("choices", []))
+    return text, {"prompt": usage.get("prompt_tokens"), "output": usage.get("completion_tokens")}, "", False
+
+
+async def send(client: httpx.AsyncClient, w: Workload, prompt: str) -> RequestResult:
     res = RequestResult(ok=False)
     start = last = time.perf_counter()
     chunks = 0
     try:
-        async with client.stream("POST", f"{w.base_url}/v1/completions", json=body) as r:
+        path = "/v1/chat/completions" if w.route == "chat" else f"/v1/{w.route}"
+        async with client.stream("POST", f"{w.base_url}{path}", json=request_body(w, prompt)) as r:
             if r.status_code != 200:
                 res.error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
                 return res
             async for line in r.aiter_lines():
                 if not line.startswith("data:"):
                     continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                chunk = json.loads(data)
-                if chunk.get("error"):
-                    res.error = str(chunk["error"])[:200]
+                text, usage, res.error, done = read_event(w.route, line[5:].strip())
+                if res.error:
                     return res
-                usage = chunk.get("usage") or {}
-                res.prompt_tokens = usage.get("prompt_tokens", res.prompt_tokens)
-                res.output_tokens = usage.get("completion_tokens", res.output_tokens)
-                if any(c.get("text") for c in chunk.get("choices", [])):
+                res.prompt_tokens = usage.get("prompt") or res.prompt_tokens
+                res.output_tokens = usage.get("output") or res.output_tokens
+                if text:
                     now = time.perf_counter()
                     if chunks == 0:
                         res.ttft = now - start
@@ -105,6 +137,8 @@ async def send(client: httpx.AsyncClient, w: Workload, prompt: str) -> RequestRe
                         res.itl.append(now - last)
                     last = now
                     chunks += 1
+                if done:
+                    break
     except (httpx.HTTPError, json.JSONDecodeError) as e:
         res.error = f"{type(e).__name__}: {e}"
         return res

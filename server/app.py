@@ -16,11 +16,14 @@ from server.guard import Guard, ServerOptions
 from server.logprobs import TokenText
 from server.openapi import document
 from server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from server.protocol_messages import CountTokensRequest, MessagesRequest
+from server.protocol_responses import ResponsesRequest
 from server.reasoning import FORMATS as REASONING_FORMATS
-from server.routes import chat, completions, health, models, tokenize
+from server.routes import chat, completions, health, messages, models, responses, tokenize
+from server.store import ResponseStore
 from server.tool_calls import FORMATS, ToolFormat, detect
 
-ROUTERS = (health, models, tokenize, completions, chat)
+ROUTERS = (health, models, tokenize, completions, chat, responses, messages)
 
 
 def create_app(engine: AsyncLLM, model_name: str, options: ServerOptions | None = None) -> FastAPI:
@@ -30,7 +33,7 @@ def create_app(engine: AsyncLLM, model_name: str, options: ServerOptions | None 
     reasoning = REASONING_FORMATS[options.reasoning_parser] if options.reasoning_parser else None
     app.state.ctx = ServerContext(engine, model_name, options, Offload(engine.tokenizer),
                                   Admission(engine.max_num_seqs, options.max_queue_len), TokenText(engine.tokenizer),
-                                  tool_format, reasoning)
+                                  tool_format, reasoning, ResponseStore(options.responses_store_size))
     app.state.draining = False  # set on SIGTERM (server/cli.py); the guard then answers 503
     app.add_middleware(Guard, options=options, app_state=app.state,
                        on_response=_response_counter(engine, model_name, app))
@@ -40,22 +43,23 @@ def create_app(engine: AsyncLLM, model_name: str, options: ServerOptions | None 
     for module in ROUTERS:
         app.include_router(module.router)
     document(app, {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest,
-                   "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest})
+                   "/v1/responses": ResponsesRequest, "/v1/messages": MessagesRequest,
+                   "/v1/messages/count_tokens": CountTokensRequest, "/tokenize": TokenizeRequest,
+                   "/detokenize": DetokenizeRequest})
     return app
 
 
-async def _api_error(_: Request, e: APIError):
-    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+async def _api_error(request: Request, e: APIError):
+    status, body = e.response_for(request.url.path)
+    return JSONResponse(body, status_code=status, headers=e.headers)
 
 
-async def _validation_error(_: Request, e: RequestValidationError):
-    error = invalid_request(list(e.errors()))
-    return JSONResponse(error.body(), status_code=400)
+async def _validation_error(request: Request, e: RequestValidationError):
+    return await _api_error(request, invalid_request(list(e.errors())))
 
 
-async def _http_error(_: Request, e: StarletteHTTPException):
-    return JSONResponse(APIError(e.status_code, str(e.detail), type_="invalid_request_error").body(),
-                        status_code=e.status_code, headers=e.headers)  # 405 keeps its Allow header
+async def _http_error(request: Request, e: StarletteHTTPException):  # 405 keeps its Allow header
+    return await _api_error(request, APIError(e.status_code, str(e.detail), headers=e.headers))
 
 
 def _response_counter(engine: AsyncLLM, model_name: str, app: FastAPI):

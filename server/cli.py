@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_FORMATS),
                    help="split a reasoning model's <think>...</think> segment into reasoning_content; "
                         "structured outputs and tool grammars then apply after it (default: off)")
+    s.add_argument("--responses-store-size", type=int, default=ServerOptions.responses_store_size,
+                   help="stored responses (the Responses API's store: true) kept in memory for previous_response_id "
+                        "and GET /v1/responses/{id}, least recently used first out; lost on restart (0: none)")
     s.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return parser
 
@@ -104,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     options = ServerOptions(api_key=args.api_key or None, max_queue_len=args.max_queue_len,
                             max_body_bytes=args.max_request_body, shutdown_timeout=args.shutdown_timeout,
                             body_read_timeout=args.body_read_timeout, chat_template=template,
-                            tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser)
+                            tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser,
+                            responses_store_size=args.responses_store_size)
     engine = AsyncLLM(config)
     print(engine.describe(), flush=True)
     app = create_app(engine, engine.model_name, options)
@@ -129,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
 def _check_server_flags(args: argparse.Namespace) -> str | None:
     if args.max_queue_len is not None and args.max_queue_len < 0:
         return "max_queue_len: must be non-negative"
+    if not 0 <= args.responses_store_size <= 1 << 20:
+        return "responses_store_size: must be in [0, 1048576]"
     for name in ("timeout_keep_alive", "header_read_timeout", "body_read_timeout", "limit_concurrency"):
         if getattr(args, name) <= 0:
             return f"{name}: must be positive"

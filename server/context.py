@@ -16,6 +16,7 @@ from server.errors import APIError, call, invalid_request
 from server.guard import ServerOptions
 from server.logprobs import TokenText
 from server.reasoning import ReasoningFormat
+from server.store import ResponseStore
 from server.tool_calls import ToolFormat
 
 
@@ -96,6 +97,7 @@ class ServerContext:
     token_text: TokenText
     tool_format: ToolFormat | None  # how the model writes tool calls; None: tools are refused
     reasoning: ReasoningFormat | None  # --reasoning-parser; None: no reasoning split
+    responses: ResponseStore  # the Responses API's stored responses
 
     @property
     def chat_template(self) -> str | None:

@@ -13,6 +13,27 @@ class APIError(Exception):
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
+    def anthropic_body(self) -> dict:
+        """Anthropic's shape: {"type": "error", "error": {"type", "message"}}, its type by the status."""
+        return {"type": "error", "error": {"type": _ANTHROPIC_TYPES.get(self.status, "api_error"),
+                                           "message": self.message}}
+
+    def response_for(self, path: str) -> tuple[int, dict]:
+        """The status and body for a request to `path`: Anthropic's routes answer in Anthropic's
+        shape and codes (an overloaded server is 529 there), the others in OpenAI's."""
+        if is_anthropic(path):
+            return (529 if self.status == 503 else self.status), self.anthropic_body()
+        return self.status, self.body()
+
+
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 408: "timeout_error", 413: "request_too_large", 429: "rate_limit_error",
+                    500: "api_error", 503: "overloaded_error"}
+
+
+def is_anthropic(path: str) -> bool:
+    return path == "/v1/messages" or path.startswith("/v1/messages/")
+
 
 def param_of(message: str) -> str | None:
     """Our ValueErrors start with the offending field: 'temperature: must be ...', 'messages.0.content: ...'."""
@@ -48,3 +69,17 @@ def call(fn):
         return fn()
     except ValueError as e:
         raise APIError(400, str(e), param=param_of(str(e))) from e
+
+
+def renamed(error: APIError, names: dict[str, str]) -> APIError:
+    """An error about the chat request that runs another protocol's request, naming the field the
+    user set (`names`: chat's field -> theirs). A chat message's index is not theirs: an error
+    about `messages.3.content` names theirs whole."""
+    if error.param is None:
+        return error
+    head, _, rest = error.param.partition(".")
+    if head not in names:
+        return error
+    param = names[head] if head == "messages" else ".".join(filter(None, (names[head], rest)))
+    message = error.message.replace(error.param, param, 1)
+    return APIError(error.status, message, error.type, param, error.code, error.headers)

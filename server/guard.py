@@ -13,6 +13,8 @@ import re
 import uuid
 from dataclasses import dataclass
 
+from server.errors import APIError
+
 logger = logging.getLogger("kvserve.server")
 
 # What a client's X-Request-Id may hold to be used as given (it reaches logs and headers).
@@ -30,10 +32,7 @@ class ServerOptions:
     chat_template: str | None = None  # a Jinja chat template in place of the model's own
     tool_call_parser: str = "auto"  # a name in server.tool_calls.PARSERS, or "auto": read from the template
     reasoning_parser: str | None = None  # a name in server.reasoning.FORMATS; None: no reasoning split
-
-
-def error_body(message: str, type_: str, code: str | None = None) -> bytes:
-    return json.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}}).encode()
+    responses_store_size: int = 1024  # responses kept for previous_response_id and GET (0: none)
 
 
 class Guard:
@@ -66,25 +65,25 @@ class Guard:
         except Exception:
             logger.exception("request %s: unexpected error", request_id)
             if not started:
-                await self._reject(send_with_id, 500, f"Internal server error (request id {request_id}).",
+                await self._reject(scope, send_with_id, 500, f"Internal server error (request id {request_id}).",
                                    "internal_server_error")
 
     async def _guarded(self, scope, receive, send, headers) -> None:
         open_path = scope["path"] in OPEN_PATHS
         if not open_path and self.options.api_key is not None and not self._authorized(headers):
-            return await self._reject(send, 401, "Invalid or missing API key (Authorization: Bearer ... or x-api-key).",
-                                      "authentication_error", "invalid_api_key")
+            return await self._reject(scope, send, 401, "Invalid or missing API key (Authorization: Bearer ... or "
+                                      "x-api-key).", "authentication_error", "invalid_api_key")
         if not open_path and getattr(self.app_state, "draining", False):
-            return await self._reject(send, 503, "The server is shutting down.", "service_unavailable",
+            return await self._reject(scope, send, 503, "The server is shutting down.", "service_unavailable",
                                       extra=[(b"retry-after", b"5")])
         try:
             body = await asyncio.wait_for(self._read_body(receive), self.options.body_read_timeout)
         except TimeoutError:
-            return await self._reject(send, 408, f"The request body did not arrive within "
+            return await self._reject(scope, send, 408, f"The request body did not arrive within "
                                       f"{self.options.body_read_timeout:g} s.", "invalid_request_error",
                                       "request_timeout", extra=[(b"connection", b"close")])
         if body is None:
-            return await self._reject(send, 413, f"Request body exceeds {self.options.max_body_bytes} bytes.",
+            return await self._reject(scope, send, 413, f"Request body exceeds {self.options.max_body_bytes} bytes.",
                                       "invalid_request_error", "request_too_large")
         return await self.app(scope, _replay(body, receive), send)
 
@@ -110,10 +109,11 @@ class Guard:
                 return b"".join(chunks)
 
     @staticmethod
-    async def _reject(send, status: int, message: str, type_: str, code: str | None = None, extra=()):
+    async def _reject(scope, send, status: int, message: str, type_: str, code: str | None = None, extra=()):
+        status, body = APIError(status, message, type_, code=code).response_for(scope["path"])
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"), *extra]})
-        await send({"type": "http.response.body", "body": error_body(message, type_, code)})
+        await send({"type": "http.response.body", "body": json.dumps(body).encode()})
 
 
 def _replay(body: bytes, receive):

@@ -30,7 +30,7 @@ _ERRORS = {
     "500": "A fault while serving this request (other requests are not affected).",
     "503": "At capacity or shutting down; `Retry-After` says when to retry.",
 }
-_STREAMING = ("/v1/completions", "/v1/chat/completions")
+_STREAMING = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/messages")
 
 
 def document(app: FastAPI, bodies: dict[str, type[BaseModel]]) -> None:
@@ -61,8 +61,8 @@ def _build(app: FastAPI, bodies: dict[str, type[BaseModel]]) -> dict:
                                                                          "Prometheus text format"}}}
             if path in _STREAMING:
                 responses["200"].setdefault("content", {})["text/event-stream"] = {
-                    "schema": {"type": "string", "description": "with `stream: true`: `data: {chunk}` events, "
-                                                               "then `data: [DONE]`"}}
+                    "schema": {"type": "string", "description": "with `stream: true`: server-sent events (chat and "
+                                                               "completions end with `data: [DONE]`)"}}
             errors = {"503": _ERRORS["503"]} if path in OPEN_PATHS else _ERRORS
             for code, text in errors.items():
                 responses[code] = {"description": text, "content": error}

@@ -24,26 +24,37 @@ class ChatPrompt:
     params: SamplingParams
     calls: ToolFormat | None  # the format of the model's tool calls, when the request lets it call tools
     thinking: bool  # the answer opens with a thinking segment (with a reasoning parser)
-    tools: list[dict] | None  # the request's tools, as the template took them
 
 
 async def prepare_chat(ctx: ServerContext, body: ChatCompletionRequest) -> ChatPrompt:
     """ValueErrors (and the template's complaints) become 400s naming the field."""
     params = call(lambda: body.params(ctx.tool_format))
-    messages, tools = call(body.message_dicts), body.tool_dicts()
     kwargs = call(lambda: template_kwargs(body.chat_template_kwargs))
     thinking = ctx.reasoning is not None and ctx.reasoning.thinks(kwargs)
     if thinking and params.structured_outputs is not None:  # the thinking is free, the answer held
         params.structured_outputs = dataclasses.replace(params.structured_outputs, start_after=REASONING_END)
     ctx.admission.check_size(1, *width(params))
     await compile_grammar(ctx.engine, params)
+    prompt = await chat_prompt_ids(ctx, body, params)
+    calls = ctx.tool_format if body.tool_choice_mode() is not None else None
+    return ChatPrompt(prompt, params, calls, thinking)
+
+
+async def chat_prompt_ids(ctx: ServerContext, body: ChatCompletionRequest,
+                          params: SamplingParams | None = None) -> list[int]:
+    """The conversation through the chat template, as token ids; with `params`, checked against
+    them (a prompt and max_tokens beyond the context are a 400)."""
+    messages, tools = call(body.message_dicts), body.tool_dicts()
+    kwargs = call(lambda: template_kwargs(body.chat_template_kwargs))
     size = num_chars(messages, tools)
     call(lambda: ctx.engine.check_prompt_chars(size))  # before templating megabytes
     template = ctx.chat_template
-    prompt = await ctx.work.tokenize(lambda tok: prompt_ids(
-        ctx, tok, chat_ids(tok, messages, True, tools, template, kwargs), params), size)
-    calls = ctx.tool_format if body.tool_choice_mode() is not None else None
-    return ChatPrompt(prompt, params, calls, thinking, tools)
+
+    def tokenize(tok) -> list[int]:
+        ids = chat_ids(tok, messages, True, tools, template, kwargs)
+        return ids if params is None else prompt_ids(ctx, tok, ids, params)
+
+    return await ctx.work.tokenize(tokenize, size)
 
 
 def width(params: SamplingParams) -> tuple[int, str]:

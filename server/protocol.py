@@ -28,6 +28,14 @@ _UNSUPPORTED: dict[str, tuple] = {
 }
 
 
+def check_supported(body: BaseModel, unsupported: dict[str, tuple]) -> None:
+    """ValueError naming the first field of `unsupported` (name -> the values it may safely have)
+    that `body` sets to anything else."""
+    for name, off in unsupported.items():
+        if name in body.model_fields_set and getattr(body, name) not in off:
+            raise ValueError(f"{name}: not supported by this server yet")
+
+
 class _Strict(BaseModel):
     """Unknown fields are refused (400 "Unrecognized request argument supplied"), values must have
     the type the schema gives (no "16" for 16, no 0 for false), and NaN and the infinities, which
@@ -173,9 +181,7 @@ class _SamplingFields(_Strict):
         return asked[0] if asked else None
 
     def _check_supported(self) -> None:
-        for name, off in _UNSUPPORTED.items():
-            if name in self.model_fields_set and getattr(self, name) not in off:
-                raise ValueError(f"{name}: not supported by this server yet")
+        check_supported(self, _UNSUPPORTED)
 
     @property
     def include_usage(self) -> bool:
@@ -278,6 +284,7 @@ class ChatMessage(_Strict):
     name: str | None = None  # handed to the chat template
     tool_call_id: str | None = None
     tool_calls: Annotated[list[ToolCall], Field(fail_fast=True)] | None = None  # an earlier assistant turn's
+    reasoning_content: str | None = None  # an earlier assistant turn's thinking (templates that show it read it)
     # fields of earlier assistant turns: accepted while empty
     function_call: dict | None = None
     refusal: str | None = None
@@ -300,6 +307,10 @@ class ChatMessage(_Strict):
             content = "".join(part.text for part in content)
         out = {"role": self.role, "content": content or ""}
         out.update({k: getattr(self, k) for k in ("name", "tool_call_id") if getattr(self, k) is not None})
+        if self.reasoning_content is not None:
+            if self.role != "assistant":
+                raise ValueError(f"messages.{i}.reasoning_content: only assistant messages think")
+            out["reasoning_content"] = self.reasoning_content
         if self.tool_calls:
             if self.role != "assistant":
                 raise ValueError(f"messages.{i}.tool_calls: only assistant messages make tool calls")

@@ -127,7 +127,7 @@ class ChoiceRender:
         if not self.chat:
             new = text or num_tokens(logprobs) or sent.finished
             return self.choice(idx, text, logprobs, c.finish_reason) if new else None
-        answer = self.answers.setdefault(idx, self._answer())
+        answer = self.answers.get(idx) or self.answers.setdefault(idx, self._answer())
         piece = answer.feed(text, final=sent.finished)
         if piece.content or piece.reasoning or piece.calls or num_tokens(logprobs) or sent.finished:
             return self.delta(idx, piece.content, logprobs, answer.finish_reason(c.finish_reason),

@@ -11,7 +11,7 @@ FLAGS = ["--model", "--host", "--port", "--served-model-name", "--dtype", "--dev
          "--gpu-memory-utilization", "--load-format", "--seed", "--log-level", "--api-key", "--max-queue-len",
          "--max-request-body", "--shutdown-timeout", "--enable-prefix-caching", "--no-enable-prefix-caching",
          "--max-prefill-tokens-while-decoding", "--linear-backend", "--attention-backend", "--enforce-eager",
-         "--chat-template", "--tool-call-parser"]
+         "--chat-template", "--tool-call-parser", "--responses-store-size"]
 
 
 def test_help_documents_every_flag():
@@ -77,3 +77,12 @@ def test_chat_template_is_a_file_or_the_template_itself(tmp_path):
     assert _chat_template(str(path)) == (inline, None)
     assert _chat_template(inline) == (inline, None)
     assert _chat_template(None) == (None, None)
+
+
+@pytest.mark.parametrize("value", ["-1", str((1 << 20) + 1)])
+def test_a_responses_store_size_out_of_bounds_is_refused(value):
+    from server.cli import _check_server_flags
+
+    args = build_parser().parse_args(["serve", "--responses-store-size", value])
+    assert "responses_store_size" in _check_server_flags(args)
+    assert _check_server_flags(build_parser().parse_args(["serve", "--responses-store-size", "0"])) is None

@@ -6,6 +6,7 @@ import signal
 import socket
 import threading
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -45,6 +46,16 @@ def test_the_key_may_come_as_x_api_key_as_anthropics_clients_send_it(guarded):
     assert httpx.post(f"{guarded}/v1/completions", json=body, headers={"x-api-key": KEY}).status_code == 200
     for headers in ({"x-api-key": "wrong"}, {"x-api-key": f"Bearer {KEY}"}, {"x-api-key": ""}):
         assert httpx.post(f"{guarded}/v1/completions", json=body, headers=headers).status_code == 401
+    # Anthropic's routes refuse in Anthropic's shape, which its SDK reads
+    r = httpx.post(f"{guarded}/v1/messages", json={}, headers={"x-api-key": "wrong"})
+    assert r.status_code == 401 and r.json() == {"type": "error", "error": {
+        "type": "authentication_error", "message": r.json()["error"]["message"]}}
+    with pytest.raises(anthropic.AuthenticationError):
+        anthropic.Anthropic(base_url=guarded, api_key="wrong", max_retries=0).messages.create(
+            model="smol", max_tokens=1, messages=[{"role": "user", "content": "Hi"}])
+    reply = anthropic.Anthropic(base_url=guarded, api_key=KEY, max_retries=0).messages.create(
+        model="smol", max_tokens=1, messages=[{"role": "user", "content": "Hi"}])
+    assert reply.usage.output_tokens == 1
 
 
 def test_oversized_body_is_413(guarded):

@@ -84,17 +84,33 @@ def _run_curl(commands: list[str], server: str, at_least: int, finish_reason: st
                              text=True, timeout=300, check=False)
         assert run.returncode == 0, (command, run.stderr)
         if '"stream": true' in command:
-            payloads = _sse_payloads(run.stdout)
-            assert len(payloads) > 2 and payloads[-1] == "[DONE]", command
-            assert all("error" not in json.loads(p) for p in payloads[:-1]), command
+            _check_stream(command, _sse_payloads(run.stdout))
+            continue
+        body = json.loads(run.stdout)
+        assert body.get("error") is None, command
+        if "/v1/responses" in command:
+            assert body["status"] in ("completed", "incomplete") and body["output"], command
+        elif "/v1/messages" in command:
+            assert body["type"] == "message" and body["content"], command
         else:
-            body = json.loads(run.stdout)
-            assert "error" not in body and body["choices"], command
+            assert body["choices"], command
             assert finish_reason is None or body["choices"][0]["finish_reason"] == finish_reason
 
 
+def _check_stream(command: str, payloads: list[str]) -> None:
+    """A whole stream, as each protocol ends it: `[DONE]`, `response.completed`, or `message_stop`."""
+    assert len(payloads) > 2, command
+    events = [json.loads(p) for p in payloads if p != "[DONE]"]
+    if "/v1/responses" in command:
+        assert events[-1]["type"] in ("response.completed", "response.incomplete"), command
+    elif "/v1/messages" in command:
+        assert events[-1]["type"] == "message_stop" and "error" not in [e["type"] for e in events], command
+    else:
+        assert payloads[-1] == "[DONE]" and all("error" not in e for e in events), command
+
+
 def test_readme_openai_sdk_example(default_server):
-    (example,) = [b for b in _blocks("python") if "OpenAI(" in b]
+    (example,) = [b for b in _blocks("python") if "from openai import OpenAI" in b]
     assert README_URL in example
     run = subprocess.run([sys.executable, "-c", example.replace(README_URL, default_server)], capture_output=True,
                          text=True, timeout=300, check=False)
@@ -105,7 +121,7 @@ def test_readme_openai_sdk_example(default_server):
 def _run_after_client(marker: str, server: str) -> str:
     """README's Python block holding `marker`, after the SDK example's client (as a reader runs
     them in turn), against `server`; its output."""
-    (client,) = [b for b in _blocks("python") if "OpenAI(" in b]
+    (client,) = [b for b in _blocks("python") if "from openai import OpenAI" in b]
     (example,) = [b for b in _blocks("python") if marker in b]
     code = (client + example).replace(README_URL, server)
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
@@ -116,6 +132,27 @@ def _run_after_client(marker: str, server: str) -> str:
 def test_readme_structured_outputs_sdk_example(default_server):
     out = _run_after_client(".parse(", default_server)
     assert re.search(r"city='[^']+' population=\d+", out), out  # the parsed pydantic object
+
+
+def test_readme_responses_sdk_example(default_server):
+    out = _run_after_client("previous_response_id=", default_server)
+    assert "Paris" in out and len(out.strip().split(".")) > 2, out  # two answers
+
+
+def test_readme_anthropic_sdk_example(default_server):
+    (example,) = [b for b in _blocks("python") if "anthropic.Anthropic(" in b]
+    run = subprocess.run([sys.executable, "-c", example.replace(README_URL, default_server)], capture_output=True,
+                         text=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stderr
+    assert "Paris" in run.stdout and run.stdout.strip().endswith("end_turn"), run.stdout
+
+
+def test_readme_agents_sdk_example(tools_server):
+    (example,) = [b for b in _blocks("python") if "Runner." in b]
+    run = subprocess.run([sys.executable, "-c", example.replace(README_URL, tools_server)], capture_output=True,
+                         text=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stderr
+    assert "18 C and sunny in Paris" in run.stdout, run.stdout  # the tool ran and its result reached the answer
 
 
 def test_readme_tools_sdk_example(tools_server):

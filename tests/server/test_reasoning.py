@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import random
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -180,3 +181,37 @@ def test_bad_chat_template_kwargs_are_400_naming_them(server, kwargs, param):
     base, _ = server
     r = _post(f"{base}/v1/chat/completions", {"messages": ASK, "chat_template_kwargs": kwargs})
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+# --- the same split through Responses and Messages ---------------------------------------------
+def test_responses_put_the_thinking_in_a_reasoning_item(server):
+    from tests.server.openai_schema import validate
+
+    base, client = server
+    out = client.responses.create(model="smol", input=ASK, max_output_tokens=24, temperature=0)
+    [item] = out.output
+    assert item.type == "reasoning" and item.content[0].text == _plain(base, None)
+    assert out.usage.output_tokens_details.reasoning_tokens == out.usage.output_tokens > 0  # never closed
+    body = {"input": ASK, "max_output_tokens": 24, "temperature": 0, "stream": True}
+    events = []
+    with httpx.stream("POST", f"{base}/v1/responses", json=body, timeout=60) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+    for event in events:
+        validate(event, "ResponseStreamEvent")
+    deltas = "".join(e["delta"] for e in events if e["type"] == "response.reasoning_text.delta")
+    assert deltas == item.content[0].text
+    off = client.responses.create(model="smol", input=ASK, max_output_tokens=24, temperature=0, extra_body=OFF)
+    assert [i.type for i in off.output] == ["message"] and off.output_text == _plain(base, {"enable_thinking": False})
+    assert off.usage.output_tokens_details.reasoning_tokens == 0
+
+
+def test_messages_put_the_thinking_in_a_thinking_block(server):
+    base, _ = server
+    claude = anthropic.Anthropic(base_url=base, api_key="none", max_retries=0)
+    kw = dict(model="smol", max_tokens=24, messages=ASK, extra_body={"temperature": 0})
+    thinking = claude.messages.create(**kw)
+    assert [b.type for b in thinking.content] == ["thinking"] and thinking.content[0].thinking == _plain(base, None)
+    with claude.messages.stream(**kw) as stream:
+        assert stream.get_final_message().content == thinking.content
+    off = claude.messages.create(**kw, thinking={"type": "disabled"})
+    assert [b.type for b in off.content] == ["text"] and off.content[0].text == _plain(base, {"enable_thinking": False})

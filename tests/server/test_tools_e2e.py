@@ -13,8 +13,7 @@ import jsonschema
 import openai
 import pytest
 
-from tests.server.launch import launch, stop
-from tests.server.test_tool_calls import TEMPLATE, TIME, WEATHER
+from tests.server.test_tool_calls import TIME, WEATHER
 
 TOOLS = [{"type": "function", "function": WEATHER}, {"type": "function", "function": TIME}]
 SCHEMAS = {"get_weather": WEATHER["parameters"], "get_time": TIME["parameters"]}
@@ -22,10 +21,8 @@ ASK = [{"role": "user", "content": "What is the weather in Paris, and what time 
 
 
 @pytest.fixture(scope="module")
-def client(smollm2_dir):
-    proc, base = launch(smollm2_dir, "--chat-template", TEMPLATE)
-    yield openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
-    stop(proc)
+def client(tool_server):
+    return openai.OpenAI(base_url=f"{tool_server}/v1", api_key="none", max_retries=0)
 
 
 def _check_calls(calls, names=None) -> None:
