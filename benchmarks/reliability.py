@@ -193,10 +193,11 @@ def fuzz(args) -> dict:
         t0 = time.monotonic()
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp, check=False)  # its cache stays in tmp
         elapsed = time.monotonic() - t0
-        (HERE / "results").mkdir(exist_ok=True)
-        (HERE / "results" / "reliability-schemathesis.txt").write_text(proc.stdout[-200_000:])
+        output = args.json.with_name(f"{args.json.stem}-schemathesis.txt")  # (reliability-schemathesis.txt)
+        output.parent.mkdir(exist_ok=True)
+        output.write_text(proc.stdout[-200_000:])
     return {"seconds": round(elapsed, 1), "exit_code": proc.returncode, **schemathesis_summary(proc.stdout),
-            "output": "benchmarks/results/reliability-schemathesis.txt"}
+            "output": str(output.resolve().relative_to(ROOT))}
 
 
 def schemathesis_summary(text: str) -> dict:
@@ -286,7 +287,8 @@ def main() -> None:
     parser.add_argument("--soak-seconds", type=int, default=300)
     parser.add_argument("--stall-repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=Path, default=HERE / "results" / "reliability.json")
+    parser.add_argument("--json", type=Path, default=HERE / "results" / "reliability.json",
+                        help="the report; schemathesis' output goes beside it, as NAME-schemathesis.txt")
     args = parser.parse_args()
     parts = args.parts.split(",")
     log = Path(tempfile.gettempdir()) / "kvserve-reliability.log"

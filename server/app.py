@@ -58,8 +58,20 @@ async def _validation_error(request: Request, e: RequestValidationError):
     return await _api_error(request, invalid_request(list(e.errors())))
 
 
-async def _http_error(request: Request, e: StarletteHTTPException):  # 405 keeps its Allow header
-    return await _api_error(request, APIError(e.status_code, str(e.detail), headers=e.headers))
+async def _http_error(request: Request, e: StarletteHTTPException):
+    headers = e.headers
+    if e.status_code == 405:  # Allow lists every method of the path (Starlette names the first route's only)
+        path = request.url.path
+        methods = {m for r in _routes(request.app) if r.path_regex.match(path) for m in r.methods or ()}
+        headers = {**(headers or {}), "Allow": ", ".join(sorted(methods))}
+    return await _api_error(request, APIError(e.status_code, str(e.detail), headers=headers))
+
+
+def _routes(app: FastAPI) -> list:
+    """Every route of the app (FastAPI 0.165 lists included routers lazily: their routes are read
+    from the routers themselves)."""
+    return [r for r in app.router.routes if hasattr(r, "path_regex")] + [
+        r for module in ROUTERS for r in module.router.routes]
 
 
 def _response_counter(engine: AsyncLLM, model_name: str, app: FastAPI):
@@ -74,8 +86,7 @@ def _response_counter(engine: AsyncLLM, model_name: str, app: FastAPI):
     def count(path: str, status: int) -> None:
         nonlocal routes
         if routes is None:  # the first response: every route is defined by then
-            routes = [r for r in app.router.routes if hasattr(r, "path_regex")]
-            routes += [r for module in ROUTERS for r in module.router.routes]
+            routes = _routes(app)
         route = next((r.path for r in routes if r.path_regex.match(path)), "other")
         family.labels(model_name, route, str(status)).inc()
 

@@ -55,9 +55,10 @@ def invalid_request(errors: list[dict]) -> APIError:
 
 def _field_path(error: dict) -> list[str]:
     """The field an error is about, without the union members pydantic names on the way
-    ('messages.0.content.list[ContentPart].0.text' -> messages.0.content.0.text)."""
+    ('messages.0.content.list[ContentPart].0.text' -> messages.0.content.0.text), tagged ones
+    included: our discriminated unions tag their members `kind=name` ('input.0.item=message.role')."""
     def union_member(part) -> bool:
-        return isinstance(part, str) and ("[" in part or part.startswith("constrained-")
+        return isinstance(part, str) and ("[" in part or "=" in part or part.startswith("constrained-")
                                           or part in ("str", "int", "float", "bool", "list", "dict"))
 
     return [str(x) for x in error.get("loc", ()) if x != "body" and not union_member(x)]

@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
+from server.errors import is_anthropic
 from server.guard import OPEN_PATHS  # need no key, take no body
 
 _ERROR_SCHEMA = {
@@ -19,6 +20,12 @@ _ERROR_SCHEMA = {
         "type": "object", "required": ["message", "type", "param", "code"],
         "properties": {"message": {"type": "string"}, "type": {"type": "string"},
                        "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}},
+}
+_ANTHROPIC_ERROR_SCHEMA = {
+    "type": "object", "required": ["type", "error"],
+    "properties": {"type": {"const": "error"}, "error": {
+        "type": "object", "required": ["type", "message"],
+        "properties": {"type": {"type": "string"}, "message": {"type": "string"}}}},
 }
 _ERRORS = {
     "400": "Invalid request: a field out of range, unknown or not supported; `param` names it.",
@@ -48,8 +55,10 @@ def _build(app: FastAPI, bodies: dict[str, type[BaseModel]]) -> dict:
     schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
     components = schema.setdefault("components", {}).setdefault("schemas", {})
     components["ErrorResponse"] = _ERROR_SCHEMA
-    error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+    components["AnthropicError"] = _ANTHROPIC_ERROR_SCHEMA
     for path, item in schema["paths"].items():
+        shape = "AnthropicError" if is_anthropic(path) else "ErrorResponse"
+        error = {"application/json": {"schema": {"$ref": f"#/components/schemas/{shape}"}}}
         for op in item.values():
             responses = op.setdefault("responses", {})
             responses.pop("422", None)
@@ -65,6 +74,7 @@ def _build(app: FastAPI, bodies: dict[str, type[BaseModel]]) -> dict:
                                                                "completions end with `data: [DONE]`)"}}
             errors = {"503": _ERRORS["503"]} if path in OPEN_PATHS else _ERRORS
             for code, text in errors.items():
+                code = "529" if code == "503" and is_anthropic(path) else code  # Anthropic's "overloaded"
                 responses[code] = {"description": text, "content": error}
     return schema
 

@@ -60,14 +60,16 @@ class OtherBlock(BaseModel):
     type: str
 
 
-def _kind(value: Any) -> str:
-    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
-    return kind if kind in ("text", "tool_use", "tool_result", "thinking") else "other"
+def _kind(value: Any) -> str | None:
+    return value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
 
 
-Block = Annotated[Annotated[TextBlock, Tag("text")] | Annotated[ToolUseBlock, Tag("tool_use")]
-                  | Annotated[ToolResultBlock, Tag("tool_result")] | Annotated[ThinkingBlock, Tag("thinking")]
-                  | Annotated[OtherBlock, Tag("other")], Discriminator(_kind)]
+# (Tags are `kind=name`, which error messages leave out of fields.)
+Block = Annotated[Annotated[TextBlock, Tag("block=text")] | Annotated[ToolUseBlock, Tag("block=tool_use")]
+                  | Annotated[ToolResultBlock, Tag("block=tool_result")]
+                  | Annotated[ThinkingBlock, Tag("block=thinking")] | Annotated[OtherBlock, Tag("block=other")],
+                  Discriminator(lambda v: f"block={_kind(v)}" if _kind(v) in ("text", "tool_use", "tool_result",
+                                                                               "thinking") else "block=other")]
 
 
 class Message(_Strict):
@@ -92,9 +94,8 @@ class ServerTool(BaseModel):
     type: str
 
 
-ToolParam = Annotated[Annotated[Tool, Tag("custom")] | Annotated[ServerTool, Tag("server")],
-                      Discriminator(lambda v: "custom" if (v.get("type") if isinstance(v, dict) else getattr(
-                          v, "type", None)) in (None, "custom") else "server")]
+ToolParam = Annotated[Annotated[Tool, Tag("tool=custom")] | Annotated[ServerTool, Tag("tool=server")],
+                      Discriminator(lambda v: "tool=custom" if _kind(v) in (None, "custom") else "tool=server")]
 
 
 class ToolChoice(_Strict):
@@ -229,17 +230,24 @@ def messages(request: CountTokensRequest) -> list[dict]:
             if not isinstance(block, _ALLOWED[message.role]):
                 raise ValueError(f"messages.{i}.content.{j}.type: {block.type!r} blocks in a {message.role} turn are "
                                  "not supported by this server")
+            if isinstance(block, TextBlock) and block.citations:
+                raise ValueError(f"messages.{i}.content.{j}.citations: not supported by this server")
         out += _user(blocks) if message.role == "user" else [_assistant(blocks)]
     return out
 
 
 def _user(blocks: list) -> list[dict]:
     """Tool results (each a `tool` message), then the turn's text."""
-    out = [{"role": "tool", "tool_call_id": b.tool_use_id,
-            "content": b.content if isinstance(b.content, str) else "".join(t.text for t in b.content)}
+    out = [{"role": "tool", "tool_call_id": b.tool_use_id, "content": _result(b)}
            for b in blocks if isinstance(b, ToolResultBlock)]
     text = "".join(b.text for b in blocks if isinstance(b, TextBlock))
     return out + [{"role": "user", "content": text}] if text or not out else out
+
+
+def _result(block: ToolResultBlock) -> str:
+    """A tool result's text; a failed call's says so (chat templates have no flag for it)."""
+    text = block.content if isinstance(block.content, str) else "".join(t.text for t in block.content)
+    return f"Error: {text}" if block.is_error else text
 
 
 def _assistant(blocks: list) -> dict:

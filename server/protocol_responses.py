@@ -30,33 +30,34 @@ Metadata = Annotated[dict[Annotated[str, Field(max_length=64)], Annotated[str, F
                      Field(max_length=MAX_METADATA_KEYS)]
 
 
-class Part(BaseModel):
-    """A content part; text kinds are read, others refused by name (see text_of)."""
+class TextPart(BaseModel):
+    """A text part (an output_text part's annotations and logprobs come back as they went)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
-    type: str
-    text: str | None = None
-    refusal: str | None = None
-
-
-_TEXT_PARTS = ("input_text", "output_text", "summary_text", "reasoning_text")
+    type: Literal["input_text", "output_text", "summary_text", "reasoning_text"]
+    text: str
 
 
-def text_of(content: str | list[Part], where: str) -> str:
-    """The text of a message's content; ValueError naming a part this server cannot read."""
-    if isinstance(content, str):
-        return content
-    texts = []
-    for j, part in enumerate(content):
-        if part.type == "refusal" and part.refusal is not None:
-            texts.append(part.refusal)
-        elif part.type in _TEXT_PARTS and part.text is not None:
-            texts.append(part.text)
-        else:
-            raise ValueError(f"{where}.{j}.type: content of type {part.type!r} is not supported by this server "
-                             "(text only)")
-    return "".join(texts)
+class RefusalPart(_Strict):
+    type: Literal["refusal"]
+    refusal: str
+
+
+def _kind(value: Any, default: str | None = None) -> str:
+    kind = value.get("type", default) if isinstance(value, dict) else getattr(value, "type", default)
+    return kind if isinstance(kind, str) else ""
+
+
+# The kinds of content this server reads; any other kind (images, files, audio) is refused by the
+# text part's check of its type. (Tags are `kind=name`, which error messages leave out of fields.)
+Part = Annotated[Annotated[TextPart, Tag("part=text")] | Annotated[RefusalPart, Tag("part=refusal")],
+                 Discriminator(lambda v: "part=refusal" if _kind(v) == "refusal" else "part=text")]
+
+
+def text_of(content: str | list) -> str:
+    return content if isinstance(content, str) else "".join(
+        part.refusal if isinstance(part, RefusalPart) else part.text for part in content)
 
 
 Content = str | Annotated[list[Part], Field(fail_fast=True)]
@@ -95,20 +96,15 @@ class ReasoningItem(_Strict):
     encrypted_content: str | None = None  # ours is the reasoning text itself (see README)
     status: Literal["in_progress", "completed", "incomplete"] | None = None
 
-    def text(self, where: str) -> str:
-        if self.content:
-            return text_of(self.content, f"{where}.content")
-        return self.encrypted_content or text_of(self.summary, f"{where}.summary")
+    def text(self) -> str:
+        return text_of(self.content) if self.content else self.encrypted_content or text_of(self.summary)
 
 
-def _item_type(value: Any) -> str:
-    kind = value.get("type", "message") if isinstance(value, dict) else getattr(value, "type", "message")
-    return kind if isinstance(kind, str) else ""
-
-
-InputItem = Annotated[Annotated[MessageItem, Tag("message")] | Annotated[FunctionCallItem, Tag("function_call")]
-                      | Annotated[FunctionCallOutputItem, Tag("function_call_output")]
-                      | Annotated[ReasoningItem, Tag("reasoning")], Discriminator(_item_type)]
+InputItem = Annotated[Annotated[MessageItem, Tag("item=message")]
+                      | Annotated[FunctionCallItem, Tag("item=function_call")]
+                      | Annotated[FunctionCallOutputItem, Tag("item=function_call_output")]
+                      | Annotated[ReasoningItem, Tag("item=reasoning")],
+                      Discriminator(lambda v: f"item={_kind(v, 'message')}")]  # (a message may leave out its type)
 
 
 class FunctionTool(_Strict):
@@ -127,8 +123,8 @@ class OtherTool(BaseModel):
     type: str
 
 
-Tool = Annotated[Annotated[FunctionTool, Tag("function")] | Annotated[OtherTool, Tag("other")],
-                 Discriminator(lambda v: "function" if _item_type(v) == "function" else "other")]
+Tool = Annotated[Annotated[FunctionTool, Tag("tool=function")] | Annotated[OtherTool, Tag("tool=other")],
+                 Discriminator(lambda v: "tool=function" if _kind(v) == "function" else "tool=other")]
 
 
 class ToolChoiceFunction(_Strict):
@@ -248,7 +244,7 @@ class ResponsesRequest(BaseModel):
     def chat_request(self, history: list[BaseModel]) -> ChatCompletionRequest:
         """The chat completion request that runs this one, after `history` (the items of the
         previous responses, oldest first). APIError 400 naming this API's field."""
-        body: dict[str, Any] = {"messages": call(lambda: messages(history, self)), **(self.model_extra or {})}
+        body: dict[str, Any] = {"messages": messages(history, self), **(self.model_extra or {})}
         for name in ("model", "temperature", "top_p", "parallel_tool_calls"):
             if getattr(self, name) is not None:
                 body[name] = getattr(self, name)
@@ -287,17 +283,14 @@ def _response_format(fmt: TextFormat) -> dict:
 
 def messages(history: list[BaseModel], request: ResponsesRequest) -> list[dict]:
     """The conversation as chat messages: instructions (this request's only: they are not carried
-    over from earlier responses), then the earlier items, then this request's input. ValueError
-    naming the item it cannot take."""
+    over from earlier responses), then the earlier items, then this request's input."""
     out = [{"role": "system", "content": request.instructions}] if request.instructions else []
     thinking = None  # the reasoning item waiting for the assistant message it belongs to
-    items = [(f"previous_response_id.{i}", item) for i, item in enumerate(history)]
-    items += [(f"input.{i}", item) for i, item in enumerate(request.input_items())]
-    for where, item in items:
+    for item in history + request.input_items():
         if isinstance(item, ReasoningItem):
-            thinking = item.text(where)
+            thinking = item.text()
             continue
-        message = _message(where, item)
+        message = _message(item)
         last = out[-1] if out else None
         if "tool_calls" in message and thinking is None and last is not None and last["role"] == "assistant":
             last.setdefault("tool_calls", []).extend(message["tool_calls"])  # one turn's calls: one message
@@ -314,11 +307,11 @@ def messages(history: list[BaseModel], request: ResponsesRequest) -> list[dict]:
     return out
 
 
-def _message(where: str, item: BaseModel) -> dict:
+def _message(item: BaseModel) -> dict:
     """A message, call or call output item as a chat message."""
     if isinstance(item, MessageItem):
-        return {"role": item.role, "content": text_of(item.content, f"{where}.content")}
+        return {"role": item.role, "content": text_of(item.content)}
     if isinstance(item, FunctionCallOutputItem):
-        return {"role": "tool", "tool_call_id": item.call_id, "content": text_of(item.output, f"{where}.output")}
+        return {"role": "tool", "tool_call_id": item.call_id, "content": text_of(item.output)}
     call = {"id": item.call_id, "type": "function", "function": {"name": item.name, "arguments": item.arguments}}
     return {"role": "assistant", "content": "", "tool_calls": [call]}

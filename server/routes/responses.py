@@ -51,8 +51,8 @@ async def create_response(raw: Request, ctx: Ctx):
 
 
 @router.get("/v1/responses/{response_id}")
-async def retrieve_response(response_id: str, ctx: Ctx, stream: bool = False):
-    if stream:
+async def retrieve_response(response_id: str, raw: Request, ctx: Ctx):
+    if raw.query_params.get("stream", "false") != "false":  # (OpenAI's replay of a response's events)
         raise APIError(400, "stream: replaying a stored response as a stream is not supported by this server",
                        param="stream")
     return _stored(ctx, response_id).response

@@ -253,6 +253,21 @@ def test_bad_responses_requests_are_openai_shaped(base, body, status, param):
     assert r.json()["error"]["param"] == param, r.text
 
 
+def test_the_stored_response_routes_say_what_they_take(base):
+    r = httpx.put(f"{base}/v1/responses/resp_x")
+    assert r.status_code == 405 and r.headers["allow"] == "DELETE, GET"  # every method of the path
+    r = httpx.get(f"{base}/v1/responses/resp_x", params={"stream": "true"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stream"
+    r = httpx.get(f"{base}/v1/responses/resp_x/input_items", params={"limit": 0})
+    assert r.status_code == 400
+    spec = httpx.get(f"{base}/openapi.json").json()
+    errors = spec["paths"]["/v1/messages"]["post"]["responses"]
+    assert errors["400"]["content"]["application/json"]["schema"]["$ref"].endswith("/AnthropicError")
+    assert "529" in errors and "503" not in errors
+    assert spec["paths"]["/v1/responses"]["post"]["responses"]["400"]["content"]["application/json"]["schema"][
+        "$ref"].endswith("/ErrorResponse")
+
+
 # --- Messages ----------------------------------------------------------------------------------
 def test_messages_with_system_stop_sequences_and_turns(claude, oai):
     chat = _chat(oai, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": ASK}], max_tokens=24)

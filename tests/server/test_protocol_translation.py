@@ -57,13 +57,16 @@ def test_messages_blocks_become_chat_messages_in_turns():
                                            "input": {"city": "Paris"}}]},
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1",
                                       "content": [{"type": "text", "text": "18 C"}]},
+                                     {"type": "tool_result", "tool_use_id": "t2", "content": "timeout",
+                                      "is_error": True},
                                      {"type": "text", "text": "Thanks", "cache_control": {"type": "ephemeral"}}]}]})
     chat = body.chat_request()
     assert chat.message_dicts() == [
         {"role": "system", "content": "S"}, {"role": "user", "content": "Weather in Paris?"},
         {"role": "assistant", "content": "Checking.", "reasoning_content": "Hmm.", "tool_calls": [
             {"id": "t1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
-        {"role": "tool", "content": "18 C", "tool_call_id": "t1"}, {"role": "user", "content": "Thanks"}]
+        {"role": "tool", "content": "18 C", "tool_call_id": "t1"},
+        {"role": "tool", "content": "Error: timeout", "tool_call_id": "t2"}, {"role": "user", "content": "Thanks"}]
     assert chat.max_completion_tokens == 5
 
 
