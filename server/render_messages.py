@@ -51,8 +51,9 @@ class MessageRender:
             except ValueError:  # cut off by max_tokens mid-call
                 arguments = {}
             return {"type": "tool_use", "id": block.call_id, "name": block.name, "input": arguments}
-        key = _START[block.kind]["type"]
-        return {**_START[block.kind], key: block.text}
+        if block.kind == "reasoning":
+            return {"type": "thinking", "thinking": block.text, "signature": ""}  # (nothing to sign here)
+        return {"type": "text", "text": block.text}
 
     def feed(self, out: RequestOutput, c: CompletionOutput) -> list[tuple[str, dict]]:
         """(event name, data) for what is new in `c` (all of the answer, for a whole one)."""

@@ -54,8 +54,8 @@ class Run:
         finally:
             admission.release(self.num_seqs)
 
-    def stream(self, events: Callable[[AsyncIterator[tuple[int, RequestOutput]]], AsyncIterator[str]],
-               media_type: str = "text/event-stream") -> StreamingResponse:
+    def stream(self, events: Callable[[AsyncIterator[tuple[int, RequestOutput]]], AsyncIterator[str]]
+               ) -> StreamingResponse:
         """A streaming response whose body is events(what is new in each prompt's output, as it comes)."""
         self.params = dataclasses.replace(self.params, output_kind="delta")  # what is new at each step
         self.log(stream=True)
@@ -64,7 +64,7 @@ class Run:
         release = functools.partial(admission.release, self.num_seqs)
         deltas = outputs(self.ctx.engine, self.prompts, self.params, self.request_id)
         # Starlette cancels the body iterator when the client goes: that aborts the requests
-        return _ReleasingStream(events(deltas), release=release, media_type=media_type)
+        return _ReleasingStream(events(deltas), release=release, media_type="text/event-stream")
 
 
 async def compile_grammar(engine: AsyncLLM, params: SamplingParams) -> None:

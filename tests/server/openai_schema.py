@@ -19,19 +19,12 @@ read once. The spec is OpenAPI 3.1, so they are checked as JSON Schema Draft 202
 """
 import json
 from functools import cache
-from pathlib import Path
 
 from jsonschema import Draft202012Validator, ValidationError, validators
 from jsonschema.exceptions import best_match
 
-FILE = Path(__file__).with_name("openai-schemas.json")
-PREFIX = "#/components/schemas/"
-
-# Where a schema holds other schemas (as in vendor_openai_schemas.py); other keywords' values are data.
-SCHEMA_MAPS = {"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"}
-SCHEMA_LISTS = {"anyOf", "oneOf", "allOf", "prefixItems"}
-SCHEMA_ONE = {"items", "additionalProperties", "not", "contains", "propertyNames", "if", "then", "else",
-              "unevaluatedProperties", "unevaluatedItems", "additionalItems"}
+from tests.server.vendor_openai_schemas import OUT as FILE
+from tests.server.vendor_openai_schemas import PREFIX, SCHEMA_LISTS, SCHEMA_MAPS, SCHEMA_ONE
 
 
 def allow_null(schema):
