@@ -118,6 +118,8 @@ class LLMEngine:
         graphs = self.backends.cuda_graphs and model.capturable and self.tp.size == 1
         self.runner = model_spec.build_runner(model, self.device, config.max_num_seqs if graphs else 0)
         self.runner.channel = self._ranks and self._ranks.channel
+        if self._ranks is not None:
+            self._ranks.channel.all_built()
         self._requests: dict[str, _RequestState] = {}
         self._failed: list[RequestOutput] = []  # outputs of requests failed during the current step
         self.metrics = EngineMetrics(self.model_name, self.scheduler, self.kv, config.speculative_config is not None)

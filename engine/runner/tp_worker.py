@@ -111,6 +111,13 @@ class Channel:
         self.group.broadcast([tensor], opts).wait()
         return tensor
 
+    def all_built(self) -> None:
+        """Every rank, its shard built, waits here for the others (up to START_TIMEOUT: a rank may
+        take longer than a step to load its shard), so that no first step times out waiting."""
+        opts = dist.AllreduceOptions()
+        opts.timeout = START_TIMEOUT
+        self.group.allreduce([torch.zeros(1)], opts).wait()
+
     def send_spec(self, spec: ModelSpec) -> None:
         """Once, at start: what the ranks build (pickled; the steps' messages are not)."""
         dist.broadcast_object_list([spec], src=0, group=self.group)
@@ -157,11 +164,19 @@ def follow(channel: Channel, runner) -> None:
 
 
 # --- starting the ranks -----------------------------------------------------------------------
+# Joining waits until every rank has started (a spawned rank imports torch before it gets there:
+# seconds on a slow machine, longer under load), which the step timeout is not meant to bound.
+START_TIMEOUT = timedelta(seconds=600)
+
+
 def join(rank: int, size: int, init_method: str, device_type: str, timeout_s: float) -> tuple[TensorParallel, Channel]:
-    """Join the process group (gloo on CPU, NCCL on CUDA) and the gloo group of rank 0's messages."""
+    """Join the process group (gloo on CPU, NCCL on CUDA) and the gloo group of rank 0's messages:
+    the rendezvous waits up to START_TIMEOUT (or the step timeout, if longer), the collectives
+    the step timeout."""
     backend = "nccl" if device_type == "cuda" else "gloo"
     timeout = timedelta(seconds=timeout_s)
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size, timeout=timeout)
+    store, _, _ = next(dist.rendezvous(init_method, rank, size, timeout=max(timeout, START_TIMEOUT)))
+    dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=timeout)
     control = dist.new_group(backend="gloo", timeout=timeout)
     return TensorParallel(rank, size), Channel(control)
 
@@ -255,6 +270,8 @@ def run_rank(rank: int, size: int, init_method: str, device_type: str, timeout_s
         spec = channel.receive_spec()
         if "cpp" in (spec.backends.elementwise, spec.backends.attention) or spec.backends.skinny_linears:
             cpu.load()  # rank 0 loaded the C++ kernels when it chose them; this process has not
-        follow(channel, spec.build_runner(spec.build_model(device, tp), device))
+        runner = spec.build_runner(spec.build_model(device, tp), device)
+        channel.all_built()
+        follow(channel, runner)
     finally:
         dist.destroy_process_group()
