@@ -13,13 +13,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
 
+from engine.core.sampling_params import MAX_STOP_STRINGS
 from server.errors import APIError, call, invalid_request, renamed
 from server.protocol import MAX_TOOLS, ChatCompletionRequest, FunctionName, StopString, _Strict
 
 # A chat field named in an error -> the Messages field the user set
 RENAMED = {"messages": "messages", "max_completion_tokens": "max_tokens", "stop": "stop_sequences",
             "tools": "tools", "tool_choice": "tool_choice", "response_format": "output_config.format"}
-MAX_STOP_SEQUENCES = 16
 
 
 class _Block(_Strict):
@@ -188,7 +188,7 @@ class MessagesRequest(CountTokensRequest):
     temperature: float | None = Field(None, ge=0.0, le=1.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=0)
-    stop_sequences: Annotated[list[StopString], Field(max_length=MAX_STOP_SEQUENCES, fail_fast=True)] | None = None
+    stop_sequences: Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS, fail_fast=True)] | None = None
     stream: bool = False
     metadata: Metadata | None = None
     # without effect on the output: one tier here, who asks, and Anthropic's diagnostics (none to report)

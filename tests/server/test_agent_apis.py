@@ -360,6 +360,11 @@ def test_langchains_chat_anthropic_pointed_at_kvserve(base, oai):
      "invalid_request_error", "temperature"),
     ({"max_tokens": 5, "messages": [{"role": "user", "content": "x"}], "container": "c"}, 400,
      "invalid_request_error", "container"),
+    ({"max_tokens": 5, "messages": [{"role": "user", "content": "x"}], "stop_sequences": ["a", "b", "c", "d", "e"]},
+     400, "invalid_request_error", "stop_sequences"),
+    ({"max_tokens": 5, "messages": [{"role": "user", "content": "x"}], "thinking": {"type": "enabled",
+                                                                                    "budget_tokens": 2048}},
+     400, "invalid_request_error", "budget_tokens"),
     ({"max_tokens": 5, "model": "claude-sonnet-9", "messages": [{"role": "user", "content": "x"}]}, 404,
      "not_found_error", "claude-sonnet-9"),
 ])
