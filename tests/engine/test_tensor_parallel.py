@@ -18,7 +18,7 @@ from engine.core.config import EngineConfig
 from engine.frontend.llm_engine import DeviceFaultError, LLMEngine
 from tests.conftest import MAX_NEW_TOKENS, hf_greedy
 from tests.engine.test_correctness import _assert_same, _run_staggered
-from tests.engine.test_model_families import FAMILIES, MOE, REFERENCE_PATH, _hf_log_softmax
+from tests.engine.test_model_families import FAMILIES, MOE, REFERENCE_PATH, _hf_log_softmax, in_float64
 from tests.engine.test_models import make_tiny
 
 MAX_NEW = 12
@@ -179,8 +179,9 @@ def test_more_families_split_over_two_ranks_match_hf(tmp_path, smollm2_tokenizer
     finally:
         llm.engine.close()
     _assert_same([o.token_ids for o in outs], want)
+    exact = in_float64(hf)
     for p, o, w in zip(PROMPTS, outs, want):
-        ref = _hf_log_softmax(hf, p, w)[len(p) - 1:]
+        ref = _hf_log_softmax(exact, p, w)[len(p) - 1:]
         got = torch.tensor([lp.logprob for lp in o.logprobs])
         assert (got - ref[torch.arange(MAX_NEW), torch.tensor(w)]).abs().max() < 1e-4
 
