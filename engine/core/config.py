@@ -131,6 +131,9 @@ class EngineConfig:
     max_prefill_tokens_while_decoding: int = _option(
         0, "while more sequences decode than wait to start, prefill at most max(this, decoding sequences) prompt "
            "tokens a step, bounding inter-token latency when long prompts arrive (0 = no cap)")
+    scheduling_policy: str = _option("fcfs", "fcfs: first come, first served; priority: requests' priority "
+                                     "(lower first, then arrival) orders the queue and chooses whom to preempt",
+                                     ("fcfs", "priority"))
     block_size: int = _option(16, "tokens per KV-cache block")
     num_kv_blocks: int | None = _option(None, "KV pool size in blocks (overrides the memory options)")
     kv_cache_memory: int | None = _option(None, "KV pool size in bytes, e.g. 2GiB (CPU default 1GiB)",

@@ -55,9 +55,12 @@ class Request:
     params: SamplingParams
     max_tokens: int  # resolved: never None here
     min_tokens_banned: tuple[int, ...] = ()  # EOS and stop ids, masked until min_tokens are out
+    # bad_words as token sequences: the last token of each is masked where the output ends in the rest
+    bad_words_ids: tuple[tuple[int, ...], ...] = ()
     cache_salt: str | None = None  # set: its prefix-cache keys are found only by the same salt
     grammar: Any = None  # structured outputs: the sequence's matcher (engine/runner/grammar.py), opaque here
     arrival_time: float = field(default_factory=time.monotonic)
+    priority: int = 0  # the priority scheduling policy's: lower first
     status: RequestStatus = RequestStatus.WAITING
     num_computed_tokens: int = 0
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"

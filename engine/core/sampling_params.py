@@ -12,6 +12,8 @@ MAX_STOP_STRINGS = 4  # as OpenAI
 MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 64
 MAX_LOGIT_BIAS_ENTRIES = 1024
+MAX_BAD_WORDS = 64  # each is matched against the output's tail at every step
+MAX_ALLOWED_TOKEN_IDS = 1 << 18
 SEED_RANGE = (-(1 << 63), 1 << 64)  # signed or unsigned 64-bit; both map onto torch's unsigned seed
 # What each engine output carries (vLLM's RequestOutputKind): "cumulative" the whole answer so far,
 # "delta" only what is new since the last output, "final" one output, when the request ends.
@@ -100,6 +102,13 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     logit_bias: dict[int, float] | None = None
     skip_special_tokens: bool = True
+    # with skip_special_tokens off: True puts a space between a special token and the text around it,
+    # False none; None leaves the text as the tokenizer decodes it
+    spaces_between_special_tokens: bool | None = None
+    include_stop_str_in_output: bool = False  # the stop string that ended the output is kept in its text
+    truncate_prompt_tokens: int | None = None  # keep only the prompt's last k tokens (-1: max_model_len)
+    allowed_token_ids: list[int] | None = None  # every output token is one of these
+    bad_words: list[str] | None = None  # never in the output (as vLLM: the words' tokens, also after a space)
     output_kind: str = "cumulative"  # one of OUTPUT_KINDS
     structured_outputs: StructuredOutputs | None = None
     # beam search (transformers' semantics): best_of beams (default n), the n best returned
@@ -122,6 +131,10 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.logit_bias:
             self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = list(self.allowed_token_ids)
+        if self.bad_words is not None:
+            self.bad_words = list(self.bad_words)
         self.validate()
 
     @property
@@ -174,11 +187,29 @@ class SamplingParams:
              f"must hold at most {MAX_STOP_TOKEN_IDS} token ids")
         need(all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
              "must be non-negative token ids")
+        self._validate_vocabulary_rules(need, integer)
         if self.logit_bias:
             need(len(self.logit_bias) <= MAX_LOGIT_BIAS_ENTRIES, "logit_bias",
                  f"must hold at most {MAX_LOGIT_BIAS_ENTRIES} entries")
             need(all(_in(b, -100.0, 100.0) for b in self.logit_bias.values()), "logit_bias",
                  "values must be in [-100, 100]")
+
+    def _validate_vocabulary_rules(self, need, integer) -> None:
+        need(self.spaces_between_special_tokens in (None, True, False), "spaces_between_special_tokens",
+             "must be a boolean")
+        need(isinstance(self.include_stop_str_in_output, bool), "include_stop_str_in_output", "must be a boolean")
+        need(self.truncate_prompt_tokens in (None, -1) or integer("truncate_prompt_tokens", 1),
+             "truncate_prompt_tokens", "must be -1 (the context length) or positive")
+        allowed = self.allowed_token_ids
+        need(allowed is None or 0 < len(allowed) <= MAX_ALLOWED_TOKEN_IDS, "allowed_token_ids",
+             f"must hold 1 to {MAX_ALLOWED_TOKEN_IDS} token ids")
+        need(allowed is None or all(_is_int(t) and t >= 0 for t in allowed), "allowed_token_ids",
+             "must be non-negative token ids")
+        words = self.bad_words
+        need(words is None or len(words) <= MAX_BAD_WORDS, "bad_words", f"must hold at most {MAX_BAD_WORDS} words")
+        need(words is None or all(isinstance(w, str) and len(w.strip()) > 0 and len(w) <= MAX_STOP_STRING_CHARS
+                                  for w in words), "bad_words",
+             f"must be non-blank strings of at most {MAX_STOP_STRING_CHARS} characters")
 
     def _validate_beam_search(self, need) -> None:
         need(isinstance(self.use_beam_search, bool), "use_beam_search", "must be a boolean")
@@ -200,7 +231,7 @@ class SamplingParams:
         # what would change the scores the beams are chosen by: not part of this beam search
         for name, off in (("top_p", 1.0), ("top_k", 0), ("min_p", 0.0), ("presence_penalty", 0.0),
                           ("frequency_penalty", 0.0), ("repetition_penalty", 1.0), ("logit_bias", None),
-                          ("structured_outputs", None)):
+                          ("structured_outputs", None), ("allowed_token_ids", None), ("bad_words", None)):
             need(getattr(self, name) in (off, {}), name, "is not supported with use_beam_search")
 
     def _validate_contrastive(self, need) -> None:
@@ -212,7 +243,8 @@ class SamplingParams:
         need(self.temperature == 0.0, "temperature", "must be 0 with penalty_alpha (contrastive search is greedy)")
         need(not self.use_beam_search, "use_beam_search", "cannot be combined with penalty_alpha")
         for name, off in (("top_p", 1.0), ("min_p", 0.0), ("presence_penalty", 0.0), ("frequency_penalty", 0.0),
-                          ("repetition_penalty", 1.0), ("logit_bias", None), ("structured_outputs", None)):
+                          ("repetition_penalty", 1.0), ("logit_bias", None), ("structured_outputs", None),
+                          ("allowed_token_ids", None), ("bad_words", None)):
             need(getattr(self, name) in (off, {}), name, "is not supported with penalty_alpha")
 
     @property

@@ -22,6 +22,13 @@ from engine.core.beam import Move
 from engine.core.kv_cache_manager import KVCacheManager
 from engine.core.request import Request, RequestStatus
 
+POLICIES = ("fcfs", "priority")
+
+
+def rank(req: Request) -> tuple[int, float]:
+    """The priority policy's order: lower first."""
+    return req.priority, req.arrival_time
+
 
 @dataclass
 class ScheduledSeq:
@@ -52,8 +59,10 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 prefill_cap: int = 0, long_rope_from: int | None = None) -> None:
+                 prefill_cap: int = 0, long_rope_from: int | None = None, policy: str = "fcfs") -> None:
+        assert policy in POLICIES
         self.kv = kv
+        self.by_priority = policy == "priority"
         # longrope (Phi-3): a sequence longer than this is rotated by the long factors throughout;
         # one that grows past it while decoding is recomputed, as transformers drops its cache then
         self.long_rope_from = long_rope_from
@@ -92,7 +101,9 @@ class Scheduler:
         first, rest = seqs[0], seqs[1:]
         assert first.request_id not in self.seqs_by_request, f"duplicate request {first.request_id}"
         self.seqs_by_request[first.request_id] = list(seqs)
-        self.waiting.append(first)
+        for s in rest:  # one rank for the request's sequences: they stay together in the running list
+            s.arrival_time, s.priority = first.arrival_time, first.priority
+        self._queue(first)
         if rest and first.beam is None:  # (the other beams start from the first's first step)
             self.pending_forks[first.seq_id] = rest
         if rest and not self.kv.enable_prefix_caching:  # keys that only this request's choices find
@@ -104,12 +115,38 @@ class Scheduler:
         out = SchedulerOutput(seqs=[], finished_seq_ids=self._finished_since_step, block_copies=self._block_copies)
         self._finished_since_step, self._block_copies = [], []
         self._prefill_left = self._prefill_allowance()
+        if self.by_priority:
+            self.running.sort(key=rank)  # the lowest-ranked last: the one _make_room preempts
+            self._yield_to_waiting(out)
         budget = self._schedule_running(out, self.max_num_batched_tokens)
         if not out.short_of_blocks:
             self._schedule_waiting(out, budget)
         if out.is_empty and self.waiting and self.running:
             self._unpark(out)
         return out
+
+    def _queue(self, req: Request, front: bool = False) -> None:
+        """Into the waiting queue: at its back (or `front`), or under the priority policy by rank."""
+        if self.by_priority:
+            at = next((i for i, w in enumerate(self.waiting) if rank(req) < rank(w)), len(self.waiting))
+            self.waiting.insert(at, req)
+        elif front:
+            self.waiting.appendleft(req)
+        else:
+            self.waiting.append(req)
+
+    def _yield_to_waiting(self, out: SchedulerOutput) -> None:
+        """Priority policy: while the first waiting request outranks the last running one and lacks
+        a seat or the blocks for its tokens, that running request is preempted (beams are not)."""
+        while self.waiting and self.running:
+            first, last = self.waiting[0], self.running[-1]
+            if rank(first) >= rank(last) or last.beam is not None:
+                return
+            no_seat = self._seats_taken() + 1 > self.max_num_seqs
+            if not no_seat and self.kv.num_blocks_for(first.num_tokens) <= self.kv.pool.num_free:
+                return
+            self._preempt(self.running.pop())
+            out.preempted.append(last)
 
     def _unpark(self, out: SchedulerOutput) -> None:
         """Nothing could run: every running sequence is a beam waiting for a sibling that waits for
@@ -247,10 +284,7 @@ class Scheduler:
         req.status = RequestStatus.WAITING
         req.num_preemptions += 1
         self.num_preemptions += 1
-        if to_back:
-            self.waiting.append(req)
-        else:
-            self.waiting.appendleft(req)
+        self._queue(req, front=not to_back)
 
     # --- after the model ran ------------------------------------------------------------
     def update_after_step(self, out: SchedulerOutput, num_rejected: dict[str, int] | None = None) -> None:
@@ -303,7 +337,7 @@ class Scheduler:
         least its last token, whose logits pick the sibling's first token)."""
         for child in reversed(self.pending_forks.pop(parent.seq_id, [])):
             child.num_computed_tokens = self._take_cached_prefix(child)
-            self.waiting.appendleft(child)
+            self._queue(child, front=True)
 
     def finish(self, req: Request, reason: str, stop_reason: int | str | None = None) -> None:
         """The one exit path: finished, aborted or failed, its blocks go back to the pool."""

@@ -95,15 +95,22 @@ class AsyncLLM:
         if params.structured_outputs is not None:
             await asyncio.to_thread(self.engine.grammars.compile, params.structured_outputs)
 
-    def prepare_prompt(self, prompt: str | list[int], params: SamplingParams, tokenizer=None) -> list[int]:
+    def prepare_prompt(self, prompt: str | list[int], params: SamplingParams, tokenizer=None,
+                       add_special_tokens: bool = True) -> list[int]:
         """Token ids of the prompt, checked (ValueError); pass them to generate(..., checked=True)."""
-        return self.engine.prepare_prompt(prompt, params, tokenizer)
+        return self.engine.prepare_prompt(prompt, params, tokenizer, add_special_tokens)
+
+    def check_priority(self, priority: int) -> None:
+        """ValueError if the scheduling policy does not take this priority."""
+        self.engine.check_priority(priority)
 
     async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
-                       request_id: str | None = None, checked: bool = False) -> AsyncIterator[RequestOutput]:
+                       request_id: str | None = None, checked: bool = False,
+                       priority: int = 0) -> AsyncIterator[RequestOutput]:
         """Yield the request's output after each step that changed it, as `params.output_kind`
         asks (the whole answer so far, only what is new, or once at the end); abort on exit.
-        `checked`: the prompt is token ids from prepare_prompt with these params (not checked again)."""
+        `checked`: the prompt is token ids from prepare_prompt with these params (not checked again);
+        `priority`: under the priority scheduling policy, lower is served first."""
         if not self.is_alive:
             raise EngineDeadError("the engine is not running") from self.error
         request_id = request_id or f"req-{next(self._ids)}"
@@ -111,7 +118,7 @@ class AsyncLLM:
             raise ValueError(f"request_id {request_id!r} is already running")
         if params is not None:
             await self.compile_grammar(params)
-        state, _ = self.engine.make_request(request_id, prompt, params, checked)  # raises ValueError early
+        state, _ = self.engine.make_request(request_id, prompt, params, checked, priority)  # ValueError early
         outputs: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), outputs)
         self._inbox.put(("add", request_id, state))

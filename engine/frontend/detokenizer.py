@@ -16,11 +16,15 @@ class IncrementalDetokenizer:
     byte sequence), in which case the text waits for the next token.
     """
 
-    def __init__(self, tokenizer, prompt_token_ids: list[int], skip_special_tokens: bool = True) -> None:
+    def __init__(self, tokenizer, prompt_token_ids: list[int], skip_special_tokens: bool = True,
+                 spaces_between_special_tokens: bool | None = None) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         backend = getattr(tokenizer, "_tokenizer", None)  # a fast tokenizer's Rust object
-        if backend is not None and getattr(tokenizer, "clean_up_tokenization_spaces", None) is False:
+        if not skip_special_tokens and spaces_between_special_tokens is not None:
+            self._decode = functools.partial(_decode_around_special, tokenizer, frozenset(tokenizer.all_special_ids),
+                                             spaces_between_special_tokens)
+        elif backend is not None and getattr(tokenizer, "clean_up_tokenization_spaces", None) is False:
             # what tokenizer.decode does then, less its Python wrapping: two decodes a token, this is
             # most of their cost (benchmarks/host_overhead.py --profile)
             self._decode = functools.partial(backend.decode, skip_special_tokens=skip_special_tokens)
@@ -49,15 +53,33 @@ class IncrementalDetokenizer:
         return full[len(prefix):]
 
 
+def _decode_around_special(tokenizer, special: frozenset[int], spaces: bool, ids: list[int]) -> str:
+    """ids' text with every special token decoded on its own, and with `spaces` a space between it
+    and the text on either side (vLLM's spaces_between_special_tokens)."""
+    parts, run = [], []
+    for t in ids:
+        if t in special:
+            parts += [tokenizer.decode(run)] if run else []
+            parts.append(tokenizer.decode([t]))
+            run = []
+        else:
+            run.append(t)
+    parts += [tokenizer.decode(run)] if run else []
+    return (" " if spaces else "").join(parts)
+
+
 class SequenceText:
-    """Output text of one sequence, cut at the first stop string (which is left out).
+    """Output text of one sequence, cut at the first stop string (which is left out unless
+    `include_stop`).
 
     The text is kept as pieces, never re-joined while it grows: a consumer takes what became
     visible since it last asked (`take`), so the cost of a step does not grow with the output."""
 
-    def __init__(self, detokenizer: IncrementalDetokenizer, stop_strings: list[str]) -> None:
+    def __init__(self, detokenizer: IncrementalDetokenizer, stop_strings: list[str],
+                 include_stop: bool = False) -> None:
         self.detokenizer = detokenizer
         self.stop_strings = stop_strings
+        self.include_stop = include_stop
         self._longest_stop = max((len(s) for s in stop_strings), default=0)
         self._pieces: list[str] = []
         self._length = 0
@@ -89,7 +111,7 @@ class SequenceText:
         if not hits:
             return None
         i, stop = min(hits)
-        self._cut(base + i)
+        self._cut(base + i + (len(stop) if self.include_stop else 0))
         return stop
 
     def _cut(self, length: int) -> None:

@@ -22,8 +22,10 @@ class LLM:
         return self.engine.tokenizer
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
-                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
-        """Run every prompt to completion; results come back in input order."""
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 priority: Sequence[int] | None = None) -> list[RequestOutput]:
+        """Run every prompt to completion; results come back in input order. `priority`: one per
+        prompt, under the priority scheduling policy (lower first), as vLLM's."""
         prompts = _as_prompt_list(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             params = [sampling_params or SamplingParams()] * len(prompts)
@@ -33,10 +35,13 @@ class LLM:
                 raise ValueError(f"sampling_params: {len(params)} given for {len(prompts)} prompts")
         # Only the answers are wanted: the engine hands each back once, when it is complete.
         params = [dataclasses.replace(p, output_kind="final") for p in params]
+        priority = list(priority) if priority is not None else [0] * len(prompts)
+        if len(priority) != len(prompts):
+            raise ValueError(f"priority: {len(priority)} given for {len(prompts)} prompts")
         ids = [f"offline-{next(self._ids)}" for _ in prompts]
         try:
-            for rid, prompt, p in zip(ids, prompts, params):
-                self.engine.add_request(rid, prompt, p)
+            for rid, prompt, p, rank in zip(ids, prompts, params, priority):
+                self.engine.add_request(rid, prompt, p, rank)
             return self._run(ids)
         finally:
             for rid in ids:

@@ -114,7 +114,8 @@ class LLMEngine:
             logger.info("prefix caching is off: longrope's KV depends on the sequence's length")
         self.kv = KVCacheManager(self.num_kv_blocks, config.block_size, prefix_caching, self._kv_window(model))
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
-                                   config.max_prefill_tokens_while_decoding, model.long_rope_from)
+                                   config.max_prefill_tokens_while_decoding, model.long_rope_from,
+                                   config.scheduling_policy)
         graphs = self.backends.cuda_graphs and model.capturable and self.tp.size == 1
         self.runner = model_spec.build_runner(model, self.device, config.max_num_seqs if graphs else 0)
         self.runner.channel = self._ranks and self._ranks.channel
@@ -201,26 +202,55 @@ class LLMEngine:
 
     # --- requests -----------------------------------------------------------------------
     def make_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
-                     checked: bool = False) -> tuple[_RequestState, list[Request]]:
+                     checked: bool = False, priority: int = 0) -> tuple[_RequestState, list[Request]]:
         """Tokenize and validate without touching the scheduler (safe from another thread).
-        `checked`: the prompt is token ids that prepare_prompt returned for these params."""
+        `checked`: the prompt is token ids that prepare_prompt returned for these params;
+        `priority`: under the priority scheduling policy, lower is served first."""
         params = params or SamplingParams()
+        self.check_priority(priority)
         text = prompt if isinstance(prompt, str) else None
         ids = list(prompt) if checked else self.prepare_prompt(prompt, params)
         max_tokens = params.max_tokens or self.max_model_len - len(ids)
         banned = tuple(sorted(self.eos_token_ids | set(params.stop_token_ids)))
         if params.use_beam_search:
-            return self._beam_request(request_id, text, ids, params, max_tokens, banned)
+            state, seqs = self._beam_request(request_id, text, ids, params, max_tokens, banned)
+            seqs[0].priority = priority
+            return state, seqs
         seqs = []
         for i in range(params.n):
             # only the first choice scores the prompt; the others share its KV blocks
             p = params if i == 0 or params.prompt_logprobs is None else dataclasses.replace(
                 params, prompt_logprobs=None)
             grammar = None if params.structured_outputs is None else self.grammars.matcher(params.structured_outputs)
-            seqs.append(Request(request_id, i, ids, p, max_tokens, min_tokens_banned=banned, grammar=grammar))
-        texts = [SequenceText(IncrementalDetokenizer(self._detok_tokenizer, ids, params.skip_special_tokens),
-                              params.stop_strings) for _ in seqs]
+            seqs.append(Request(request_id, i, ids, p, max_tokens, min_tokens_banned=banned, grammar=grammar,
+                                bad_words_ids=self._bad_words_ids(params)))
+        seqs[0].priority = priority  # (the scheduler gives the request's other sequences the same)
+        texts = [self._sequence_text(ids, params) for _ in seqs]
         return _RequestState(text, ids, seqs, texts, [_Sent() for _ in seqs]), seqs
+
+    def check_priority(self, priority: int) -> None:
+        if not (isinstance(priority, int) and not isinstance(priority, bool) and -(1 << 63) <= priority < 1 << 63):
+            raise ValueError(f"priority: must be a 64-bit integer (got {priority!r})")
+        if priority and self.config.scheduling_policy != "priority":
+            raise ValueError("priority: needs the priority scheduling policy (--scheduling-policy priority); "
+                             "under fcfs every request is served in arrival order")
+
+    def _sequence_text(self, prompt_ids: list[int], params: SamplingParams) -> SequenceText:
+        detokenizer = IncrementalDetokenizer(self._detok_tokenizer, prompt_ids, params.skip_special_tokens,
+                                             params.spaces_between_special_tokens)
+        return SequenceText(detokenizer, params.stop_strings, params.include_stop_str_in_output)
+
+    def _bad_words_ids(self, params: SamplingParams) -> tuple[tuple[int, ...], ...]:
+        """Each bad word's tokens, and (as vLLM) those after a space where that spells the word
+        with as many tokens, the first another: how it reads within the text."""
+        seqs: list[tuple[int, ...]] = []
+        for word in params.bad_words or ():
+            alone = tuple(self.tokenizer.encode(word.lstrip(), add_special_tokens=False))
+            spaced = tuple(self.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False))
+            seqs += [alone] if alone not in seqs else []
+            if len(spaced) == len(alone) and spaced[0] != alone[0] and spaced not in seqs:
+                seqs.append(spaced)
+        return tuple(seqs)
 
     def _beam_request(self, request_id: str, text: str | None, ids: list[int], params: SamplingParams,
                       max_tokens: int, banned: tuple[int, ...]) -> tuple[_RequestState, list[Request]]:
@@ -232,18 +262,24 @@ class LLMEngine:
                         max_tokens, min_tokens_banned=banned, beam=group) for i in range(group.width)]
         return _RequestState(text, ids, seqs, [], []), seqs
 
-    def prepare_prompt(self, prompt: str | list[int], params: SamplingParams, tokenizer=None) -> list[int]:
+    def prepare_prompt(self, prompt: str | list[int], params: SamplingParams, tokenizer=None,
+                       add_special_tokens: bool = True) -> list[int]:
         """Token ids of the prompt, checked against the vocabulary, context and pool (ValueError).
 
-        `tokenizer`: a copy of self.tokenizer, for callers on a thread of their own."""
+        `tokenizer`: a copy of self.tokenizer, for callers on a thread of their own;
+        `add_special_tokens`: whether a text prompt gets the tokenizer's BOS and the like."""
         self._check_params(params)
+        keep = params.truncate_prompt_tokens
+        keep = self.max_model_len if keep == -1 else keep
         if isinstance(prompt, str):
-            self.check_prompt_chars(len(prompt))
-            ids = (tokenizer or self.tokenizer).encode(prompt)
+            if keep is None:  # (a prompt to be cut may be longer: the body limit bounds it)
+                self.check_prompt_chars(len(prompt))
+            ids = (tokenizer or self.tokenizer).encode(prompt, add_special_tokens=add_special_tokens)
         else:
-            if len(prompt) > self.max_model_len:  # before looking at each id
+            if keep is None and len(prompt) > self.max_model_len:  # before looking at each id
                 raise self._too_long(len(prompt), params.max_tokens or 1)
             ids = list(prompt)
+        ids = ids[-keep:] if keep is not None else ids
         self._check_prompt(ids, params)
         return ids
 
@@ -277,6 +313,8 @@ class LLMEngine:
         need(all(t < vocab for t in params.stop_token_ids), "stop_token_ids", f"token ids must be in [0, {vocab})")
         need(all(0 <= t < vocab for t in params.logit_bias or ()), "logit_bias",
              f"keys must be token ids in [0, {vocab})")
+        need(all(t < vocab for t in params.allowed_token_ids or ()), "allowed_token_ids",
+             f"token ids must be in [0, {vocab})")
         # a beam group runs all its beams at once: a wider one could never start
         need(not params.use_beam_search or params.beam_width <= self.config.max_num_seqs, "best_of",
              f"the beam width must be at most max_num_seqs, {self.config.max_num_seqs}")
@@ -301,8 +339,9 @@ class LLMEngine:
                 f"This request needs {need} KV-cache blocks but the pool has only {self.num_kv_blocks}; "
                 "reduce the prompt or max_tokens, or start the server with a larger KV cache.")
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> None:
-        state, _ = self.make_request(request_id, prompt, params)
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                    priority: int = 0) -> None:
+        state, _ = self.make_request(request_id, prompt, params, priority=priority)
         self.submit(request_id, state)
 
     def submit(self, request_id: str, state: _RequestState) -> None:
@@ -535,8 +574,7 @@ class LLMEngine:
             for s, score in zip(state.seqs, group.scores)]
         outputs = []
         for i, hyp in enumerate(hyps[:group.num_return]):
-            text = SequenceText(IncrementalDetokenizer(self._detok_tokenizer, state.prompt_token_ids,
-                                                       first.params.skip_special_tokens), first.params.stop_strings)
+            text = self._sequence_text(state.prompt_token_ids, first.params)
             for j, token in enumerate(hyp.token_ids, 1):  # (a stop string cuts the text where it begins)
                 if text.append(token, check_stops=j >= first.params.min_tokens) is not None:
                     break

@@ -126,13 +126,17 @@ class SamplingInputs:
         return fill_bitmask([reqs[i].grammar for i in rows], rows, len(reqs), self.vocab_size)
 
     def _banned(self, reqs: list[Request], offsets: list[int]) -> torch.Tensor | None:
-        """[B, V] bool: the EOS and stop tokens of the rows still short of min_tokens."""
-        rows = [(i, r.min_tokens_banned) for i, (r, j) in enumerate(zip(reqs, offsets))
-                if r.num_output_tokens + j < r.params.min_tokens]
+        """[B, V] bool: tokens a row may not pick: all but its allowed_token_ids, the last token of a
+        bad word whose other tokens end its output, and EOS and stop tokens while short of min_tokens."""
+        rows = [(i, r, _banned_ids(r, j)) for i, (r, j) in enumerate(zip(reqs, offsets))]
+        rows = [(i, r, ids) for i, r, ids in rows if ids or r.params.allowed_token_ids is not None]
         if not rows:
             return None
         banned = torch.zeros(len(reqs), self.vocab_size, dtype=torch.bool, device=self.device)
-        for i, ids in rows:
+        for i, r, ids in rows:
+            if r.params.allowed_token_ids is not None:
+                banned[i] = True
+                banned[i, self._ints([t for t in r.params.allowed_token_ids if t < self.vocab_size])] = False
             banned[i, [t for t in ids if 0 <= t < self.vocab_size]] = True
         return banned
 
@@ -162,6 +166,16 @@ class SamplingInputs:
             seen[new] = True
         self._penalty_rows[req.seq_id] = (counts, seen, req.num_output_tokens)
         return counts, seen
+
+
+def _banned_ids(req: Request, offset: int) -> list[int]:
+    """The tokens banned for req's row by min_tokens and bad words (`offset`: drafts before the row)."""
+    ids = list(req.min_tokens_banned) if req.num_output_tokens + offset < req.params.min_tokens else []
+    for word in req.bad_words_ids:  # (rows with bad words have no drafts: offset is 0)
+        k = len(word) - 1
+        if k == 0 or (req.num_output_tokens >= k and req.token_ids[-k:] == list(word[:-1])):
+            ids.append(word[-1])
+    return ids
 
 
 class Sampler:

@@ -54,9 +54,9 @@ class DraftHistory:
 
 def can_draft(req: Request) -> bool:
     """Whether req's next tokens may be checked several at once: a decoding sequence whose sampler
-    stages do not depend on the tokens before (penalties and grammars do; they are not drafted)."""
+    stages do not depend on the tokens before (penalties, grammars and bad words do; they are not drafted)."""
     return (req.num_tokens - req.num_computed_tokens == 1 and req.grammar is None and req.beam is None
-            and not req.params.contrastive
+            and not req.params.contrastive and not req.bad_words_ids
             and not req.params.needs_penalties and req.num_output_tokens + 1 < req.max_tokens)
 
 

@@ -208,3 +208,50 @@ def test_a_longrope_recompute_does_not_hold_back_the_queue():
     assert out.preempted == [a]
     assert sorted(s.request.request_id for s in out.seqs) == ["a", "b"]  # a from the start, b admitted
     assert not out.short_of_blocks
+
+
+def _ranked(request_id: str, prompt_len: int, priority: int, max_tokens: int = 8) -> Request:
+    req, = make(request_id, prompt_len, max_tokens)
+    req.priority = priority
+    return req
+
+
+def test_priority_orders_the_queue_and_fcfs_keeps_arrival():
+    for policy, want in (("priority", ["c", "a", "b"]), ("fcfs", ["a", "b", "c"])):
+        sched = Scheduler(KVCacheManager(num_blocks=20, block_size=4), max_num_seqs=1, max_num_batched_tokens=64,
+                          policy=policy)
+        for rid, rank in (("a", 1), ("b", 1), ("c", 0)):
+            sched.add([_ranked(rid, 3, rank, max_tokens=1)])
+        order = []
+        while sched.has_unfinished():
+            order += [s.request.request_id for s in step(sched).seqs]
+        assert order == want, policy
+
+
+def test_a_higher_priority_arrival_takes_the_seat_of_the_lowest_running():
+    sched = Scheduler(KVCacheManager(num_blocks=20, block_size=4), max_num_seqs=2, max_num_batched_tokens=64,
+                      policy="priority")
+    sched.add([_ranked("low1", 3, 5, max_tokens=50)])
+    sched.add([_ranked("low2", 3, 3, max_tokens=50)])
+    step(sched)
+    sched.add([_ranked("high", 3, 0, max_tokens=2)])
+    out = step(sched)
+    assert [r.request_id for r in out.preempted] == ["low1"]  # the lowest-ranked of the two
+    assert {s.request.request_id for s in out.seqs} == {"low2", "high"}
+    while sched.seqs_by_request.get("high"):
+        step(sched)
+    out = step(sched)  # high is done: low1 is back
+    assert "low1" in {s.request.request_id for s in out.seqs}
+
+
+def test_under_priority_the_pool_running_short_preempts_the_lowest_ranked():
+    # 4 blocks of 4: two sequences of 8 tokens fill it; the next token of either needs a fifth
+    sched = Scheduler(KVCacheManager(num_blocks=4, block_size=4), max_num_seqs=4, max_num_batched_tokens=64,
+                      policy="priority")
+    # (under fcfs the last admitted, "late-high", would go)
+    sched.add([_ranked("early-low", 8, 9, max_tokens=20)])
+    sched.add([_ranked("late-high", 8, 0, max_tokens=20)])
+    victims = []
+    for _ in range(3):
+        victims += [r.request_id for r in step(sched).preempted]
+    assert victims and set(victims) == {"early-low"}
