@@ -3,14 +3,19 @@ protocol), what they share in server/context.py; this module builds the shared p
 puts the routes, the guard and the error handlers together."""
 from __future__ import annotations
 
+import dataclasses
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from prometheus_client import Counter
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.frontend.async_llm import AsyncLLM
+from server import templates
 from server.context import Admission, Offload, ServerContext
+from server.docs import mount_docs
 from server.errors import APIError, invalid_request
 from server.guard import Guard, ServerOptions
 from server.logprobs import TokenText
@@ -27,8 +32,8 @@ ROUTERS = (health, models, tokenize, completions, chat, responses, messages)
 
 
 def create_app(engine: AsyncLLM, model_name: str, options: ServerOptions | None = None) -> FastAPI:
-    options = options or ServerOptions()
-    app = FastAPI(title="kvserve", version="0.1.0")
+    options = with_tool_template(options or ServerOptions(), engine.tokenizer.chat_template)
+    app = FastAPI(title="kvserve", version="0.1.0", docs_url=None, redoc_url=None)  # server/docs.py's instead
     tool_format = resolve_tool_format(options.tool_call_parser, options.chat_template or engine.tokenizer.chat_template)
     reasoning = REASONING_FORMATS[options.reasoning_parser] if options.reasoning_parser else None
     app.state.ctx = ServerContext(engine, model_name, options, Offload(engine.tokenizer),
@@ -37,11 +42,15 @@ def create_app(engine: AsyncLLM, model_name: str, options: ServerOptions | None 
     app.state.draining = False  # set on SIGTERM (server/cli.py); the guard then answers 503
     app.add_middleware(Guard, options=options, app_state=app.state,
                        on_response=_response_counter(engine, model_name, app))
+    # outside the guard: a preflight carries no API key, and refusals get CORS headers too
+    app.add_middleware(CORSMiddleware, allow_origins=options.allowed_origins, allow_methods=options.allowed_methods,
+                       allow_headers=options.allowed_headers, allow_credentials=options.allow_credentials)
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     for module in ROUTERS:
         app.include_router(module.router)
+    mount_docs(app)
     document(app, {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest,
                    "/v1/responses": ResponsesRequest, "/v1/messages": MessagesRequest,
                    "/v1/messages/count_tokens": CountTokensRequest, "/tokenize": TokenizeRequest,
@@ -50,6 +59,7 @@ def create_app(engine: AsyncLLM, model_name: str, options: ServerOptions | None 
 
 
 async def _api_error(request: Request, e: APIError):
+    e.log(request.state.request_id, request.method, request.url.path)
     status, body = e.response_for(request.url.path)
     return JSONResponse(body, status_code=status, headers=e.headers)
 
@@ -91,6 +101,15 @@ def _response_counter(engine: AsyncLLM, model_name: str, app: FastAPI):
         family.labels(model_name, route, str(status)).inc()
 
     return count
+
+
+def with_tool_template(options: ServerOptions, own: str | None) -> ServerOptions:
+    """Where no template is given and the model's own shows no tools, the shipped template that
+    renders the same and shows them (server/templates.py)."""
+    name = templates.tool_template_for(own) if options.chat_template is None else None
+    if name is None:
+        return options
+    return dataclasses.replace(options, chat_template=templates.read_shipped(name), chat_template_name=name)
 
 
 def resolve_tool_format(parser: str, chat_template: str | None) -> ToolFormat | None:

@@ -1,4 +1,4 @@
-"""`kvserve serve [--model PATH] [flags]` (flag names as vLLM's)."""
+"""`kvserve serve [MODEL] [flags]` (flag names as vLLM's)."""
 from __future__ import annotations
 
 import argparse
@@ -12,6 +12,7 @@ import typing
 from dataclasses import fields
 
 from engine.core.config import EngineConfig, parse_bytes
+from server import templates
 from server.guard import ServerOptions, header_deadline_protocol
 from server.reasoning import FORMATS as REASONING_FORMATS
 from server.tool_calls import PARSERS
@@ -24,9 +25,12 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvserve", description="A small OpenAI-compatible LLM server.")
+    parser.add_argument("--version", action="version", version=f"kvserve {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="load a model and serve it",
                        formatter_class=_Help)
+    s.add_argument("model_tag", nargs="?", metavar="MODEL", default=None,
+                   help="the model, as --model (`kvserve serve MODEL` as `vllm serve MODEL`)")
     add_engine_flags(s)
     s.add_argument("--host", default="127.0.0.1", help="address to listen on")
     s.add_argument("--port", type=int, default=8000, help="port to listen on")
@@ -46,21 +50,55 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a request line and headers may take to arrive; slower connections are closed")
     s.add_argument("--body-read-timeout", type=float, default=ServerOptions.body_read_timeout,
                    help="seconds a request body may take to arrive; slower ones get 408")
-    s.add_argument("--limit-concurrency", type=int, default=512,
+    s.add_argument("--limit-concurrency", type=int, default=2048,
                    help="open connections and tasks beyond which new requests get 503 at once")
     s.add_argument("--chat-template", default=None,
-                   help="a Jinja chat template (a file, or the template itself) in place of the model's own; "
-                        "server/chat_templates/smollm2_tool_use.jinja shows the bundled SmolLM2 its tools")
+                   help="a Jinja chat template in place of the model's own: a file, the name of one shipped in "
+                        f"the package ({', '.join(templates.shipped())}), or the template itself (default: the "
+                        "model's own, or where that shows no tools the shipped one that renders the same and "
+                        "also shows tools, as smollm2_tool_use for SmolLM2)")
     s.add_argument("--tool-call-parser", default="auto", choices=("auto", *PARSERS),
                    help="how the model writes tool calls; auto: the one format the chat template shows, if any")
+    s.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="vLLM's flag: tool_choice auto is always on where the tool-call format is known; with this "
+                        "flag the start fails if it is not")
+    s.add_argument("--trust-request-chat-template", action="store_true",
+                   help="let requests bring their own chat_template (Jinja run on the server); refused otherwise")
     s.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_FORMATS),
                    help="split a reasoning model's <think>...</think> segment into reasoning_content; "
                         "structured outputs and tool grammars then apply after it (default: off)")
     s.add_argument("--responses-store-size", type=int, default=ServerOptions.responses_store_size,
                    help="stored responses (the Responses API's store: true) kept in memory for previous_response_id "
                         "and GET /v1/responses/{id}, least recently used first out; lost on restart (0: none)")
+    s.add_argument("--allowed-origins", type=_json_list, default=[],
+                   help='CORS: origins browsers may call from, a JSON list (["*"] any; default: none)')
+    s.add_argument("--allowed-methods", type=_json_list, default=["*"], help="CORS: methods allowed, a JSON list")
+    s.add_argument("--allowed-headers", type=_json_list, default=["*"], help="CORS: headers allowed, a JSON list")
+    s.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials (cookies, auth)")
     s.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return parser
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("kvserve")
+    except PackageNotFoundError:  # run from a checkout that is not installed
+        return "unknown"
+
+
+def _json_list(text: str) -> list[str]:
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+        raise argparse.ArgumentTypeError(f"must be a JSON list of strings (got {text!r})")
+    return value
 
 
 def add_engine_flags(parser: argparse.ArgumentParser) -> None:
@@ -78,7 +116,12 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(**{f.name: getattr(args, f.name) for f in fields(EngineConfig)}).validate()
+    """ValueError naming the field at fault."""
+    tag = getattr(args, "model_tag", None)
+    if tag is not None and args.model is not None and args.model != tag:
+        raise ValueError(f"model: given twice, as {tag!r} and --model {args.model!r}")
+    values = {f.name: getattr(args, f.name) for f in fields(EngineConfig)}
+    return EngineConfig(**{**values, "model": tag or args.model}).validate()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,22 +142,36 @@ def main(argv: list[str] | None = None) -> int:
     from engine.frontend.async_llm import AsyncLLM
     from server.app import create_app
 
-    problem = _check_server_flags(args)
-    template, why = _chat_template(args.chat_template)
-    if problem or why:
-        print(f"kvserve: {problem or why}", file=sys.stderr)
+    try:
+        _check_server_flags(args)
+        template = templates.resolve(args.chat_template) if args.chat_template is not None else None
+    except ValueError as e:
+        print(f"kvserve: {e}", file=sys.stderr)
         return 2
     options = ServerOptions(api_key=args.api_key or None, max_queue_len=args.max_queue_len,
                             max_body_bytes=args.max_request_body, shutdown_timeout=args.shutdown_timeout,
                             body_read_timeout=args.body_read_timeout, chat_template=template,
                             tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser,
-                            responses_store_size=args.responses_store_size)
+                            responses_store_size=args.responses_store_size,
+                            trust_request_chat_template=args.trust_request_chat_template,
+                            allowed_origins=args.allowed_origins, allowed_methods=args.allowed_methods,
+                            allowed_headers=args.allowed_headers, allow_credentials=args.allow_credentials)
+    _raise_open_files_limit(args.limit_concurrency)
     engine = AsyncLLM(config)
     print(engine.describe(), flush=True)
     app = create_app(engine, engine.model_name, options)
-    fmt = app.state.ctx.tool_format
+    ctx = app.state.ctx
+    fmt = ctx.tool_format
+    if ctx.options.chat_template_name is not None:
+        print(f"kvserve: chat template: {ctx.options.chat_template_name} (shipped; renders as the model's own and "
+              "also shows tools)", flush=True)
     print(f"kvserve: tool calls: {fmt.name if fmt else 'off (no --tool-call-parser, none in the chat template)'}",
           flush=True)
+    if args.enable_auto_tool_choice and fmt is None:
+        print("kvserve: enable_auto_tool_choice: no tool-call format is known for this chat template; give "
+              "--tool-call-parser and a --chat-template that shows the model its tools", file=sys.stderr)
+        engine.shutdown()
+        return 2
     print(f"kvserve: serving on http://{args.host}:{args.port}", flush=True)
     server = _DrainingServer(app, engine, options.shutdown_timeout, host=args.host, port=args.port,
                              log_level=args.log_level, timeout_keep_alive=args.timeout_keep_alive,
@@ -130,32 +187,27 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _check_server_flags(args: argparse.Namespace) -> str | None:
+def _raise_open_files_limit(connections: int) -> None:
+    """Each connection holds a file descriptor, and a shell's soft limit is often 1024: raised
+    toward the hard limit (as vLLM does) so that --limit-concurrency, not the kernel, turns the
+    excess away, with a 503."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = connections + 1024  # and the model's files, the tokenizer threads, the ranks' pipes
+    if soft != resource.RLIM_INFINITY and soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want if hard == resource.RLIM_INFINITY else min(want, hard), hard))
+
+
+def _check_server_flags(args: argparse.Namespace) -> None:
+    """ValueError naming the first server flag out of range."""
     if args.max_queue_len is not None and args.max_queue_len < 0:
-        return "max_queue_len: must be non-negative"
+        raise ValueError("max_queue_len: must be non-negative")
     if not 0 <= args.responses_store_size <= 1 << 20:
-        return "responses_store_size: must be in [0, 1048576]"
+        raise ValueError("responses_store_size: must be in [0, 1048576]")
     for name in ("timeout_keep_alive", "header_read_timeout", "body_read_timeout", "limit_concurrency"):
         if getattr(args, name) <= 0:
-            return f"{name}: must be positive"
-    return None
-
-
-def _chat_template(value: str | None) -> tuple[str | None, str | None]:
-    """--chat-template's template, and what is wrong with it (vLLM's rule: a file, else the text)."""
-    if value is None:
-        return None, None
-    if os.path.isfile(value):
-        with open(value, encoding="utf-8") as f:
-            value = f.read()
-    elif not any(mark in value for mark in ("{{", "{%")):
-        return None, f"chat_template: {value!r} is neither a file nor a Jinja template"
-    try:
-        import jinja2
-        jinja2.Environment().parse(value)
-    except jinja2.TemplateSyntaxError as e:
-        return None, f"chat_template: not a valid Jinja template: {e}"
-    return value, None
+            raise ValueError(f"{name}: must be positive")
 
 
 class _DrainingServer:

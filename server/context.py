@@ -14,7 +14,7 @@ from pydantic import BaseModel, ValidationError
 from engine.frontend.async_llm import AsyncLLM
 from server.errors import APIError, call, invalid_request
 from server.guard import ServerOptions
-from server.logprobs import TokenText
+from server.logprobs import TokenIdNames, TokenText
 from server.reasoning import ReasoningFormat
 from server.store import ResponseStore
 from server.tool_calls import ToolFormat
@@ -103,6 +103,10 @@ class ServerContext:
     def chat_template(self) -> str | None:
         """--chat-template's text; None: the model's own."""
         return self.options.chat_template
+
+    def token_names(self, as_ids: bool) -> TokenText | TokenIdNames:
+        """How logprobs name tokens: by their text, or (vLLM's return_tokens_as_token_ids) "token_id:N"."""
+        return TokenIdNames(self.token_text) if as_ids else self.token_text
 
     def check_model(self, asked: str | None) -> None:
         if asked is not None and asked != self.model_name:

@@ -2,6 +2,11 @@
 naming the offending field wherever one is to blame."""
 from __future__ import annotations
 
+import logging
+import re
+
+logger = logging.getLogger("kvserve.server")
+
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
@@ -18,6 +23,14 @@ class APIError(Exception):
         return {"type": "error", "error": {"type": _ANTHROPIC_TYPES.get(self.status, "api_error"),
                                            "message": self.message}}
 
+    def log(self, request_id: str, method: str, path: str) -> None:
+        """A refusal's why in the log (its type, code and field; not its message, which may quote
+        the body), so that an operator sees why a client fails."""
+        if 400 <= self.status < 500:
+            logger.info("request %s: %s %s -> %d %s%s%s", request_id, method, _printable(path, 128), self.status,
+                        self.type, f" code={_printable(self.code)}" if self.code else "",
+                        f" param={_printable(self.param)}" if self.param else "")
+
     def response_for(self, path: str) -> tuple[int, dict]:
         """The status and body for a request to `path`: Anthropic's routes answer in Anthropic's
         shape and codes (an overloaded server is 529 there), the others in OpenAI's."""
@@ -29,6 +42,12 @@ class APIError(Exception):
 _ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                     404: "not_found_error", 408: "timeout_error", 413: "request_too_large", 429: "rate_limit_error",
                     500: "api_error", 503: "overloaded_error"}
+
+
+def _printable(text: str, limit: int = 64) -> str:
+    """A client-given name made safe for a log line: printable ASCII, bounded."""
+    text = re.sub(r"[^\x21-\x7e]", "?", text)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def is_anthropic(path: str) -> bool:

@@ -11,7 +11,7 @@ import json
 import logging
 import re
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from server.errors import APIError
 
@@ -33,6 +33,13 @@ class ServerOptions:
     tool_call_parser: str = "auto"  # a name in server.tool_calls.PARSERS, or "auto": read from the template
     reasoning_parser: str | None = None  # a name in server.reasoning.FORMATS; None: no reasoning split
     responses_store_size: int = 1024  # responses kept for previous_response_id and GET (0: none)
+    chat_template_name: str | None = None  # set when chat_template is a shipped one chosen for the model
+    trust_request_chat_template: bool = False  # requests may bring their own chat_template
+    # CORS (Starlette's CORSMiddleware): no origin is allowed unless named
+    allowed_origins: list[str] = field(default_factory=list)
+    allowed_methods: list[str] = field(default_factory=lambda: ["*"])
+    allowed_headers: list[str] = field(default_factory=lambda: ["*"])
+    allow_credentials: bool = False
 
 
 class Guard:
@@ -85,6 +92,13 @@ class Guard:
         if body is None:
             return await self._reject(scope, send, 413, f"Request body exceeds {self.options.max_body_bytes} bytes.",
                                       "invalid_request_error", "request_too_large")
+        media = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+        if (body or media) and not _is_json(media):
+            # browsers send text/plain (and forms) cross-site without a CORS preflight: such a body
+            # is not read, or any web page could make a key-less local server generate
+            return await self._reject(scope, send, 415, f"Request bodies must be JSON with Content-Type "
+                                      f"application/json (got {media.decode(errors='replace')[:64] or 'none'!r}).",
+                                      "invalid_request_error", "unsupported_media_type")
         return await self.app(scope, _replay(body, receive), send)
 
     def _authorized(self, headers) -> bool:
@@ -110,10 +124,16 @@ class Guard:
 
     @staticmethod
     async def _reject(scope, send, status: int, message: str, type_: str, code: str | None = None, extra=()):
-        status, body = APIError(status, message, type_, code=code).response_for(scope["path"])
+        error = APIError(status, message, type_, code=code)
+        error.log(scope["state"]["request_id"], scope["method"], scope["path"])
+        status, body = error.response_for(scope["path"])
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"), *extra]})
         await send({"type": "http.response.body", "body": json.dumps(body).encode()})
+
+
+def _is_json(media: bytes) -> bool:
+    return media == b"application/json" or (media.startswith(b"application/") and media.endswith(b"+json"))
 
 
 def _replay(body: bytes, receive):

@@ -53,6 +53,20 @@ class TokenText:
         return list(text.encode("utf-8"))
 
 
+class TokenIdNames:
+    """vLLM's return_tokens_as_token_ids: each token named "token_id:N", so that a client reads the
+    ids back whatever their text (bytes stay the token's own)."""
+
+    def __init__(self, texts: TokenText) -> None:
+        self.texts = texts
+
+    def text(self, token_id: int) -> str:
+        return f"token_id:{token_id}"
+
+    def bytes(self, token_id: int) -> list[int]:
+        return self.texts.bytes(token_id)
+
+
 def _lp(value: float) -> float:
     return max(value, _FLOOR)
 
@@ -86,6 +100,25 @@ def chat_logprobs(texts: TokenText, token_ids: list[int], entries: list[TokenLog
 
     return {"content": [{**item(t, e.logprob), "top_logprobs": [item(a, lp) for a, lp in e.top]}
                         for t, e in zip(token_ids, entries)], "refusal": None}
+
+
+def prompt_logprobs(texts: TokenText | TokenIdNames, token_ids: list[int],
+                    entries: list[TokenLogprobs | None]) -> list[dict | None]:
+    """vLLM's prompt_logprobs: per prompt token (None for the first), its id (as a string) and the
+    top alternatives' ids, each to its logprob, rank in the vocabulary and text."""
+    def item(token_id: int, logprob: float, rank: int) -> dict:
+        return {"logprob": _lp(logprob), "rank": rank, "decoded_token": texts.text(token_id)}
+
+    out: list[dict | None] = []
+    for token_id, entry in zip(token_ids, entries):
+        if entry is None:
+            out.append(None)
+            continue
+        ranked = {str(token_id): item(token_id, entry.logprob, entry.rank)}
+        for rank, (alt, logprob) in enumerate(entry.top, 1):
+            ranked.setdefault(str(alt), item(alt, logprob, rank))
+        out.append(ranked)
+    return out
 
 
 def concat(first: dict | None, second: dict | None) -> dict | None:

@@ -34,6 +34,7 @@ _ERRORS = {
     "405": "Method not allowed; the `Allow` header lists the allowed ones.",
     "408": "The request body did not arrive in time.",
     "413": "The request body is too large.",
+    "415": "The request body is not JSON (its Content-Type is not application/json or a +json type).",
     "500": "A fault while serving this request (other requests are not affected).",
     "503": "At capacity or shutting down; `Retry-After` says when to retry.",
 }
@@ -74,6 +75,8 @@ def _build(app: FastAPI, bodies: dict[str, type[BaseModel]]) -> dict:
                                                                "completions end with `data: [DONE]`)"}}
             errors = {"503": _ERRORS["503"]} if path in OPEN_PATHS else _ERRORS
             for code, text in errors.items():
+                if code == "415" and path not in bodies:
+                    continue
                 code = "529" if code == "503" and is_anthropic(path) else code  # Anthropic's "overloaded"
                 responses[code] = {"description": text, "content": error}
     return schema

@@ -7,6 +7,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine.core.sampling_params import (
+    MAX_ALLOWED_TOKEN_IDS,
+    MAX_BAD_WORDS,
     MAX_LOGIT_BIAS_ENTRIES,
     MAX_LOGPROBS,
     MAX_STOP_STRING_CHARS,
@@ -23,7 +25,7 @@ from server.tool_calls import ToolFormat
 # but its "off" value gets a 400 saying so (the value each field may safely have is listed).
 _UNSUPPORTED: dict[str, tuple] = {
     "functions": (None, []), "function_call": (None, "none"),
-    "audio": (None,), "prediction": (None,), "web_search_options": (None,), "reasoning_effort": (None,),
+    "audio": (None,), "prediction": (None,), "web_search_options": (None,),
     "suffix": (None, ""), "store": (None, False),
 }
 
@@ -56,7 +58,8 @@ StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_STRING_CHARS
 
 
 class StreamOptions(_Strict):
-    include_usage: bool = False
+    include_usage: bool = False  # a last chunk with the request's usage and no choices
+    continuous_usage_stats: bool = False  # vLLM's: every chunk carries the usage so far
 
 
 class JsonSchemaFormat(_Strict):
@@ -82,7 +85,7 @@ class StructuredOutputsField(_Strict):
     structural_tag: dict | str | None = None
 
 
-class _SamplingFields(_Strict):
+class SamplingFields(_Strict):
     model: str | None = None
     n: int = Field(1, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=MAX_TEMPERATURE)
@@ -113,13 +116,17 @@ class _SamplingFields(_Strict):
     guided_regex: str | None = None
     guided_choice: Annotated[list[str], Field(fail_fast=True)] | None = None
     guided_grammar: str | None = None
+    # OpenAI's newer fields. prompt_cache_key: a hint for a router in front (requests that share a
+    # prefix share a key); the prefix cache here finds shared prefixes by itself. safety_identifier:
+    # who asks, logged as `user` is
+    prompt_cache_key: str | None = Field(None, max_length=1024)
+    safety_identifier: str | None = Field(None, max_length=1024)
     # known, not implemented yet: see _UNSUPPORTED
     functions: Any = None
     function_call: Any = None
     audio: Any = None
     prediction: Any = None
     web_search_options: Any = None
-    reasoning_effort: Any = None
     suffix: Any = None
     store: Any = None
     # vLLM extras
@@ -129,6 +136,19 @@ class _SamplingFields(_Strict):
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
     stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS, fail_fast=True)] | None = None
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool | None = None  # None: as the tokenizer decodes
+    include_stop_str_in_output: bool = False
+    truncate_prompt_tokens: int | None = Field(None, ge=-1)  # keep the last k prompt tokens (-1: the context)
+    allowed_token_ids: Annotated[list[TokenId], Field(min_length=1, max_length=MAX_ALLOWED_TOKEN_IDS,
+                                                      fail_fast=True)] | None = None
+    bad_words: Annotated[list[StopString], Field(max_length=MAX_BAD_WORDS, fail_fast=True)] | None = None
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    return_tokens_as_token_ids: bool = False  # logprobs name tokens "token_id:N"
+    # the answer's id (after "cmpl-"/"chatcmpl-"), and the request's in the logs
+    request_id: str | None = Field(None, pattern=r"^[A-Za-z0-9._:-]{1,128}$")
+    guided_decoding_backend: Literal["auto", "xgrammar"] | None = None  # the one structured-output engine here
+    priority: int = Field(0, ge=-(1 << 63), lt=1 << 63)  # with --scheduling-policy priority: lower first
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None = None,
                         prompt_logprobs: int | None = None, tools: StructuredOutputs | None = None) -> SamplingParams:
@@ -147,10 +167,15 @@ class _SamplingFields(_Strict):
             max_tokens=max_tokens, min_tokens=self.min_tokens, stop=self.stop, stop_token_ids=self.stop_token_ids,
             ignore_eos=self.ignore_eos, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
-            logprobs=logprobs, prompt_logprobs=prompt_logprobs, logit_bias=bias or None,
+            logprobs=logprobs, prompt_logprobs=self.prompt_logprobs if prompt_logprobs is None else prompt_logprobs,
+            logit_bias=bias or None,
             structured_outputs=self._structured_outputs(tools), use_beam_search=self.use_beam_search,
             best_of=self.best_of, length_penalty=self.length_penalty, early_stopping=self.early_stopping,
-            penalty_alpha=self.penalty_alpha)
+            penalty_alpha=self.penalty_alpha, skip_special_tokens=self.skip_special_tokens,
+            spaces_between_special_tokens=self.spaces_between_special_tokens,
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            truncate_prompt_tokens=self.truncate_prompt_tokens, allowed_token_ids=self.allowed_token_ids,
+            bad_words=self.bad_words)
 
     def _structured_outputs(self, tools: StructuredOutputs | None) -> StructuredOutputs | None:
         """What tool_choice, response_format, structured_outputs or a guided_* field asks for (one at most)."""
@@ -182,19 +207,30 @@ class _SamplingFields(_Strict):
 
     def _check_supported(self) -> None:
         check_supported(self, _UNSUPPORTED)
+        if self.stream and self.prompt_logprobs is not None:
+            raise ValueError("prompt_logprobs: not available when streaming (as vLLM)")
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def who(self) -> str | None:
+        return self.safety_identifier or self.user
 
-class CompletionRequest(_SamplingFields):
+    @property
+    def continuous_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.continuous_usage_stats)
+
+
+class CompletionRequest(SamplingFields):
     prompt: (Annotated[str, Field(min_length=1)]
              | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, fail_fast=True)]
              | TokenIds | Annotated[list[TokenIds], Field(min_length=1, fail_fast=True)])
     max_tokens: int | None = Field(16, ge=0)
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
+    add_special_tokens: bool = True  # the tokenizer's BOS and the like around a text prompt
 
     @property
     def prompt_only(self) -> bool:
@@ -204,7 +240,10 @@ class CompletionRequest(_SamplingFields):
     def params(self) -> SamplingParams:
         # A prompt-only request still samples one token (that is how the prompt gets computed); it is dropped.
         max_tokens = 1 if self.prompt_only else self.max_tokens
-        return self.sampling_params(max_tokens, self.logprobs, self.logprobs if self.echo else None)
+        prompt_logprobs = self.prompt_logprobs
+        if self.echo and self.logprobs is not None:  # the echoed prompt's logprobs
+            prompt_logprobs = max(prompt_logprobs or 0, self.logprobs)
+        return self.sampling_params(max_tokens, self.logprobs, prompt_logprobs)
 
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt
@@ -331,7 +370,7 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict]:
     return [m.as_dict(i) for i, m in enumerate(messages)]
 
 
-class ChatCompletionRequest(_SamplingFields):
+class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1, fail_fast=True)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -342,6 +381,16 @@ class ChatCompletionRequest(_SamplingFields):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     chat_template_kwargs: TemplateKwargs | None = None
+    # vLLM's: how the conversation is rendered
+    add_generation_prompt: bool = True  # open the assistant's turn after the last message
+    continue_final_message: bool = False  # leave the last (assistant) message open: the answer continues it
+    echo: bool = False  # the answer begins with the last message's text, where its role is the answer's
+    chat_template: str | None = Field(None, min_length=1, max_length=1 << 16)  # with --trust-request-chat-template
+    documents: Annotated[list[dict[str, str]], Field(max_length=64)] | None = None  # for templates that show them
+    add_special_tokens: bool = False  # the tokenizer's BOS and the like, besides the template's own
+    # template variables, as vLLM passes them: templates that read them use them
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None
 
     def params(self, tool_format: ToolFormat | None = None) -> SamplingParams:
         """`tool_format`: how the served model writes tool calls (None: the server knows no format)."""
@@ -386,6 +435,35 @@ class ChatCompletionRequest(_SamplingFields):
 
     def message_dicts(self) -> list[dict]:
         return message_dicts(self.messages)
+
+    def template_variables(self) -> dict[str, Any]:
+        """chat_template_kwargs, with reasoning_effort and verbosity where set (a variable of the same
+        name in chat_template_kwargs wins, as it is the more specific)."""
+        variables = template_kwargs(self.chat_template_kwargs)
+        for name in ("reasoning_effort", "verbosity"):
+            if getattr(self, name) is not None:
+                variables.setdefault(name, getattr(self, name))
+        if self.reasoning_effort == "none":  # as vLLM: templates with a thinking switch turn it off
+            variables.setdefault("enable_thinking", False)
+        return variables
+
+    def rendering(self) -> dict[str, Any]:
+        """How apply_chat_template renders this conversation (ValueError naming a field at fault)."""
+        if self.continue_final_message:
+            if "add_generation_prompt" in self.model_fields_set and self.add_generation_prompt:
+                raise ValueError("continue_final_message: cannot be combined with add_generation_prompt true")
+            if self.messages[-1].role != "assistant":
+                raise ValueError("continue_final_message: the last message must be the assistant's")
+        return {"add_generation_prompt": self.add_generation_prompt and not self.continue_final_message,
+                "continue_final_message": self.continue_final_message, "documents": self.documents}
+
+    def echoed(self) -> str | None:
+        """With echo: the last message's text, where its role is the answer's (as vLLM)."""
+        if not self.echo:
+            return None
+        last = self.messages[-1]
+        role = "assistant" if self.rendering()["add_generation_prompt"] else last.role
+        return last.as_dict(len(self.messages) - 1)["content"] if last.role == role else None
 
 
 class TokenizeRequest(_Strict):

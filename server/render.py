@@ -5,14 +5,22 @@ from __future__ import annotations
 import json
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from engine.core.outputs import CompletionOutput, RequestOutput
 from server.answer import AnswerStream
 from server.errors import APIError
-from server.logprobs import TokenText, chat_logprobs, completion_logprobs, concat, num_tokens
+from server.logprobs import (
+    TokenIdNames,
+    TokenText,
+    chat_logprobs,
+    completion_logprobs,
+    concat,
+    num_tokens,
+    prompt_logprobs,
+)
+from server.protocol import SamplingFields
 from server.reasoning import ReasoningFormat
 from server.serving import Run
 from server.tool_calls import ToolFormat
@@ -26,11 +34,11 @@ def sse(obj: dict, event: str | None = None) -> str:
     return f"{head}data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-async def respond(run: Run, prefix: str, render: ChoiceRender, stream: bool, include_usage: bool):
+async def respond(run: Run, prefix: str, render: ChoiceRender, body: SamplingFields):
     """The OpenAI answer of `run`: a completion or chat completion object, or its chunk stream."""
-    base = {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": run.ctx.model_name}
-    if stream:
-        return run.stream(lambda deltas: _chunks(deltas, run, base, render, include_usage))
+    base = {"id": f"{prefix}-{run.name}", "created": int(time.time()), "model": run.ctx.model_name}
+    if body.stream:
+        return run.stream(lambda deltas: _chunks(deltas, run, base, render, body))
     finals = await run.whole()
     n = run.params.n
     choices = []
@@ -38,26 +46,37 @@ async def respond(run: Run, prefix: str, render: ChoiceRender, stream: bool, inc
         for c in finals[i].outputs:
             idx = i * n + c.index
             choices.append(render.choice(idx, *render.piece(idx, i, finals[i], c), c.finish_reason))
+            if body.prompt_logprobs is not None and not render.chat:  # vLLM's: on each choice
+                choices[-1]["prompt_logprobs"] = render.prompt_logprobs(i, finals[i])
     logger.info("request %s: finished %s", run.request_id, [c["finish_reason"] for c in choices])
-    return {**base, "object": render.object, "choices": choices, "usage": render.usage(finals.values())}
+    answer = {**base, "object": render.object, "choices": choices, "usage": render.usage(finals.values())}
+    if body.prompt_logprobs is not None and render.chat:  # vLLM's: on the answer
+        answer["prompt_logprobs"] = render.prompt_logprobs(0, finals[0])
+    return answer
 
 
-async def _chunks(deltas, run: Run, base: dict, render: ChoiceRender, include_usage: bool) -> AsyncIterator[str]:
+async def _chunks(deltas, run: Run, base: dict, render: ChoiceRender, body: SamplingFields) -> AsyncIterator[str]:
     finals: dict[int, RequestOutput] = {}
     chunk = {**base, "object": render.chunk_object}
     n = run.params.n
+
+    def event(choices: list[dict]) -> str:
+        if body.continuous_usage:  # vLLM's continuous_usage_stats: the usage so far in every chunk
+            return sse({**chunk, "choices": choices, "usage": render.usage(finals.values())})
+        return sse({**chunk, "choices": choices})
+
     try:
         if render.chat:  # chat streams open with the role, once per choice
             for i in range(len(run.prompts) * n):
-                yield sse({**chunk, "choices": [render.delta(i, None, None, None, first=True)]})
+                yield event([render.delta(i, None, None, None, first=True)])
         async for i, out in deltas:
             finals[i] = out
             for c in out.outputs:
                 idx = i * n + c.index
                 choice = render.update(idx, i, out, c)
                 if choice is not None:
-                    yield sse({**chunk, "choices": [choice]})
-        if include_usage:
+                    yield event([choice])
+        if body.include_usage:
             yield sse({**chunk, "choices": [], "usage": render.usage(finals.values())})
     except Exception as e:  # noqa: BLE001 - headers are gone: report in-band
         yield sse(APIError(500, f"engine failure: {e}", type_="internal_server_error").body())
@@ -84,8 +103,10 @@ class ChoiceRender:
 
     def __init__(self, chat: bool, texts: TokenText | None, prompts: list[list[int]],
                  echo: list[str] | None = None, prompt_only: bool = False, tools: ToolFormat | None = None,
-                 reasoning: ReasoningFormat | None = None, thinking: bool = False) -> None:
+                 reasoning: ReasoningFormat | None = None, thinking: bool = False,
+                 prompt_texts: TokenText | TokenIdNames | None = None) -> None:
         self.chat, self.texts, self.prompts, self.echo, self.prompt_only = chat, texts, prompts, echo, prompt_only
+        self.prompt_texts = prompt_texts
         self.tools = tools
         self.reasoning, self.thinking = reasoning, thinking
         self.object = "chat.completion" if chat else "text_completion"
@@ -134,8 +155,14 @@ class ChoiceRender:
                               tool_calls=piece.calls, reasoning=piece.reasoning)
         return None
 
+    def prompt_logprobs(self, i: int, out: RequestOutput) -> list[dict | None] | None:
+        """vLLM's prompt_logprobs of prompt `i` (None if they were not computed: an abort)."""
+        if out.prompt_logprobs is None:
+            return None
+        return prompt_logprobs(self.prompt_texts, self.prompts[i], out.prompt_logprobs)
+
     def _echo_logprobs(self, i: int, out: RequestOutput, sent: _Sent) -> dict | None:
-        if self.texts is None:
+        if self.texts is None or self.chat:  # (a chat answer's echo is text only)
             return None
         ids = self.prompts[i]
         entries = list(out.prompt_logprobs or [])

@@ -29,18 +29,23 @@ class Run:
     raw: Request
     prompts: list[list[int]]
     params: SamplingParams
-    request_id: str = ""
+    name: str | None = None  # the body's request_id (vLLM's), else the X-Request-Id header's, else random
+    user: str | None = None  # who asks (safety_identifier, or user), for the log
+    priority: int = 0  # under the priority scheduling policy: lower first
+    request_id: str = ""  # the engine's: the name and a suffix of its own
 
     def __post_init__(self) -> None:
-        self.request_id = f"{self.raw.state.request_id}-{uuid.uuid4().hex[:8]}"  # client ids may repeat
+        self.name = self.name or self.raw.state.request_id
+        self.request_id = f"{self.name}-{uuid.uuid4().hex[:8]}"  # client ids may repeat
 
     @property
     def num_seqs(self) -> int:
         return len(self.prompts) * self.params.beam_width
 
     def log(self, stream: bool) -> None:
-        logger.info("request %s: %d prompt(s), n=%d, max_tokens=%s, stream=%s", self.request_id, len(self.prompts),
-                    self.params.n, self.params.max_tokens, stream)
+        who = "" if self.user is None else f", user={self.user[:64]!r}"
+        logger.info("request %s: %d prompt(s), n=%d, max_tokens=%s, stream=%s%s", self.request_id, len(self.prompts),
+                    self.params.n, self.params.max_tokens, stream, who)
 
     async def whole(self) -> dict[int, RequestOutput]:
         """Each prompt's final output (by prompt index), once all are done."""
@@ -50,7 +55,7 @@ class Run:
         admission.admit(self.num_seqs)
         try:
             return await _until_disconnect(self.raw, _collect(self.ctx.engine, self.prompts, self.params,
-                                                              self.request_id))
+                                                              self.request_id, self.priority))
         finally:
             admission.release(self.num_seqs)
 
@@ -62,7 +67,7 @@ class Run:
         admission = self.ctx.admission
         admission.admit(self.num_seqs)
         release = functools.partial(admission.release, self.num_seqs)
-        deltas = outputs(self.ctx.engine, self.prompts, self.params, self.request_id)
+        deltas = outputs(self.ctx.engine, self.prompts, self.params, self.request_id, self.priority)
         # Starlette cancels the body iterator when the client goes: that aborts the requests
         return _ReleasingStream(events(deltas), release=release, media_type="text/event-stream")
 
@@ -76,13 +81,13 @@ async def compile_grammar(engine: AsyncLLM, params: SamplingParams) -> None:
 
 
 async def outputs(engine: AsyncLLM, prompts: list[list[int]], params: SamplingParams,
-                  request_id: str) -> AsyncIterator[tuple[int, RequestOutput]]:
+                  request_id: str, priority: int = 0) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Run every prompt at once; yield (prompt index, output) as they come. Leaving aborts all."""
     merged: asyncio.Queue = asyncio.Queue()
 
     async def pump(i: int, ids: list[int]) -> None:
         try:
-            async for out in engine.generate(ids, params, f"{request_id}-{i}", checked=True):
+            async for out in engine.generate(ids, params, f"{request_id}-{i}", checked=True, priority=priority):
                 await merged.put((i, out))
         except Exception as e:  # noqa: BLE001 - handed to the consumer
             await merged.put((i, e))
@@ -119,10 +124,10 @@ class _ReleasingStream(StreamingResponse):
             self._release()
 
 
-async def _collect(engine, prompts, params, request_id) -> dict[int, RequestOutput]:
+async def _collect(engine, prompts, params, request_id, priority) -> dict[int, RequestOutput]:
     finals: dict[int, RequestOutput] = {}
     try:
-        async for i, out in outputs(engine, prompts, params, request_id):
+        async for i, out in outputs(engine, prompts, params, request_id, priority):
             finals[i] = out
     except (EngineDeadError, RequestFailedError) as e:
         raise APIError(500, f"engine failure: {e}", type_="internal_server_error") from e

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from server.context import Ctx
+from server.errors import call
 from server.prompting import prepare_chat
 from server.protocol import ChatCompletionRequest
 from server.render import ChoiceRender, respond
@@ -18,7 +19,9 @@ async def chat_completions(raw: Request, ctx: Ctx):
     body = await ctx.work.parse(raw, ChatCompletionRequest)
     ctx.check_model(body.model)
     chat = await prepare_chat(ctx, body)
-    render = ChoiceRender(True, ctx.token_text if body.logprobs else None, [chat.prompt], tools=chat.calls,
-                          reasoning=ctx.reasoning, thinking=chat.thinking)
-    return await respond(Run(ctx, raw, [chat.prompt], chat.params), "chatcmpl", render, body.stream,
-                         body.include_usage)
+    texts = ctx.token_names(body.return_tokens_as_token_ids)
+    echo = call(body.echoed)
+    render = ChoiceRender(True, texts if body.logprobs else None, [chat.prompt], None if echo is None else [echo],
+                          tools=chat.calls, reasoning=ctx.reasoning, thinking=chat.thinking, prompt_texts=texts)
+    return await respond(Run(ctx, raw, [chat.prompt], chat.params, body.request_id, body.who,
+                             body.priority), "chatcmpl", render, body)

@@ -26,7 +26,7 @@ async def tokenize(raw: Request, ctx: Ctx):
         call(lambda: engine.check_prompt_chars(size))
         template = ctx.chat_template
         ids = await ctx.work.tokenize(
-            lambda tok: chat_ids(tok, messages, body.add_generation_prompt, tools, template, kwargs), size)
+            lambda tok: chat_ids(tok, messages, tools, template, kwargs, body.add_generation_prompt), size)
     else:
         call(lambda: engine.check_prompt_chars(len(body.prompt)))
         ids = await ctx.work.tokenize(lambda tok: tok.encode(body.prompt, add_special_tokens=body.add_special_tokens),

@@ -59,7 +59,7 @@ def test_every_engine_option_is_a_flag_with_its_default():
 
 
 @pytest.mark.parametrize("value,problem", [
-    ("no/such/template.jinja", "neither a file nor a Jinja template"),
+    ("no/such/template.jinja", "neither a file, a shipped template"),
     ("{% if %}", "not a valid Jinja template"),
 ])
 def test_a_bad_chat_template_stops_the_start_naming_it(value, problem):
@@ -68,15 +68,18 @@ def test_a_bad_chat_template_stops_the_start_naming_it(value, problem):
     assert run.returncode == 2 and "chat_template" in run.stderr and problem in run.stderr
 
 
-def test_chat_template_is_a_file_or_the_template_itself(tmp_path):
-    from server.cli import _chat_template
+def test_chat_template_is_a_file_a_shipped_name_or_the_template_itself(tmp_path, monkeypatch):
+    from server import templates
 
     inline = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     path = tmp_path / "t.jinja"
     path.write_text(inline)
-    assert _chat_template(str(path)) == (inline, None)
-    assert _chat_template(inline) == (inline, None)
-    assert _chat_template(None) == (None, None)
+    assert templates.resolve(str(path)) == inline
+    assert templates.resolve(inline) == inline
+    monkeypatch.chdir(tmp_path)  # a shipped template is found by name from any directory
+    with open(f"{templates.SHIPPED_DIR}/smollm2_tool_use.jinja") as f:
+        shipped = f.read()
+    assert templates.resolve("smollm2_tool_use") == templates.resolve("smollm2_tool_use.jinja") == shipped
 
 
 @pytest.mark.parametrize("value", ["-1", str((1 << 20) + 1)])
@@ -84,5 +87,36 @@ def test_a_responses_store_size_out_of_bounds_is_refused(value):
     from server.cli import _check_server_flags
 
     args = build_parser().parse_args(["serve", "--responses-store-size", value])
-    assert "responses_store_size" in _check_server_flags(args)
-    assert _check_server_flags(build_parser().parse_args(["serve", "--responses-store-size", "0"])) is None
+    with pytest.raises(ValueError, match="responses_store_size"):
+        _check_server_flags(args)
+    _check_server_flags(build_parser().parse_args(["serve", "--responses-store-size", "0"]))
+
+
+def test_the_model_is_positional_as_vllms():
+    assert engine_config(build_parser().parse_args(["serve", "some/dir"])).model == "some/dir"
+    same = build_parser().parse_args(["serve", "some/dir", "--model", "some/dir"])
+    assert engine_config(same).model == "some/dir"
+    with pytest.raises(ValueError, match="model: given twice"):
+        engine_config(build_parser().parse_args(["serve", "a", "--model", "b"]))
+
+
+def test_version_and_vllms_flags_are_known():
+    run = subprocess.run([sys.executable, "-m", "server", "--version"], capture_output=True, text=True, timeout=120,
+                         check=True)
+    assert run.stdout.startswith("kvserve ")
+    args = build_parser().parse_args(["serve", "--enable-auto-tool-choice", "--trust-request-chat-template",
+                                      "--allowed-origins", '["http://a.example"]', "--allow-credentials",
+                                      "--scheduling-policy", "priority"])
+    assert args.enable_auto_tool_choice and args.trust_request_chat_template and args.allow_credentials
+    assert args.allowed_origins == ["http://a.example"] and engine_config(args).scheduling_policy == "priority"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--allowed-origins", "http://a.example"])  # not a JSON list
+
+
+def test_auto_tool_choice_without_a_known_format_stops_the_start(smollm2_dir, smollm2_tokenizer, tmp_path):
+    own = tmp_path / "own.jinja"
+    own.write_text(smollm2_tokenizer.chat_template)  # SmolLM2's own: shows no tools
+    run = subprocess.run([sys.executable, "-m", "server", "serve", str(smollm2_dir), "--chat-template", str(own),
+                          "--enable-auto-tool-choice", "--port", "0"], capture_output=True, text=True, timeout=300,
+                         check=False)
+    assert run.returncode == 2 and "enable_auto_tool_choice" in run.stderr

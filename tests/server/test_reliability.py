@@ -89,7 +89,8 @@ def test_admission_counts_sequences_not_requests(server):
 
 @pytest.mark.parametrize("method,path,body", [
     ("POST", "/tokenize", {"prompt": "hi"}), ("POST", "/detokenize", {"tokens": [1, 2]}),
-    ("GET", "/docs", None), ("GET", "/redoc", None), ("GET", "/openapi.json", None), ("GET", "/v1/models", None),
+    ("GET", "/docs", None), ("GET", "/redoc", None), ("GET", "/static/docs/swagger-ui.css", None),
+    ("GET", "/openapi.json", None), ("GET", "/v1/models", None),
     ("GET", "/no/such/route", None),
 ])
 def test_every_route_but_health_and_metrics_needs_the_key(server, method, path, body):
@@ -109,9 +110,10 @@ def test_every_route_but_health_and_metrics_needs_the_key(server, method, path, 
     ("/tokenize", {"messages": []}, "messages"),
     ("/v1/completions", {"prompt": "hi", "frobnicate": 1}, "frobnicate"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi", "mood": "bad"}]}, "messages.0.mood"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required",
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tool_choice": {
+        "type": "function", "function": {"name": "g"}},
                               "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
-     "tools"),
+     "tool_choice"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "response_format": {
         "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}}, "response_format"),
     ("/v1/completions", {"prompt": "hi", "best_of": 3}, "best_of"),

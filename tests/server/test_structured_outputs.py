@@ -25,8 +25,11 @@ class City(BaseModel):
 
 
 @pytest.fixture(scope="module")
-def client(smollm2_dir):
-    proc, base = launch(smollm2_dir)
+def client(smollm2_dir, smollm2_tokenizer, tmp_path_factory):
+    # SmolLM2's own template, given explicitly: served in place of the shipped one that shows tools
+    own = tmp_path_factory.mktemp("template") / "own.jinja"
+    own.write_text(smollm2_tokenizer.chat_template)
+    proc, base = launch(smollm2_dir, "--chat-template", str(own))
     yield openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
     stop(proc)
 
@@ -98,8 +101,9 @@ def test_bad_specs_are_400_naming_the_field(client, body, param):
 
 
 def test_without_a_tool_call_format_tools_are_a_400_naming_them(client):
-    """This server runs SmolLM2's own template, which shows no tool-call format: calls cannot be
-    read from its output, so a request that lets the model call is refused; "none" is served."""
+    """This server runs SmolLM2's own template (named by --chat-template), which shows no tool-call
+    format: calls cannot be read from its output, so a request that lets the model call is refused;
+    "none" is served."""
     tools = [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
     body = {"model": "smol", "messages": [{"role": "user", "content": "hi"}], "tools": tools, "max_tokens": 4}
     r = httpx.post(f"{client.base_url}chat/completions", json=body)
