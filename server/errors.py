@@ -67,9 +67,40 @@ def invalid_request(errors: list[dict]) -> APIError:
     if first.get("type") == "json_invalid":
         return APIError(400, "the request body is not valid JSON")
     if first.get("type") == "extra_forbidden":
+        why = VLLM_FIELDS_NOT_SERVED.get(param or "")
+        if why is not None:
+            return APIError(400, f"{param}: vLLM's field, not supported by this server: {why}", param=param)
         return APIError(400, f"Unrecognized request argument supplied: {param}", param=param)
     msg = f"{param}: {first.get('msg', 'invalid value')}" if param else first.get("msg", "invalid request")
     return APIError(400, msg, param=param)
+
+
+# Fields of vLLM's completion and chat requests that this server refuses, and why (README's table
+# lists what it implements); each is a 400 naming it, never dropped.
+VLLM_FIELDS_NOT_SERVED = {
+    "cache_salt": "the prefix cache is shared by every request; start with --no-enable-prefix-caching to share none",
+    "kv_transfer_params": "no disaggregated prefill (KV connectors)",
+    "ec_transfer_params": "no disaggregated encoders",
+    "vllm_xargs": "no custom logits processors to read them",
+    "logits_processors": "no per-request logits processors (vLLM V1 has none either)",
+    "return_token_ids": "not yet: the token ids are in the logprobs (return_tokens_as_token_ids)",
+    "return_prompt_text": "not yet: POST /tokenize renders a conversation",
+    "return_weight_versions": "weights are not updated while serving",
+    "return_token_offsets": "only vLLM's /render endpoints have it",
+    "logprob_token_ids": "not yet: top_logprobs gives the most likely tokens",
+    "truncation_side": "prompts are truncated on the left (the last truncate_prompt_tokens are kept)",
+    "thinking_token_budget": "not yet: max_tokens bounds thinking and answer together",
+    "include_reasoning": "not yet: with a reasoning parser the thinking is returned as reasoning_content",
+    "repetition_detection": "not yet: repetition_penalty and frequency_penalty discourage repeats",
+    "stream_interval": "every step's new tokens are sent at once",
+    "session_id": "no session affinity: one engine serves every request",
+    "prompt_embeds": "prompts are text or token ids",
+    "mm_processor_kwargs": "text-only models", "media_io_kwargs": "text-only models",
+    "mm_payload": "text-only models", "return_mm_kwargs": "text-only models",
+    "watermarking": "no watermarking", "routed_experts_prompt_start": "routed experts are not returned",
+    "guided_whitespace_pattern": "JSON is compact, without whitespace between tokens",
+    "structural_tag": "give it inside structured_outputs or response_format",
+}
 
 
 def _field_path(error: dict) -> list[str]:

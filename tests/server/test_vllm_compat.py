@@ -2,14 +2,20 @@
 the default server, over HTTP on a real server with the real openai SDK."""
 from __future__ import annotations
 
+import functools
+import http.server
 import json
+import re
+import shutil
+import subprocess
+import threading
 
 import httpx
 import openai
 import pytest
 import torch
 
-from tests.server.launch import launch, stop
+from tests.server.launch import free_port, launch, stop
 
 ORIGIN = "http://app.example"
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
@@ -187,10 +193,16 @@ def test_bodies_that_are_not_json_get_415(server, content_type):
     ({"request_id": "a b"}, "request_id"),
     ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
     ({"allowed_token_ids": []}, "allowed_token_ids"),
+    ({"cache_salt": "tenant-1"}, "cache_salt"),  # a field of vLLM's refused here: the 400 says why
+    ({"kv_transfer_params": {}}, "kv_transfer_params"),
 ])
 def test_extras_out_of_range_are_400_naming_them(server, body, param):
     r = httpx.post(f"{server}/v1/completions", json={"prompt": "hi", **body})
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    from server.errors import VLLM_FIELDS_NOT_SERVED
+
+    if param in VLLM_FIELDS_NOT_SERVED:
+        assert VLLM_FIELDS_NOT_SERVED[param] in r.json()["error"]["message"]
 
 
 def test_request_chat_template_needs_the_flag(tool_server):
@@ -212,3 +224,108 @@ def test_a_refusal_is_logged_with_its_type_and_field(caplog):
     assert first.startswith("request r1: POST /v1/chat/completions -> 400 invalid_request_error param=messages.0.?[31m")
     assert "\x1b" not in first and len(first) < 200 and "secret" not in first
     assert second == "request r2: POST /v1/completions -> 415 invalid_request_error code=unsupported_media_type"
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's chromium (session-scoped: set up before the module's server, so a skip starts none)."""
+    path = shutil.which("chromium")
+    if path is None:
+        pytest.skip("chromium is not installed (Debian: apt-get install chromium)")
+    return path
+
+
+# The page's script: a JSON POST (its content type makes the browser send a CORS preflight first),
+# its outcome written into the DOM for --dump-dom. A no-cors GET of /health beside it shows the
+# server was reachable from the page, so a failed fetch is the browser's CORS check and nothing else.
+_PAGE = """<!doctype html><html><body><pre id="out">pending</pre><script>
+const KVSERVE = __KVSERVE__, out = document.getElementById("out");
+(async () => {
+  const reach = await fetch(KVSERVE + "/health", {mode: "no-cors"}).then(r => r.type, e => "unreachable");
+  try {
+    const r = await fetch(KVSERVE + "/v1/chat/completions", {method: "POST",
+      headers: {"Content-Type": "application/json"}, body: JSON.stringify({model: "smol",
+      messages: [{role: "user", content: "Hi"}], max_tokens: 4, temperature: 0})});
+    const body = await r.json();
+    out.textContent = `${reach} ${r.status} ${body.object}`;
+  } catch (e) {
+    out.textContent = `${reach} ${e.name}: ${e.message}`;
+  }
+})();
+</script></body></html>"""
+
+
+@pytest.fixture
+def page_site(server, tmp_path):
+    """The page above, served by a second loopback HTTP server (another origin than kvserve's); its port."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "index.html").write_text(_PAGE.replace("__KVSERVE__", json.dumps(server)))
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                            functools.partial(Quiet, directory=str(tmp_path / "site")))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield httpd.server_address[1]
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def _page_result(chromium: str, origin_host: str, page_port: int, server: str, tmp_path) -> tuple[str, list[str]]:
+    """Load http://<origin_host>/ in headless Chromium, the host mapped to the page server, so the
+    page's origin is exactly http://<origin_host>; all other names resolve nowhere and all else goes
+    to a dead proxy (as in test_docs_offline), but for the page's host, which bypasses it to reach
+    loopback. What the page's script wrote, and the methods of the requests to the chat route
+    (from Chromium's net log: the preflight is one).
+
+    No Private/Local Network Access flag is needed: the page itself comes from 127.0.0.1, so Chromium
+    puts it in the loopback address space, kvserve's own, and a loopback-to-loopback fetch is not gated.
+    --proxy-bypass-list is needed: Chromium bypasses the proxy by name (localhost, 127.0.0.1), not by
+    the address a MAP rule gives, so without it the page's own load would go to the dead proxy."""
+    netlog = tmp_path / f"{origin_host}.json"
+    run = subprocess.run([
+        chromium, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / origin_host}",
+        f"--host-resolver-rules=MAP {origin_host} 127.0.0.1:{page_port}, MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+        f"--proxy-server=http://127.0.0.1:{free_port()}", f"--proxy-bypass-list={origin_host}",
+        f"--log-net-log={netlog}", "--virtual-time-budget=10000", "--dump-dom", f"http://{origin_host}/",
+    ], capture_output=True, text=True, timeout=60, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    found = re.search(r'<pre id="out">(.*?)</pre>', run.stdout, flags=re.S)
+    assert found, run.stdout[-3000:] + run.stderr[-3000:]
+    with open(netlog) as f:
+        log = json.load(f)
+    start_job = log["constants"]["logEventTypes"]["URL_REQUEST_START_JOB"]
+    methods = [e["params"]["method"] for e in log["events"] if e["type"] == start_job
+               and e.get("params", {}).get("url") == f"{server}/v1/chat/completions"]
+    return found.group(1), methods
+
+
+def test_a_browser_page_of_an_allowed_origin_can_call_the_server(chromium, server, page_site, tmp_path):
+    """A real browser's CORS: a page of http://app.example (--allowed-origins) gets its answer after
+    the preflight; the same page from another origin reaches the server but may not read it."""
+    assert _page_result(chromium, "app.example", page_site, server, tmp_path) == (
+        "opaque 200 chat.completion", ["OPTIONS", "POST"])
+    # the preflight is refused: the POST is never sent (the no-cors "opaque": the server was reachable)
+    assert _page_result(chromium, "other.example", page_site, server, tmp_path) == (
+        "opaque TypeError: Failed to fetch", ["OPTIONS"])
+
+
+def test_langchain_bind_tools_on_the_default_server(server):
+    """LangChain's ChatOpenAI with bind_tools, on the server started with no --chat-template."""
+    from langchain_core.tools import tool
+    from langchain_openai import ChatOpenAI
+
+    @tool
+    def get_weather(city: str) -> str:
+        """The current weather in a city."""
+        return "sunny"
+
+    llm = ChatOpenAI(base_url=f"{server}/v1", api_key="none", model="smol", temperature=0, max_tokens=60,
+                     max_retries=0, timeout=120)
+    reply = llm.bind_tools([get_weather], tool_choice="get_weather").invoke("What is the weather in Paris?")
+    assert len(reply.tool_calls) == 1, reply
+    call = reply.tool_calls[0]
+    assert call["name"] == "get_weather" and isinstance(call["args"].get("city"), str), call
