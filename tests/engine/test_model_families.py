@@ -76,13 +76,17 @@ def test_one_batch_matches_hf_with_logprobs(family, path_kind):
                                                 logprobs=2, prompt_logprobs=1))
     _assert_same(_tokens(outs), want)
     assert all(len(set(w)) > 3 for w in want)  # real continuations, not one repeated token
+    exact = in_float64(hf)
     for prompt, out in zip(PROMPTS, outs):
         full = prompt + out.outputs[0].token_ids
-        ref = _hf_log_softmax(hf, prompt, out.outputs[0].token_ids)
         scored = (out.prompt_logprobs or [None])[1:] + out.outputs[0].logprobs
-        got = [lp.logprob for lp in scored]
-        rows = torch.arange(len(full) - 1)
-        assert (torch.tensor(got) - ref[rows, torch.tensor(full[1:])]).abs().max() < 1e-4
+        got = torch.tensor([lp.logprob for lp in scored])
+        rows, picked = torch.arange(len(full) - 1), torch.tensor(full[1:])
+        # within 1e-4 of transformers' float32, or of the exact value: float32 itself strays ~1e-4 at
+        # some of Mixtral's positions (on AVX-512: the reference path agrees with transformers there,
+        # the fast path, summing in another order, with the exact value)
+        refs = [_hf_log_softmax(m, prompt, out.outputs[0].token_ids)[rows, picked] for m in (hf, exact)]
+        assert torch.minimum(*[(got - r).abs() for r in refs]).max() < 1e-4
     assert llm.engine.kv.pool.num_free == llm.engine.num_kv_blocks
 
 

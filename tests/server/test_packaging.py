@@ -49,17 +49,6 @@ def _sse_payloads(text: str) -> list:
     return [line[len("data: "):] for line in text.splitlines() if line.startswith("data: ")]
 
 
-@pytest.fixture(scope="module")
-def tools_server(smollm2_dir):
-    """The bundled model started as README's tools section says (`make serve ARGS="..."`)."""
-    (serve,) = [c for b in _blocks("bash") for c in _shell_commands(b) if c.startswith("make serve ARGS=")]
-    args = shlex.split(shlex.split(serve)[2].removeprefix("ARGS="))
-    assert args[0] == "--chat-template"
-    proc, base = launch(None, *args, name=None)
-    yield base
-    stop(proc)
-
-
 def _curl_commands(tools: bool) -> list[str]:
     """README's curl commands: those that send tools (run against the tools server) or the others."""
     return [c for b in _blocks("bash") for c in _shell_commands(b) if c.startswith("curl ")
@@ -72,8 +61,8 @@ def test_readme_curl_examples(default_server):
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
-def test_readme_tool_curl_example(tools_server):
-    _run_curl(_curl_commands(tools=True), tools_server, at_least=1, finish_reason="tool_calls")
+def test_readme_tool_curl_example(default_server):
+    _run_curl(_curl_commands(tools=True), default_server, at_least=1, finish_reason="tool_calls")
 
 
 def _run_curl(commands: list[str], server: str, at_least: int, finish_reason: str | None = None) -> None:
@@ -147,17 +136,17 @@ def test_readme_anthropic_sdk_example(default_server):
     assert "Paris" in run.stdout and run.stdout.strip().endswith("end_turn"), run.stdout
 
 
-def test_readme_agents_sdk_example(tools_server):
+def test_readme_agents_sdk_example(default_server):
     (example,) = [b for b in _blocks("python") if "Runner." in b]
-    run = subprocess.run([sys.executable, "-c", example.replace(README_URL, tools_server)], capture_output=True,
+    run = subprocess.run([sys.executable, "-c", example.replace(README_URL, default_server)], capture_output=True,
                          text=True, timeout=300, check=False)
     assert run.returncode == 0, run.stderr
     assert "18 C and sunny in Paris" in run.stdout, run.stdout  # the tool ran and its result reached the answer
 
 
-def test_readme_tools_sdk_example(tools_server):
+def test_readme_tools_sdk_example(default_server):
     """README's tools example: a call, its result, the answer."""
-    lines = _run_after_client("tools=tools", tools_server).splitlines()
+    lines = _run_after_client("tools=tools", default_server).splitlines()
     assert lines[1].startswith("get_weather ") and json.loads(lines[1].split(" ", 1)[1])["city"]
 
 
