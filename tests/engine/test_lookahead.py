@@ -155,13 +155,42 @@ def test_staggered_and_preempted_match_hf(smollm2_dir, reference_prompts, hf_ref
     _assert_same([done[str(i)][0] for i in range(len(prompts))], want)
 
 
-def test_seeded_sampling_is_the_same_with_and_without_lookahead(smollm2_dir, lookahead_llm, reference_prompts):
+def test_seeded_sampling_is_the_same_with_and_without_lookahead(smollm2_dir, lookahead_llm, reference_prompts,
+                                                                 hf_smollm2):
+    """The same tokens, but where a seeded draw falls within float32 noise of the edge between two
+    tokens: the drafts' verification rows compute the logits in another order (their own mask and
+    attention), ~3e-6 off in logprob, which on some CPUs (today's AVX-512 VM) moves that edge past
+    the draw. Such a choice must agree up to that token, and the draw must lie at the edge
+    (transformers' distribution says where it is); at most one choice may differ."""
     plain = LLM(str(smollm2_dir))
     prompts = reference_prompts[::3]
     params = [SamplingParams(temperature=0.8, top_p=0.95, seed=7 + i, max_tokens=32, n=2) for i in range(len(prompts))]
     want = [[c.token_ids for c in o.outputs] for o in plain.generate(prompts, params)]
     got = [[c.token_ids for c in o.outputs] for o in lookahead_llm.generate(prompts, params)]
-    assert got == want
+    flips = [(i, c) for i in range(len(prompts)) for c in range(2) if got[i][c] != want[i][c]]
+    assert len(flips) <= 1, flips
+    for i, c in flips:
+        j = next(k for k, (a, b) in enumerate(zip(want[i][c], got[i][c])) if a != b)
+        edge, draw = _edge_and_draw(hf_smollm2, prompts[i] + want[i][c][:j], params[i], c, j,
+                                    want[i][c][j], got[i][c][j])
+        assert abs(draw - edge) < 1e-5, (i, c, j, draw, edge)  # (elsewhere a draw is ~0.1 from an edge)
+
+
+def _edge_and_draw(hf, ids: list[int], params: SamplingParams, choice: int, position: int, a: int, b: int):
+    """Where tokens a and b meet in the sampler's cumulative distribution (token-id order, after
+    temperature and top_p) at the token after `ids`, by transformers' logits; and the row's seeded
+    draw. With no mass between them, the edge is the end of the lower id's interval."""
+    import torch
+
+    from engine.runner.sampler import mask_top_k_top_p_min_p, seeded_uniform
+
+    with torch.no_grad():
+        logits = hf(torch.tensor([ids])).logits[:, -1] / params.temperature  # [1, V]
+    probs = mask_top_k_top_p_min_p(logits, None, torch.tensor([params.top_p]), None).softmax(-1)[0]
+    cdf = probs.cumsum(0, dtype=torch.float64)
+    low, high = sorted((a, b))
+    assert cdf[high - 1] - cdf[low] < 1e-6, "a and b are not neighbours in the distribution"
+    return float(cdf[low]), seeded_uniform(params.generator_seed, choice, position)
 
 
 def test_the_tree_mask_is_what_the_tree_says():
