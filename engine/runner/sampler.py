@@ -76,10 +76,13 @@ class SamplingInputs:
         self.device = device
         # seq_id -> (counts [V] float32, seen [V] bool, output tokens counted so far)
         self._penalty_rows: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}
+        # seq_id -> its allowed_token_ids as a tensor, made once (a list may hold 2**18 ids)
+        self._allowed: dict[str, torch.Tensor] = {}
 
     def release(self, seq_ids) -> None:
         for seq_id in seq_ids:
             self._penalty_rows.pop(seq_id, None)
+            self._allowed.pop(seq_id, None)
 
     def build(self, reqs: list[Request], offsets: list[int] | None = None) -> SamplingMetadata:
         """`offsets`: per row, how many of its request's drafts come before the token it picks
@@ -136,9 +139,16 @@ class SamplingInputs:
         for i, r, ids in rows:
             if r.params.allowed_token_ids is not None:
                 banned[i] = True
-                banned[i, self._ints([t for t in r.params.allowed_token_ids if t < self.vocab_size])] = False
+                banned[i, self._allowed_ids(r)] = False
             banned[i, [t for t in ids if 0 <= t < self.vocab_size]] = True
         return banned
+
+    def _allowed_ids(self, req: Request) -> torch.Tensor:
+        ids = self._allowed.get(req.seq_id)
+        if ids is None:
+            ids = self._allowed[req.seq_id] = self._ints([t for t in req.params.allowed_token_ids
+                                                          if t < self.vocab_size])
+        return ids
 
     def _penalties(self, reqs: list[Request], md: SamplingMetadata) -> None:
         md.presence_penalty = self._floats([r.params.presence_penalty for r in reqs])
