@@ -1,5 +1,7 @@
-"""Servers more than one module talks to, started once for the package."""
+"""Servers more than one module talks to, started once for the package, and the browser."""
 from __future__ import annotations
+
+import shutil
 
 import pytest
 
@@ -14,3 +16,13 @@ def tool_server(smollm2_dir):
     proc, base = launch(smollm2_dir, "--chat-template", TOOL_TEMPLATE)
     yield base
     stop(proc)
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's chromium (session-scoped: set up before a module's or the package's server, so a
+    skip starts none)."""
+    path = shutil.which("chromium")
+    if path is None:
+        pytest.skip("chromium is not installed (Debian: apt-get install chromium)")
+    return path

@@ -6,7 +6,6 @@ from __future__ import annotations
 import html
 import json
 import re
-import shutil
 import subprocess
 
 import httpx
@@ -73,15 +72,6 @@ def test_the_pages_are_not_in_the_openapi_document(site):
     paths = set(site.get("/openapi.json").json()["paths"])
     assert "/v1/models" in paths
     assert not [p for p in paths if p.startswith(("/docs", "/redoc", "/static"))]
-
-
-@pytest.fixture(scope="session")
-def chromium() -> str:
-    """Debian's chromium (session-scoped: set up before the package's server, so a skip starts none)."""
-    path = shutil.which("chromium")
-    if path is None:
-        pytest.skip("chromium is not installed (Debian: apt-get install chromium)")
-    return path
 
 
 def _load(chromium: str, url: str, tmp_path) -> tuple[str, list[str]]:

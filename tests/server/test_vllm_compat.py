@@ -6,7 +6,6 @@ import functools
 import http.server
 import json
 import re
-import shutil
 import subprocess
 import threading
 
@@ -224,15 +223,6 @@ def test_a_refusal_is_logged_with_its_type_and_field(caplog):
     assert first.startswith("request r1: POST /v1/chat/completions -> 400 invalid_request_error param=messages.0.?[31m")
     assert "\x1b" not in first and len(first) < 200 and "secret" not in first
     assert second == "request r2: POST /v1/completions -> 415 invalid_request_error code=unsupported_media_type"
-
-
-@pytest.fixture(scope="session")
-def chromium() -> str:
-    """Debian's chromium (session-scoped: set up before the module's server, so a skip starts none)."""
-    path = shutil.which("chromium")
-    if path is None:
-        pytest.skip("chromium is not installed (Debian: apt-get install chromium)")
-    return path
 
 
 # The page's script: a JSON POST (its content type makes the browser send a CORS preflight first),
