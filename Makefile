@@ -34,7 +34,8 @@ test: install
 	$(BIN)/hadolint Dockerfile
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/mypy
+	$(BIN)/python -m pytest -q --durations=25 tests
 
 # kvserve against llama.cpp, transformers serve and HF generate() (see BENCHMARKS.md; ~35 min
 # on 2 cores). llama.cpp is skipped until `benchmarks/peers/llama_cpp.sh build` has run.

@@ -138,11 +138,19 @@ def prompts(n: int, length: int) -> list[list[int]]:
     return torch.randint(100, SHAPE["vocab_size"], (n, length), generator=g).tolist()
 
 
-def kvserve_throughput(path: str, streams: list[int], input_len: int, output_len: int) -> dict[int, float]:
-    llm = LLM(path, load_format="dummy", dtype="bfloat16", device="cuda", kv_cache_memory=8 << 30,
-              max_num_seqs=max(streams), max_num_batched_tokens=32768)
+def kvserve_throughput(path: str, streams: list[int], input_len: int, output_len: int) -> tuple[dict[int, float], dict]:
+    """(tok/s by streams, the default pool sizing's figures)."""
+    # no pool size given: the default sizing (after the model and a warm-up at 32768 tokens) runs here
+    llm = LLM(path, load_format="dummy", dtype="bfloat16", device="cuda", max_num_seqs=max(streams),
+              max_num_batched_tokens=32768)
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
     llm.generate(prompts(4, input_len), params)  # warm-up
+    eng = llm.engine
+    total = torch.cuda.mem_get_info()[1]
+    peak, decode = eng.executor.measured_activations
+    print(f"default pool: {eng.num_kv_blocks} blocks ({eng.num_kv_blocks * eng.config.block_size} tokens); "
+          f"measured activations {peak / 2**30:.2f} GiB (decode batch {decode / 2**30:.2f} GiB); "
+          f"{torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated of {total / 2**30:.1f} GiB", flush=True)
     out = {}
     for n in streams:
         torch.cuda.synchronize()
@@ -151,8 +159,13 @@ def kvserve_throughput(path: str, streams: list[int], input_len: int, output_len
         elapsed = time.perf_counter() - start
         out[n] = sum(len(r.outputs[0].token_ids) for r in results) / elapsed
         print(f"kvserve  streams={n:4d}  {out[n]:9.1f} tok/s", flush=True)
-    del llm
-    return out
+    reserved = torch.cuda.max_memory_reserved()
+    print(f"peak reserved {reserved / 2**30:.1f} GiB = {reserved / total:.3f} of the device "
+          f"(gpu_memory_utilization {eng.config.gpu_memory_utilization})", flush=True)
+    pool = {"blocks": eng.num_kv_blocks, "activations_bytes": peak, "decode_activations_bytes": decode,
+            "peak_reserved_fraction": reserved / total}
+    del llm, eng
+    return out, pool
 
 
 def hf_throughput(path: str, streams: list[int], input_len: int, output_len: int) -> dict[int, float]:
@@ -213,7 +226,7 @@ def main() -> None:
     res["profile"] = profile_decode(path, max(streams))
     gc.collect()
     torch.cuda.empty_cache()
-    res["kvserve_tok_s"] = kvserve_throughput(path, streams, args.input_len, args.output_len)
+    res["kvserve_tok_s"], res["default_pool"] = kvserve_throughput(path, streams, args.input_len, args.output_len)
     gc.collect()
     torch.cuda.empty_cache()
     if not args.skip_hf:

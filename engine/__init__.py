@@ -1,7 +1,6 @@
 """kvserve engine: paged KV cache, continuous batching, token-exact with transformers."""
 from engine.core.config import EngineConfig
-from engine.core.outputs import CompletionOutput, RequestOutput
-from engine.core.request import TokenLogprobs
+from engine.core.outputs import CompletionOutput, RequestOutput, TokenLogprobs
 from engine.core.sampling_params import SamplingParams
 from engine.frontend.async_llm import AsyncLLM, EngineDeadError, RequestFailedError
 from engine.frontend.llm import LLM

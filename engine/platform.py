@@ -151,15 +151,23 @@ def _probe_elementwise(dtype: torch.dtype) -> None:
     torch.testing.assert_close(cpu.silu_mul(qkv), ops.silu_mul(qkv))
 
 
-def describe(engine) -> str:
-    """The start-up line: what runs where."""
-    c = engine.config
-    return (f"model={engine.model_name} device={engine.device} dtype={str(engine.dtype).removeprefix('torch.')} "
-            f"kv_blocks={engine.num_kv_blocks} x {c.block_size} tokens = {engine.num_kv_blocks * c.block_size} tokens "
-            f"max_model_len={engine.max_model_len} max_num_seqs={c.max_num_seqs} "
-            f"prefix_caching={'on' if c.enable_prefix_caching else 'off'} "
-            f"linears={linear_kinds(engine.runner.model)} decode_attention={engine.runner.decode_backend} "
-            f"elementwise={engine.runner.model.norm.ops.kind}")
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: 'cuda' was asked for but no CUDA device is available")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, hf_config, device: torch.device) -> torch.dtype:
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    if device.type == "cpu":
+        return torch.float32  # CPU half-precision matmuls are slow without AVX-512
+    native = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    if isinstance(native, str):
+        native = getattr(torch, native, None)
+    return native if native in (torch.bfloat16, torch.float16) else torch.bfloat16
 
 
 def linear_kinds(model) -> str:

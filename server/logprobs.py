@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 
-from engine.core.request import TokenLogprobs
+from engine.core.outputs import TokenLogprobs
 
 # JSON has no -inf; a token the model rules out entirely gets this instead (as vLLM does).
 _FLOOR = -9999.0

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from engine.core.request import TokenLogprobs
+from engine.core.outputs import TokenLogprobs
 
 NEG = np.float32(-1.0e9)  # transformers' "never": scores of beams that must not be chosen
 

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 from engine.core.sampling_params import _is_int
 
@@ -92,7 +94,7 @@ class SpeculativeConfig:
              "disable_by_batch_size", "must be a positive integer")
 
     @classmethod
-    def parse(cls, value: str | dict | SpeculativeConfig) -> SpeculativeConfig:
+    def parse(cls, value: str | dict[str, Any] | SpeculativeConfig) -> SpeculativeConfig:
         """From a dict or its JSON text (the command line's --speculative-config)."""
         if isinstance(value, SpeculativeConfig):
             return value
@@ -113,7 +115,8 @@ class SpeculativeConfig:
         return cls(**value)
 
 
-def _option(default, help: str, choices: tuple | None = None, parse=None):
+def _option(default: Any, help: str, choices: tuple[str, ...] | None = None,
+            parse: Callable[[str], Any] | None = None) -> Any:
     """A config field with what its command-line flag needs (server/cli.py makes one per field)."""
     return field(default=default, metadata={"help": help, "choices": choices, "parse": parse})
 
@@ -195,7 +198,7 @@ class EngineConfig:
         return self
 
     @classmethod
-    def from_kwargs(cls, **kwargs) -> EngineConfig:
+    def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(kwargs) - known)
         if unknown:

@@ -18,6 +18,11 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def slot(block_ids: list[int], position: int, block_size: int) -> int:
+    """The pool slot holding a sequence's position: its block's first slot, plus the offset in it."""
+    return block_ids[position // block_size] * block_size + position % block_size
+
+
 class KVCacheManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False,
                  window: int | None = None) -> None:

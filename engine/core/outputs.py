@@ -3,7 +3,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.core.request import TokenLogprobs
+
+@dataclass
+class TokenLogprobs:
+    """Log-probability of one chosen token and the top alternatives at its position."""
+
+    token_id: int
+    logprob: float
+    rank: int  # 1 = the most likely token
+    top: list[tuple[int, float]]  # [(token_id, logprob)] best first
 
 
 @dataclass

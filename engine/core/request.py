@@ -7,8 +7,9 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Protocol
 
+from engine.core.outputs import TokenLogprobs
 from engine.core.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -21,14 +22,27 @@ class RequestStatus(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass
-class TokenLogprobs:
-    """Log-probability of one chosen token and the top alternatives at its position."""
+class GrammarMatcher(Protocol):
+    """Structured outputs: what the engine asks of a sequence's matcher (engine/runner/grammar.py)."""
 
-    token_id: int
-    logprob: float
-    rank: int  # 1 = the most likely token
-    top: list[tuple[int, float]]  # [(token_id, logprob)] best first
+    def accept_token(self, token_id: int) -> bool: ...
+
+    def is_terminated(self) -> bool: ...
+
+
+class ProposerState:
+    """A speculative proposer's own record of one sequence (engine/runner/spec_decode.py, lookahead.py)."""
+
+
+@dataclass
+class ContrastiveCandidates:
+    """Contrastive search (engine/runner/contrastive.py): the k most probable tokens after a
+    sequence's last token, their probabilities and, when the request asks for logprobs, each
+    one's logprobs entry."""
+
+    token_ids: list[int]
+    probs: list[float]
+    entries: list[TokenLogprobs] | None = None
 
 
 @dataclass
@@ -58,7 +72,7 @@ class Request:
     # bad_words as token sequences: the last token of each is masked where the output ends in the rest
     bad_words_ids: tuple[tuple[int, ...], ...] = ()
     cache_salt: str | None = None  # set: its prefix-cache keys are found only by the same salt
-    grammar: Any = None  # structured outputs: the sequence's matcher (engine/runner/grammar.py), opaque here
+    grammar: GrammarMatcher | None = None  # structured outputs: the sequence's matcher
     arrival_time: float = field(default_factory=time.monotonic)
     priority: int = 0  # the priority scheduling policy's: lower first
     status: RequestStatus = RequestStatus.WAITING
@@ -75,10 +89,9 @@ class Request:
     # speculative decoding: tokens proposed to follow token_ids, checked by this step's forward pass
     draft_token_ids: list[int] = field(default_factory=list)
     draft_tree: DraftTree | None = None  # None: the drafts are one chain, each following the one before
-    spec_state: Any = None  # the proposer's own record of the sequence (engine/runner/spec_decode.py), opaque here
+    spec_state: ProposerState | None = None  # the proposer's own record of the sequence
     beam: BeamGroup | None = None  # beam search: the group whose slot `index` this sequence is
-    # contrastive search: the candidates for the token after token_ids[-1] (engine/runner/contrastive.py)
-    contrastive_next: Any = None
+    contrastive_next: ContrastiveCandidates | None = None  # contrastive search: those after token_ids[-1]
 
     def __post_init__(self) -> None:
         self.token_ids: list[int] = list(self.prompt_token_ids)  # prompt then outputs

@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, TypeGuard
+
+Need = Callable[[bool, str, str], None]  # validate's check: (ok, field, why it is not)
 
 MAX_LOGPROBS = 20
 MAX_TEMPERATURE = 2.0  # OpenAI's range; higher is all but uniform sampling
@@ -38,12 +42,12 @@ class StructuredOutputs:
     language are masked at every step; the request ends when the output is complete. `field` names
     the API field that asked for it, for error messages."""
 
-    json: str | dict | None = None  # a JSON schema (a dict is kept as JSON text)
+    json: str | dict[str, Any] | None = None  # a JSON schema (a dict is kept as JSON text)
     json_object: bool = False
     regex: str | None = None
     choice: tuple[str, ...] | None = None
     grammar: str | None = None
-    structural_tag: str | dict | None = None  # a dict is kept as JSON text
+    structural_tag: str | dict[str, Any] | None = None  # a dict is kept as JSON text
     field: str = "structured_outputs"
     # the language holds from the token after this text's tokens first appear in the output (a
     # reasoning model's "</think>": the thinking before it is free); None: from the first token
@@ -183,9 +187,9 @@ class SamplingParams:
         need(len(self.stop_strings) <= MAX_STOP_STRINGS, "stop", f"must hold at most {MAX_STOP_STRINGS} strings")
         need(all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_STRING_CHARS for s in self.stop_strings), "stop",
              f"must be non-empty strings of at most {MAX_STOP_STRING_CHARS} characters")
-        need(len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS, "stop_token_ids",
-             f"must hold at most {MAX_STOP_TOKEN_IDS} token ids")
-        need(all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
+        stop_ids = self.stop_token_ids or []  # (a list since __post_init__)
+        need(len(stop_ids) <= MAX_STOP_TOKEN_IDS, "stop_token_ids", f"must hold at most {MAX_STOP_TOKEN_IDS} token ids")
+        need(all(_is_int(t) and t >= 0 for t in stop_ids), "stop_token_ids",
              "must be non-negative token ids")
         self._validate_vocabulary_rules(need, integer)
         if self.logit_bias:
@@ -194,7 +198,7 @@ class SamplingParams:
             need(all(_in(b, -100.0, 100.0) for b in self.logit_bias.values()), "logit_bias",
                  "values must be in [-100, 100]")
 
-    def _validate_vocabulary_rules(self, need, integer) -> None:
+    def _validate_vocabulary_rules(self, need: Need, integer: Callable[..., bool]) -> None:
         need(self.spaces_between_special_tokens in (None, True, False), "spaces_between_special_tokens",
              "must be a boolean")
         need(isinstance(self.include_stop_str_in_output, bool), "include_stop_str_in_output", "must be a boolean")
@@ -211,7 +215,7 @@ class SamplingParams:
                                   for w in words), "bad_words",
              f"must be non-blank strings of at most {MAX_STOP_STRING_CHARS} characters")
 
-    def _validate_beam_search(self, need) -> None:
+    def _validate_beam_search(self, need: Need) -> None:
         need(isinstance(self.use_beam_search, bool), "use_beam_search", "must be a boolean")
         beam = self.use_beam_search
         if not beam:
@@ -234,7 +238,7 @@ class SamplingParams:
                           ("structured_outputs", None), ("allowed_token_ids", None), ("bad_words", None)):
             need(getattr(self, name) in (off, {}), name, "is not supported with use_beam_search")
 
-    def _validate_contrastive(self, need) -> None:
+    def _validate_contrastive(self, need: Need) -> None:
         need(_in(self.penalty_alpha, 0.0, 1.0), "penalty_alpha", "must be in [0, 1] (0: off)")
         if not self.penalty_alpha:
             return
@@ -262,17 +266,17 @@ class SamplingParams:
         return None if self.seed is None else self.seed & ((1 << 64) - 1)
 
 
-def _is_int(value) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _in(value, low: float, high: float) -> bool:
+def _in(value: object, low: float, high: float) -> bool:
     """A finite real number in [low, high] (NaN and the infinities are not)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
         and low <= value <= high
 
 
-def _short(value) -> str:
+def _short(value: object) -> str:
     """The offending value for an error message, cut to a readable length."""
     text = repr(value)
     return text if len(text) <= 80 else f"{text[:77]}..."

@@ -217,25 +217,6 @@ def _gguf_weights(src: ModelSource) -> Iterable[tuple[str, torch.Tensor]]:
     return hf.state_dict().items()
 
 
-def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device: 'cuda' was asked for but no CUDA device is available")
-    return torch.device(device)
-
-
-def pick_dtype(dtype: str, hf_config, device: torch.device) -> torch.dtype:
-    if dtype != "auto":
-        return getattr(torch, dtype)
-    if device.type == "cpu":
-        return torch.float32  # CPU half-precision matmuls are slow without AVX-512
-    native = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
-    if isinstance(native, str):
-        native = getattr(torch, native, None)
-    return native if native in (torch.bfloat16, torch.float16) else torch.bfloat16
-
-
 def build_model(src: ModelSource, hf_config, max_len: int, dtype: torch.dtype, device: torch.device,
                 load_format: str, backends: Backends, tp: TensorParallel = SINGLE):
     """Our model of the checkpoint's shape, with its weights (or random ones for 'dummy'), its

@@ -19,21 +19,12 @@ values a token (2.3 KB for SmolLM2-135M), up to max_model_len tokens, freed when
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from engine.core.request import DraftTree, Request, TokenLogprobs
-
-
-@dataclass
-class ContrastiveCandidates:
-    """The k most probable tokens after a sequence's last token, with their probabilities and, when
-    the request asks for logprobs, each one's logprobs entry."""
-
-    token_ids: list[int]
-    probs: list[float]
-    entries: list[TokenLogprobs] | None = None
+from engine.core.request import ContrastiveCandidates, DraftTree, Request
+from engine.runner.batch import SampleRow
+from engine.runner.runner_output import ModelRunnerOutput
+from engine.runner.sampler import top_entries
 
 
 def propose(running: list[Request]) -> None:
@@ -67,13 +58,6 @@ def candidates(logits: torch.Tensor, reqs: list[Request], num_outputs: list[int]
     return out
 
 
-def top_entries(ids: list[int], logprobs: list[float], k: int, n: int) -> list[TokenLogprobs]:
-    """The logprobs entries of the first k of a row's most likely tokens (ids and their logprobs,
-    best first, at least max(k, n) of them): rank 1 + how many are more likely, the top n beside."""
-    top = list(zip(ids[:n], logprobs[:n]))
-    return [TokenLogprobs(t, lp, logprobs.index(lp) + 1, top) for t, lp in zip(ids[:k], logprobs[:k])]
-
-
 def pick(context: torch.Tensor, hidden: torch.Tensor, probs: list[float], alpha: float) -> int:
     """context [L, H]: the hidden states of the positions before; hidden [k, H]: the candidates'.
     The candidate with the best contrastive score (the first of equals)."""
@@ -82,6 +66,40 @@ def pick(context: torch.Tensor, hidden: torch.Tensor, probs: list[float], alpha:
     penalty = (cand @ ctx.T).max(dim=-1).values  # [k]
     p = torch.tensor(probs, dtype=torch.float32, device=hidden.device)
     return int(((1.0 - alpha) * p - alpha * penalty).argmax())
+
+
+def choose(logits: torch.Tensor, rows: list[SampleRow], hidden: torch.Tensor, states: HiddenStates,
+           out: ModelRunnerOutput) -> None:
+    """logits [R, V] of contrastive rows: a sequence's last token and, in a candidates step, its
+    k candidates after it. Chooses among the candidates, and finds the next step's candidates."""
+    by_seq: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        by_seq.setdefault(r.seq.request.seq_id, []).append(i)
+    next_rows: list[int] = []
+    reqs: list[Request] = []
+    num_outputs: list[int] = []
+    for seq_rows in by_seq.values():
+        req = rows[seq_rows[0]].seq.request
+        if len(seq_rows) == 1:  # the last token without candidates: computed again beside them
+            out.num_rejected[req.seq_id] = 1
+            next_rows.append(seq_rows[0])
+            reqs.append(req)
+            num_outputs.append(req.num_output_tokens)
+            continue
+        cands = req.contrastive_next
+        assert cands is not None  # (a candidates step follows the step that found them)
+        context = states.context(req.seq_id, req.num_computed_tokens + 1)  # [L, H]
+        branch = [rows[i].row for i in seq_rows[1:]]
+        chosen = pick(context, hidden[branch], cands.probs, req.params.penalty_alpha)
+        out.sampled[req.seq_id] = [cands.token_ids[chosen]]
+        if cands.entries is not None:
+            out.logprobs[req.seq_id] = [cands.entries[chosen]]
+        out.num_rejected[req.seq_id] = len(branch)  # every branch's slot (the chosen one is the next last token)
+        next_rows.append(seq_rows[1 + chosen])
+        reqs.append(req)
+        num_outputs.append(req.num_output_tokens + 1)
+    for req, cands in zip(reqs, candidates(logits[next_rows], reqs, num_outputs)):
+        out.contrastive[req.seq_id] = cands
 
 
 class HiddenStates:

@@ -19,12 +19,12 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from engine.core.request import DraftTree, Request
+from engine.core.request import DraftTree, ProposerState, Request
 from engine.runner.spec_decode import MAX_LOOKBACK, DraftHistory, Proposer, can_draft
 
 
 @dataclass
-class LookaheadState:
+class LookaheadState(ProposerState):
     """One sequence's window and pool (Request.spec_state)."""
 
     levels: list[list[int]]  # [level][column] guesses, the oldest level first

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.core.request import Request, TokenLogprobs
+from engine.core.outputs import TokenLogprobs
+from engine.core.request import Request
 from engine.runner.grammar import apply_bitmask, fill_bitmask
 
 
@@ -269,3 +270,10 @@ def logprobs_of(logprobs: torch.Tensor, tokens: torch.Tensor, num_top: list[int 
             top = list(zip(top_ids[i][:n], top_vals[i][:n]))
             out.append(TokenLogprobs(token_list[i], chosen[i], ranks[i], top))
     return out
+
+
+def top_entries(ids: list[int], logprobs: list[float], k: int, n: int) -> list[TokenLogprobs]:
+    """The logprobs entries of the first k of a row's most likely tokens (ids and their logprobs,
+    best first, at least max(k, n) of them): rank 1 + how many are more likely, the top n beside."""
+    top = list(zip(ids[:n], logprobs[:n]))
+    return [TokenLogprobs(t, lp, logprobs.index(lp) + 1, top) for t, lp in zip(ids[:k], logprobs[:k])]

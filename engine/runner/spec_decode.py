@@ -1,6 +1,7 @@
 """Speculative decoding's proposers: each step they give decoding sequences draft tokens, which the
-model runner checks in the same forward pass as the sequence's next token (model_runner._sample
-keeps the drafts the target would have picked itself, so the output does not change).
+model runner checks in the same forward pass as the sequence's next token, and the acceptance
+below (accepted_path, move_kept_kv): the runner keeps the drafts the target would have picked
+itself, so the output does not change.
 
 ngram (prompt lookup, as vLLM's): the sequence's last n tokens, for n from prompt_lookup_max down
 to prompt_lookup_min, are looked up in its earlier tokens; the tokens that followed their latest
@@ -17,10 +18,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from numpy.lib.stride_tricks import sliding_window_view
 
 from engine.core.config import SpeculativeConfig
-from engine.core.request import Request
+from engine.core.kv_cache_manager import slot
+from engine.core.request import ProposerState, Request
+from engine.core.scheduler import ScheduledSeq
 
 # how far back a draft is looked for: bounds a step's cost on long sequences
 MAX_LOOKBACK = 4096
@@ -30,7 +34,7 @@ FIRST_PAUSE, MAX_PAUSE = 4, 256  # steps
 
 
 @dataclass
-class DraftHistory:
+class DraftHistory(ProposerState):
     """One sequence's recent acceptance (Request.spec_state)."""
 
     acceptance: float = 0.5  # recent accepted / drafted tokens; a new sequence starts halfway
@@ -144,3 +148,37 @@ def _history(req: Request) -> DraftHistory:
     if req.spec_state is None:
         req.spec_state = DraftHistory()
     return req.spec_state
+
+
+# --- acceptance: what the target kept of the drafts --------------------------------------
+def accepted_path(req: Request, picks: list[int]) -> list[int]:
+    """The drafts kept (indices), given the target's pick at the last token and each draft."""
+    tree = req.draft_tree
+    parents = range(-1, len(req.draft_token_ids) - 1) if tree is None else tree.parents
+    path: list[int] = []
+    node = -1
+    while True:
+        pick = picks[node + 1]
+        child = next((i for i, p in enumerate(parents) if p == node and req.draft_token_ids[i] == pick), None)
+        if child is None:
+            return path
+        path.append(child)
+        node = child
+
+
+def move_kept_kv(kv_caches: list[torch.Tensor], moves: list[tuple[ScheduledSeq, list[int]]],
+                 block_size: int) -> None:
+    """The kept drafts of a tree were computed in slots of their own: copy their keys and
+    values to the slots that follow the last token, where the sequence reads them from now on."""
+    src: list[int] = []
+    dst: list[int] = []
+    for s, path in moves:
+        start = s.request.num_computed_tokens  # the last token's slot
+        for k, d in enumerate(path, 1):
+            for p, into in ((start + 1 + d, src), (start + k, dst)):
+                into.append(slot(s.block_ids, p, block_size))
+    device = kv_caches[0].device
+    src_t, dst_t = (torch.tensor(x, dtype=torch.int64, device=device) for x in (src, dst))
+    for cache in kv_caches:
+        flat = cache.view(2, -1, *cache.shape[3:])  # [2, slots, kv_heads, D]
+        flat[:, dst_t] = flat[:, src_t]  # (gathered before written: overlaps are safe)

@@ -22,7 +22,7 @@ import torch.multiprocessing as mp
 from engine.kernels import cpu
 from engine.layers.attention import AttentionMetadata, DecodeBackend, PrefillSpan
 from engine.layers.parallel import TensorParallel
-from engine.runner.model_runner import ModelSpec
+from engine.runner.model_spec import ModelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +117,15 @@ class Channel:
         opts = dist.AllreduceOptions()
         opts.timeout = START_TIMEOUT
         self.group.allreduce([torch.zeros(1)], opts).wait()
+
+    def agree(self, num_blocks: int) -> int:
+        """Every rank, its pool sized alone, takes the fewest blocks any rank can hold (a rank's
+        warm-up may take longer than a step: up to START_TIMEOUT)."""
+        opts = dist.AllreduceOptions()
+        opts.reduceOp, opts.timeout = dist.ReduceOp.MIN, START_TIMEOUT
+        box = torch.tensor([num_blocks])
+        self.group.allreduce([box], opts).wait()
+        return int(box)
 
     def send_spec(self, spec: ModelSpec) -> None:
         """Once, at start: what the ranks build (pickled; the steps' messages are not)."""
@@ -270,7 +279,8 @@ def run_rank(rank: int, size: int, init_method: str, device_type: str, timeout_s
         spec = channel.receive_spec()
         if "cpp" in (spec.backends.elementwise, spec.backends.attention) or spec.backends.skinny_linears:
             cpu.load()  # rank 0 loaded the C++ kernels when it chose them; this process has not
-        runner = spec.build_runner(spec.build_model(device, tp), device)
+        model = spec.build_model(device, tp)
+        runner = spec.build_runner(model, device, channel.agree(spec.num_blocks(model, device)))
         channel.all_built()
         follow(channel, runner)
     finally:

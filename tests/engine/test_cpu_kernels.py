@@ -16,7 +16,6 @@ from engine.layers import ops
 from engine.layers.packed_linear import SKINNY_MAX_ROWS, PackedLinear
 from engine.models import llama
 from engine.models.loader import GGUF_ORIGIN_FILE
-from engine.platform import describe
 from tests.conftest import decode_reference, random_decode_batch
 from tests.engine.test_correctness import GREEDY, _assert_same, _run_staggered
 
@@ -185,7 +184,7 @@ def test_engine_with_cpu_kernels_matches_hf(linears, smollm2_dir, reference_prom
     engine = LLMEngine(EngineConfig(model=str(model_dir), num_kv_blocks=40, max_num_batched_tokens=128))
     assert engine.runner.decode_backend == "cpp"  # the defaults on CPU where the kernels build
     assert all(m.ops.kind == "cpp" for m in engine.runner.model.modules() if hasattr(m, "ops"))
-    assert f"linears={linears} decode_attention=cpp elementwise=cpp" in describe(engine)  # the startup line
+    assert f"linears={linears} decode_attention=cpp elementwise=cpp" in engine.describe()  # the startup line
     done = _run_staggered(engine, reference_prompts, GREEDY, every=2)
     _assert_same([done[str(i)][0] for i in range(len(reference_prompts))], hf_reference)
     assert engine.scheduler.num_preemptions > 0
@@ -207,7 +206,7 @@ def test_engine_falls_back_to_eager_without_a_compiler(smollm2_dir, monkeypatch,
     assert engine.runner.decode_backend == "torch"
     assert all(m.weight is None for m in engine.runner.model.modules() if isinstance(m, PackedLinear))
     assert all(m.ops.kind == "eager" for m in engine.runner.model.modules() if hasattr(m, "ops"))
-    assert "linears=onednn decode_attention=torch elementwise=eager" in describe(engine)
+    assert "linears=onednn decode_attention=torch elementwise=eager" in engine.describe()
     assert "no-such-compiler" in caplog.text
     with pytest.raises(ValueError, match="'cpp' needs a working C\\+\\+ compiler"):
         LLMEngine(EngineConfig(model=str(smollm2_dir), num_kv_blocks=8, attention_backend="cpp"))

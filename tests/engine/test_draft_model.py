@@ -11,7 +11,7 @@ import torch
 from engine import LLM, SamplingParams
 from engine.core.config import EngineConfig, SpeculativeConfig
 from engine.frontend.llm_engine import LLMEngine
-from engine.runner.model_runner import ModelRunner
+from engine.runner.model_spec import kv_bytes_per_block
 from tests.engine.test_correctness import GREEDY, _assert_same, _run_staggered, _tokens
 from tests.engine.test_models import TINY, make_tiny
 
@@ -124,7 +124,7 @@ def test_a_random_draft_model_is_rejected_and_rolled_back(tmp_path, smollm2_dir,
     llm = LLM(str(smollm2_dir), kv_cache_memory="64MiB", speculative_config=_draft_of_its_own(tmp_path))
     # the memory budget holds both pools, block for block
     engine = llm.engine
-    per_block = sum(ModelRunner.kv_bytes_per_block(cfg, engine.config.block_size, torch.float32)
+    per_block = sum(kv_bytes_per_block(cfg, engine.config.block_size, torch.float32)
                     for cfg in (engine.hf_config, tiny.config))
     assert engine.num_kv_blocks == (64 << 20) // per_block
     _assert_same(_tokens(llm.generate(reference_prompts[::2], GREEDY)), hf_reference[::2])

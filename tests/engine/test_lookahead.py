@@ -10,8 +10,9 @@ from engine import LLM, SamplingParams
 from engine.core.config import EngineConfig, SpeculativeConfig
 from engine.core.request import Request
 from engine.frontend.llm_engine import LLMEngine
+from engine.runner.batch import tree_mask
 from engine.runner.lookahead import LookaheadProposer, LookaheadState
-from engine.runner.model_runner import ModelRunner, ModelRunnerOutput
+from engine.runner.runner_output import ModelRunnerOutput
 from tests.engine.test_correctness import GREEDY, _assert_same, _run_staggered, _tokens
 
 LOOKAHEAD = {"method": "lookahead", "window": 3, "ngram": 3, "guess": 3, "disable_by_batch_size": None}
@@ -196,10 +197,8 @@ def _edge_and_draw(hf, ids: list[int], params: SamplingParams, choice: int, posi
 def test_the_tree_mask_is_what_the_tree_says():
     from engine.core.request import DraftTree
 
-    runner = ModelRunner.__new__(ModelRunner)
-    runner.device = "cpu"
     tree = DraftTree(offsets=[1, 2, 1], sees=[(), (0,), ()], parents=[-1, 0, None])
-    mask = runner._tree_mask(tree, history=2)  # [4 tokens, 2 + 4 keys]
+    mask = tree_mask(tree, history=2)  # [4 tokens, 2 + 4 keys]
     want = [[1, 1, 1, 0, 0, 0],   # the last token: the history and itself
             [1, 1, 1, 1, 0, 0],   # draft 0
             [1, 1, 1, 1, 1, 0],   # draft 1 sees draft 0

@@ -1,11 +1,11 @@
 """The runner's block tables, kept between steps: each row always equals its sequence's blocks."""
 import torch
 
-from engine.runner.model_runner import _BlockTables
+from engine.runner.batch import BlockTables
 
 
 def test_block_table_rows_follow_growth_preemption_and_reuse():
-    tables = _BlockTables(max_blocks=8)
+    tables = BlockTables(max_blocks=8)
     lists = {f"s{i}": [i, 100 + i] for i in range(70)}  # more sequences than the first 64 rows
     rows = {sid: tables.row(sid, ids) for sid, ids in lists.items()}
     assert len(set(rows.values())) == 70

@@ -52,7 +52,7 @@ def test_two_ranks_match_hf_in_a_batch_staggered_and_preempted(tiny, path_kind):
         _check_batch_then_staggered(engine, hf, want)
     finally:
         engine.close()
-    assert not any(p.is_alive() for p in engine._ranks.procs) and torch.get_num_threads() == threads
+    assert not any(p.is_alive() for p in engine.executor.ranks.procs) and torch.get_num_threads() == threads
 
 
 def _check_batch_then_staggered(engine: LLMEngine, hf, want: list[list[int]]) -> None:
@@ -142,7 +142,7 @@ def test_a_rank_that_dies_or_hangs_ends_the_engine(tiny, fault):
     leaves no rank process and no process group, and a new engine can start in this process."""
     path, _, want = tiny
     engine = _two_ranks(path, timeout=3.0)
-    rank = engine._ranks.procs[0]
+    rank = engine.executor.ranks.procs[0]
     params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
     engine.add_request("a", PROMPTS[0], params)
     engine.step()
