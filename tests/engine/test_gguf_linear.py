@@ -99,10 +99,19 @@ def test_a_layer_its_blocks_do_not_reproduce_stays_float32(smollm2_dir):
     assert type(model.layers[3].mlp.down_proj) is torch.nn.Linear
 
 
-def test_read_gguf_blocks_finds_the_bundled_layers():
+def test_read_gguf_blocks_finds_the_bundled_layers(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVSERVE_CACHE_DIR", str(tmp_path))  # no tensor table kept yet: gguf's reader finds them
     blocks = read_gguf_blocks(bundled_gguf_path())
     assert blocks["blk.0.attn_q.weight"].q.shape == (576, 576) and blocks["blk.0.attn_q.weight"].m is not None
     assert blocks["token_embd.weight"].q.shape == (49152, 576) and blocks["token_embd.weight"].m is None  # Q8_0
+    # read again from the table kept in the cache: the same blocks, bit for bit
+    assert len(list((tmp_path / "gguf-tables").glob("*.json"))) == 1
+    again = read_gguf_blocks(bundled_gguf_path())
+    assert again.keys() == blocks.keys()
+    for name, b in blocks.items():
+        c = again[name]
+        assert torch.equal(b.q, c.q) and torch.equal(b.d, c.d) and (b.m is None) == (c.m is None)
+        assert b.m is None or torch.equal(b.m, c.m)
 
 
 @needs_kernel
