@@ -10,6 +10,10 @@ ARGS   ?=
 TORCH_INDEX ?=
 # Optional dependency groups of the project (the image leaves out the test tools).
 EXTRAS ?= test
+# Test workers (pytest-xdist), each module on one worker (its servers and engines built once),
+# one torch thread each: the suite's steps are mostly single-threaded Python, so two workers
+# keep two cores busy where one left the second idle.
+TEST_WORKERS ?= 2
 
 .PHONY: install serve test bench clean
 
@@ -35,7 +39,7 @@ test: install
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -q --durations=25 tests
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25 tests
 
 # kvserve against llama.cpp, transformers serve and HF generate() (see BENCHMARKS.md; ~35 min
 # on 2 cores). llama.cpp is skipped until `benchmarks/peers/llama_cpp.sh build` has run.
