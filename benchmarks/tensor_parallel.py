@@ -110,7 +110,7 @@ def run(model: str | None, tp: int, num_seqs: int, dummy: bool, device: str) -> 
             in_collectives.append(COLLECTIVES.seconds)
         weights = model_bytes(engine.runner.model)
         kv = sum(c.numel() * c.element_size() for c in engine.runner.kv_caches)
-        ranks = [] if engine._ranks is None else engine._ranks.procs
+        ranks = [] if engine.executor.ranks is None else engine.executor.ranks.procs
         return {"prefill_ms": 1000 * seconds[0], "decode_ms": 1000 * statistics.median(seconds[1:]),
                 "decode_collectives_ms": 1000 * statistics.median(in_collectives[1:]),
                 "weights_mib_per_rank": weights / 2**20, "kv_mib_per_rank": kv / 2**20,
