@@ -2,9 +2,10 @@
 
 The pool is sized after the model is built. On CUDA, with no size given, a warm-up runs the
 largest step the scheduler can make (max_num_batched_tokens prefill tokens, the logits of
-max_num_seqs rows, and the largest decode batch) on a scratch pool; the pool then gets what is left of the device's share
-(gpu_memory_utilization) after what is in use, the measured peak of those activations, and the
-memory CUDA graphs will hold (a decode batch's activations). On CPU it gets the configured budget.
+max_num_seqs rows, and the largest decode batch) on a scratch pool; the pool then gets what is
+left of the device's share (gpu_memory_utilization) after what is in use, the measured peak of
+those activations, and the memory CUDA graphs will hold (a decode batch's activations). On CPU it
+gets the configured budget.
 """
 from __future__ import annotations
 
