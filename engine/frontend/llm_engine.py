@@ -16,7 +16,7 @@ from engine.core.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from engine.frontend.metrics import EngineMetrics
 from engine.frontend.output_processor import OutputProcessor, RequestState, reports
 from engine.runner import contrastive
-from engine.runner.executor import DeviceFaultError, Executor, follow_rank_zero, is_device_fault
+from engine.runner.executor import DeviceFaultError, Executor, follow_rank_zero
 from engine.runner.grammar import Grammars
 from engine.runner.lookahead import LookaheadProposer
 from engine.runner.runner_output import ModelRunnerOutput
@@ -226,8 +226,8 @@ class LLMEngine:
 
     def _fail(self, request_id: str, error: BaseException) -> None:
         """Serving this request raised: it alone ends, with finish_reason "error", and frees its blocks."""
-        if is_device_fault(error):
-            raise DeviceFaultError(f"the device failed: {error}") from error
+        if isinstance(error, DeviceFaultError):  # (the executor tells them: the device's, not the request's)
+            raise error
         logger.error("request %s failed: %s", request_id, error, exc_info=error)
         state = self._requests.get(request_id)
         if state is not None and state.error is None:

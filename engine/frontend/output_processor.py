@@ -64,9 +64,8 @@ class OutputProcessor:
 
     def finish_texts(self, state: RequestState, seqs: list[Request]) -> None:
         """The sequences ended outside the stop rules (aborted): their texts give out what they held back."""
-        for req in seqs:
-            if state.texts:
-                state.texts[req.index].finish()
+        for req in seqs if state.texts else ():  # (a beam search has none: spelled at the end)
+            state.texts[req.index].finish()
 
     # --- a step's tokens --------------------------------------------------------------------
     def process(self, req: Request, result: ModelRunnerOutput) -> int:

@@ -139,7 +139,7 @@ class Executor:
         try:
             return self.runner.execute(sched)
         except Exception as e:
-            if is_device_fault(e):
+            if _is_device_fault(e):
                 raise DeviceFaultError(f"the device failed: {e}") from e
             raise
 
@@ -168,12 +168,12 @@ def follow_rank_zero(config: EngineConfig) -> bool:
     return True
 
 
-def is_device_fault(error: BaseException) -> bool:
+def _is_device_fault(error: BaseException) -> bool:
     """A CUDA error leaves the context unusable for every request, and tensor-parallel ranks out of
     step cannot run another, so both end the engine; any other error is taken to be the fault of
     the request being served."""
     accelerator = getattr(torch, "AcceleratorError", ())
-    if isinstance(error, (DeviceFaultError, accelerator, RanksOutOfStep)):
+    if isinstance(error, (accelerator, RanksOutOfStep)):
         return True
     return isinstance(error, RuntimeError) and "CUDA error" in str(error)
 

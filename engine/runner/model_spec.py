@@ -31,7 +31,8 @@ class PoolSpec:
     max_num_batched_tokens: int
     max_num_seqs: int
     cuda_graphs: bool  # their memory pool is held beside the KV pool
-    extra_bytes_per_block: int = 0  # a draft model of its own keeps as many blocks (rank 0 only)
+    # a draft model of its own (on rank 0) keeps as many blocks; every rank counts it, so they agree
+    extra_bytes_per_block: int = 0
 
 
 @dataclass
@@ -129,11 +130,11 @@ def profile_activations(model: torch.nn.Module, spec: ModelSpec, device: torch.d
     def prefill() -> None:
         # the longest sequences the context allows: attention's cost grows with a span's length
         ids = torch.zeros(tokens, dtype=torch.int64, device=device)
-        positions = torch.cat([torch.arange(n, device=device) for n in _spans(tokens, spec.max_model_len)])
         spans, at = [], 0
         for n in _spans(tokens, spec.max_model_len):
             spans.append(PrefillSpan(at, at + n, n, None))
             at += n
+        positions = torch.cat([torch.arange(sp.end - sp.start, device=device) for sp in spans])
         meta = AttentionMetadata(slot_mapping=torch.arange(tokens, device=device), prefills=spans,
                                  num_prefill_tokens=tokens)
         hidden = model(ids, positions, meta, scratch)  # [tokens, hidden]

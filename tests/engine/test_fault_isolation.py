@@ -149,6 +149,27 @@ def test_a_device_fault_ends_the_engine(tiny_dir):
     engine.runner.model.forward = forward
 
 
+def test_a_device_fault_while_retrying_request_by_request_ends_the_engine_once(tiny_dir):
+    """The step fails for a request's own fault, then the device fails while each request is run
+    alone: the engine ends with the device's error, said once."""
+    engine = _llm(tiny_dir).engine
+    forward, calls = engine.runner.model.forward, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise ValueError("a request's own fault")
+        raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+
+    engine.runner.model.forward = failing
+    engine.add_request("a", [1, 2, 3], GREEDY)
+    engine.add_request("b", [4, 5, 6], GREEDY)
+    with pytest.raises(DeviceFaultError, match="illegal memory access") as caught:
+        engine.step()
+    assert str(caught.value).count("the device failed") == 1, str(caught.value)
+    engine.runner.model.forward = forward
+
+
 def test_async_engine_fails_one_stream_and_serves_on(tiny_dir, clean_tokens):
     async def collect(llm, prompt, params, rid):
         out = None
