@@ -257,6 +257,11 @@ def baseline_kernels(rev: str):
     with tempfile.TemporaryDirectory(prefix="kvserve-baseline-") as tmp:  # loaded, the library needs no file
         build = Path(tmp)
         (build / "cpu.cpp").write_text(source)
+        for header in cpu.HEADERS:  # the revision's own, where it had them
+            theirs = subprocess.run(["git", "show", f"{rev}:engine/kernels/{header.name}"], cwd=ROOT,
+                                    capture_output=True, text=True, check=False)
+            if theirs.returncode == 0:
+                (build / header.name).write_text(theirs.stdout)
         run = subprocess.run(cpu._compile_command(build / "cpu.so", build / "cpu.cpp"), capture_output=True, text=True,
                              check=False)
         if run.returncode != 0:
@@ -272,7 +277,16 @@ def _baseline_gguf_linear(baseline, modules: list):
     if not hasattr(baseline, "gguf_linear"):
         raise SystemExit("the baseline's cpu.cpp has no gguf_linear")
 
+    # a baseline from before the scales were kept as float16 (issue 37) takes them as float32
+    x = torch.randn(1, modules[0].in_features)
+    try:
+        baseline.gguf_linear(x, modules[0].q, modules[0].scales, modules[0].out_features, None)
+        wide = None
+    except RuntimeError:
+        wide = {id(m.scales): m.scales.float() for m in modules}
+
     def gguf_linear(x, q, scales, out_features, bias):
+        scales = scales if wide is None else wide[id(scales)]
         return baseline.gguf_linear(x.contiguous(), q, scales, out_features, bias)
     for m in modules[:4]:
         x = torch.randn(5, m.in_features)

@@ -7,7 +7,8 @@
 // cost is streaming W from memory, which one pass at ~30 GB/s over 2 cores does (oneDNN's
 // packed kernels reach ~20 GB/s at one row).
 // gguf_linear: x [M, K] float32 times a weight kept in a GGUF file's 4- or 8-bit blocks, rebuilt
-// in registers to the exact float32 weights: the float32 arithmetic at a fraction of the bytes.
+// in registers to the exact float32 weights: the float32 arithmetic at a fraction of the bytes
+// (gguf_matmul.h).
 // rms_norm, add_rms_norm, rope_qk, silu_mul: a layer's element-wise pieces, one pass each where
 // eager PyTorch runs five to ten kernels.
 #include <ATen/ATen.h>
@@ -18,6 +19,8 @@
 #include <immintrin.h>
 #endif
 
+#include "gguf_matmul.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -26,6 +29,14 @@
 #include <vector>
 
 namespace {
+
+// prefetch (gguf_matmul.h): a sequence's KV blocks lie anywhere in the pool, so the hardware
+// prefetcher, which follows sequential addresses, loses the stream at every block edge: fetching each
+// block while the one before it is being worked on reads the pool ~1.4x faster.
+using kvserve::prefetch;
+using kvserve::gguf::block_bytes;
+using kvserve::gguf::kQBlock;
+using kvserve::gguf::kQGroup;
 
 // e^x in a form the compiler vectorises (std::exp is a scalar call): x = n ln2 + r, |r| <= ln2 / 2,
 // e^r by Cephes' expf polynomial (within ~1 ulp, as PyTorch's vectorised exp), 2^n put in the
@@ -46,14 +57,6 @@ inline float exp_approx(float x) {
   float scale;
   std::memcpy(&scale, &bits, sizeof scale);
   return p * scale;
-}
-
-// Start loading `bytes` from p ahead of use. A sequence's blocks lie anywhere in the pool, so the
-// hardware prefetcher, which follows sequential addresses, loses the stream at every block edge:
-// fetching each block while the one before it is being worked on reads the pool ~1.4x faster.
-template <int kLocality = 3>  // 3: into L1; 2: into L2
-inline void prefetch(const void* p, int64_t bytes) {
-  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(static_cast<const char*>(p) + off, 0, kLocality);
 }
 
 #if defined(__AVX512F__)
@@ -327,180 +330,14 @@ at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& weight, const c1
   return y;
 }
 
-// gguf_linear: x [M, K] float32 times a weight kept in its GGUF blocks (Q4_0, Q4_1, Q8_0: 32
-// weights along K share a scale d, and for Q4_1 a minimum m; a weight is d * q + m). Each group of
-// 32 output rows is dequantised in registers to exactly the float32 values transformers makes of
-// the file (d * q is exact in float32, so the one rounding is that of + m, fused or not), then
-// multiplied in float32. The model's arithmetic is unchanged; what changes is the 5-9 bits a weight
-// costs to stream instead of 32 (engine/models/gguf_linear.py repacks the blocks for this kernel).
-//
-// Repacked layout, per group of 32 output rows and block of 32 inputs (k):
-//   4-bit: 16 pairs of k x 32 rows, one byte each (low nibble k even, high k odd); scales [2][32]: d, m
-//   8-bit: 32 k x 32 rows, int8; scales [1][32]: d
-// so that one k's weights for 32 rows are contiguous, the layout a broadcast-x micro-kernel wants.
-#if defined(__AVX512F__)
-constexpr int kLanes = 16, kTileRows = 12;  // 12 x 2 accumulators + 2 weight vectors of 32 registers
-#elif defined(__AVX2__)
-constexpr int kLanes = 8, kTileRows = 2;  // 2 x 4 accumulators + 4 weight vectors of 16
-#else
-constexpr int kLanes = 4, kTileRows = 2;
-#endif
-typedef float vf __attribute__((vector_size(kLanes * sizeof(float))));
-typedef float v16f __attribute__((vector_size(16 * sizeof(float))));
-typedef int32_t v16i __attribute__((vector_size(16 * sizeof(int32_t))));
-constexpr int64_t kQBlock = 32, kQGroup = 32, kGroupVecs = kQGroup / kLanes;
-
-// 16 bytes widened to 16 int32 lanes (GCC's generic conversion of a byte vector goes through scalars)
-template <bool kSigned>
-inline v16i widen(const uint8_t* p) {
-  v16i out;
-#if defined(__AVX512F__)
-  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  const __m512i w = kSigned ? _mm512_cvtepi8_epi32(b) : _mm512_cvtepu8_epi32(b);
-  std::memcpy(&out, &w, sizeof out);
-#elif defined(__AVX2__)
-  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)), b8 = _mm_srli_si128(b, 8);
-  const __m256i lo = kSigned ? _mm256_cvtepi8_epi32(b) : _mm256_cvtepu8_epi32(b);
-  const __m256i hi = kSigned ? _mm256_cvtepi8_epi32(b8) : _mm256_cvtepu8_epi32(b8);
-  std::memcpy(&out, &lo, sizeof lo);
-  std::memcpy(reinterpret_cast<char*>(&out) + sizeof lo, &hi, sizeof hi);
-#else
-  for (int i = 0; i < 16; ++i) out[i] = kSigned ? static_cast<int8_t>(p[i]) : p[i];
-#endif
-  return out;
-}
-
-template <typename V>
-inline V load_vec(const float* p) {
-  V v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-template <typename V>
-inline void store_vec(float* p, V v) { std::memcpy(p, &v, sizeof v); }
-
-constexpr int64_t block_bytes(bool four) { return kQBlock * kQGroup / (four ? 2 : 1); }
-constexpr int64_t block_scales(bool four) { return (four ? 2 : 1) * kQGroup; }
-
-// Block b of a group -> out [32 k][32 rows] float32. With `ahead`, block b of the next group (its
-// quants and scales lie right after this group's) is requested into L2 meanwhile: the weights of a
-// step stream from DRAM once, and the hardware prefetcher, which follows demand loads, stops
-// running ahead while the loaded block is multiplied.
-template <bool kFour>
-inline void dequant_block(const uint8_t* q, const float* scales, float* out, int64_t b, int64_t blocks, bool ahead) {
-  if (ahead) {
-    prefetch<2>(q + (blocks + b) * block_bytes(kFour), block_bytes(kFour));
-    prefetch<2>(scales + (blocks + b) * block_scales(kFour), block_scales(kFour) * sizeof(float));
-  }
-  const float* s = scales + b * block_scales(kFour);
-  const v16f d0 = load_vec<v16f>(s), d1 = load_vec<v16f>(s + 16);
-  if constexpr (kFour) {
-    const v16f m0 = load_vec<v16f>(s + 32), m1 = load_vec<v16f>(s + 48);
-    const uint8_t* qb = q + b * block_bytes(true);
-    for (int j = 0; j < kQBlock / 2; ++j) {
-      const v16i a = widen<false>(qb + j * kQGroup), c = widen<false>(qb + j * kQGroup + 16);
-      float* even = out + 2 * j * kQGroup;
-      store_vec(even, d0 * __builtin_convertvector(a & 15, v16f) + m0);
-      store_vec(even + 16, d1 * __builtin_convertvector(c & 15, v16f) + m1);
-      store_vec(even + kQGroup, d0 * __builtin_convertvector(a >> 4, v16f) + m0);
-      store_vec(even + kQGroup + 16, d1 * __builtin_convertvector(c >> 4, v16f) + m1);
-    }
-  } else {
-    const uint8_t* qb = q + b * block_bytes(false);
-    for (int j = 0; j < kQBlock; ++j) {
-      store_vec(out + j * kQGroup, d0 * __builtin_convertvector(widen<true>(qb + j * kQGroup), v16f));
-      store_vec(out + j * kQGroup + 16, d1 * __builtin_convertvector(widen<true>(qb + j * kQGroup + 16), v16f));
-    }
-  }
-}
-
-// acc [R][32] += x rows [R] (row stride k_in, from column k0) times w [n][32], k0 .. k0 + n
-template <int R>
-inline void multiply(vf (&acc)[R][kGroupVecs], const float* x, int64_t k_in, int64_t k0, const float* w, int64_t n) {
-  for (int64_t k = 0; k < n; ++k) {
-    vf wk[kGroupVecs];
-    for (int v = 0; v < kGroupVecs; ++v) wk[v] = load_vec<vf>(w + k * kQGroup + v * kLanes);
-    for (int r = 0; r < R; ++r) {
-      const vf xr = vf{} + x[r * k_in + k0 + k];  // a broadcast
-      for (int v = 0; v < kGroupVecs; ++v) acc[r][v] += xr * wk[v];
-    }
-  }
-}
-
-// y [R rows, stride ldy][cols <= 32] = acc (+ bias [32], zero-padded)
-template <int R>
-inline void store_rows(const vf (&acc)[R][kGroupVecs], const float* bias, float* y, int64_t ldy, int64_t cols) {
-  for (int r = 0; r < R; ++r) {
-    alignas(64) float row[kQGroup];
-    for (int v = 0; v < kGroupVecs; ++v)
-      store_vec(row + v * kLanes, acc[r][v] + (bias ? load_vec<vf>(bias + v * kLanes) : vf{}));
-    std::memcpy(y + r * ldy, row, cols * sizeof(float));
-  }
-}
-
-// Rows x the group's weight, with R a compile-time constant (1 .. kTileRows) picked at run time.
-// panel: the whole group dequantised ([K][32], shared by several tiles of rows); nullptr: a block at
-// a time into an L1 buffer, the only pass over the weight when all rows fit one tile (then `ahead`
-// fetches the next group's blocks meanwhile).
-// noinline: inlined into one another, the twelve variants came out with 3 and 4 rows slower than 5
-// (all of SmolLM2's linears at 4 rows ~21 ms against ~14 ms at 5); apart, time grows with R.
-template <bool kFour, int R>
-__attribute__((noinline)) void tile(const float* x, int64_t rows, int64_t k_in, const uint8_t* q, const float* scales,
-                                    const float* panel, const float* bias, float* y, int64_t ldy, int64_t cols,
-                                    bool ahead) {
-  if constexpr (R > 1) {
-    if (rows < R) return tile<kFour, R - 1>(x, rows, k_in, q, scales, panel, bias, y, ldy, cols, ahead);
-  }
-  vf acc[R][kGroupVecs] = {};
-  if (panel) {
-    multiply<R>(acc, x, k_in, 0, panel, k_in);
-  } else {
-    alignas(64) float block[kQBlock * kQGroup];
-    for (int64_t b = 0; b < k_in / kQBlock; ++b) {
-      dequant_block<kFour>(q, scales, block, b, k_in / kQBlock, ahead);
-      multiply<R>(acc, x, k_in, b * kQBlock, block, kQBlock);
-    }
-  }
-  store_rows<R>(acc, bias, y, ldy, cols);
-}
-
-template <bool kFour>
-void gguf_matmul(const float* x, const uint8_t* q, const float* scales, const float* bias, float* y, int64_t rows,
-                 int64_t n_out, int64_t k_in) {
-  const int64_t groups = (n_out + kQGroup - 1) / kQGroup, blocks = k_in / kQBlock;
-  const int64_t group_bytes = blocks * block_bytes(kFour), group_scales = blocks * block_scales(kFour);
-  const int64_t tiles = (rows + kTileRows - 1) / kTileRows;
-  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> panel(tiles > 1 ? k_in * kQGroup : 0);
-    alignas(64) float group_bias[kQGroup] = {};
-    for (int64_t g = begin; g < end; ++g) {
-      const int64_t n0 = g * kQGroup, cols = std::min(kQGroup, n_out - n0);
-      if (bias) std::memcpy(group_bias, bias + n0, cols * sizeof(float));
-      const uint8_t* qg = q + g * group_bytes;
-      const float* sg = scales + g * group_scales;
-      const bool ahead = g + 1 < end;
-      if (tiles > 1)
-        for (int64_t b = 0; b < blocks; ++b)
-          dequant_block<kFour>(qg, sg, panel.data() + b * kQBlock * kQGroup, b, blocks, ahead);
-      for (int64_t t = 0, r = 0; t < tiles; ++t) {  // tiles of equal height: 16 rows as 8 + 8, not 12 + 4
-        const int64_t h = (rows - r) / (tiles - t);
-        tile<kFour, kTileRows>(x + r * k_in, h, k_in, qg, sg, tiles > 1 ? panel.data() : nullptr,
-                               bias ? group_bias : nullptr, y + r * n_out + n0, n_out, cols, ahead);
-        r += h;
-      }
-    }
-  });
-}
-
-// x [M, K] float32; q [groups, K / 32, 512 or 1024] uint8; scales [groups, K / 32, 2 or 1, 32] float32
+// x [M, K] float32; q [groups, K / 32, 512 or 1024] uint8; scales [groups, K / 32, 2 or 1, 32] float16
 // (2: 4-bit with minimums, 1: 8-bit); bias [N] or None -> [M, N]
 at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales, int64_t n_out,
                        const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "gguf_linear: x must be a "
               "contiguous float32 matrix");
   TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kByte && q.is_contiguous() && scales.dim() == 4 &&
-              scales.scalar_type() == at::kFloat && scales.is_contiguous(), "gguf_linear: bad weight blocks");
+              scales.scalar_type() == at::kHalf && scales.is_contiguous(), "gguf_linear: bad weight blocks");
   const int64_t k_in = x.size(1), groups = q.size(0);
   const bool four = scales.size(2) == 2;
   TORCH_CHECK(k_in % kQBlock == 0 && q.size(1) == k_in / kQBlock && q.size(2) == block_bytes(four) &&
@@ -510,9 +347,13 @@ at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& q, const at::Tenso
   TORCH_CHECK(!has_bias || (bias->is_contiguous() && bias->numel() == n_out && bias->scalar_type() == at::kFloat),
               "gguf_linear: bad bias");
   at::Tensor y = at::empty({x.size(0), n_out}, x.options());
-  (four ? gguf_matmul<true> : gguf_matmul<false>)(x.data_ptr<float>(), q.data_ptr<uint8_t>(), scales.data_ptr<float>(),
-                                                  has_bias ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>(),
-                                                  x.size(0), n_out, k_in);
+  const auto parallel_for = [](int64_t begin, int64_t end, int64_t grain, const auto& fn) {
+    at::parallel_for(begin, end, grain, fn);
+  };
+  const auto* halves = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
+  (four ? kvserve::gguf::matmul<true, decltype(parallel_for)> : kvserve::gguf::matmul<false, decltype(parallel_for)>)(
+      x.data_ptr<float>(), q.data_ptr<uint8_t>(), halves, has_bias ? bias->data_ptr<float>() : nullptr,
+      y.data_ptr<float>(), x.size(0), n_out, k_in, parallel_for);
   return y;
 }
 

@@ -28,6 +28,7 @@ the eager references before the engine uses it, and stays on the eager paths whe
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import hashlib
 import logging
@@ -44,6 +45,9 @@ from engine.paths import cache_root
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu.cpp")
+HEADERS = [Path(__file__).with_name("gguf_matmul.h")]
+# gguf_matmul.h alone, without torch (engine/kernels/gguf_check.cpp): built for a chosen instruction set
+GGUF_CHECK = Path(__file__).with_name("gguf_check.cpp")
 # Floating-point reassociation: without it the compiler ends every vectorised dot product with 16
 # scalar adds in lane order (a third of bf16 decode attention's time; the kernels are tested
 # against float64 references with tolerances, not bitwise).
@@ -68,24 +72,30 @@ def _compile_command(out: Path, source: Path = SOURCE) -> list[str]:
             f"-L{torch_dir / 'lib'}", "-lc10", "-ltorch_cpu"]
 
 
-def _library() -> Path:
+def _built(name: str, command, *keys: str | bytes) -> Path:
+    """The library `command(out)` builds, kept in the cache directory under a key of `keys` and the
+    sources; built beside the target and renamed, so a second process building at once never loads
+    half a file."""
     key = hashlib.sha256(b"\0".join(s.encode() if isinstance(s, str) else s for s in (
-        SOURCE.read_bytes(), torch.__version__, " ".join(FLAGS), os.environ.get("CXX", "c++"), _cpu_fingerprint()
-    ))).hexdigest()[:16]
-    path = cache_root() / "kernels" / f"cpu-{key}.so"
+        SOURCE.read_bytes(), GGUF_CHECK.read_bytes(), *(h.read_bytes() for h in HEADERS), torch.__version__,
+        os.environ.get("CXX", "c++"), _cpu_fingerprint(), *keys))).hexdigest()[:16]
+    path = cache_root() / "kernels" / f"{name}-{key}.so"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        # build beside the target and rename: a second process building at once never loads half a file
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
         os.close(fd)
         try:
-            run = subprocess.run(_compile_command(Path(tmp)), capture_output=True, text=True, check=False)
+            run = subprocess.run(command(Path(tmp)), capture_output=True, text=True, check=False)
             if run.returncode != 0:
-                raise RuntimeError(f"building {SOURCE.name} failed: {run.stderr.strip()[-2000:]}")
+                raise RuntimeError(f"building {name} failed: {run.stderr.strip()[-2000:]}")
             os.replace(tmp, path)
         finally:
             Path(tmp).unlink(missing_ok=True)
     return path
+
+
+def _library() -> Path:
+    return _built("cpu", _compile_command, " ".join(FLAGS))
 
 
 @functools.cache
@@ -141,3 +151,27 @@ def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads:
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """gate_up [T, 2 I] -> silu(gate) * up [T, I]."""
     return torch.ops.kvserve.silu_mul(gate_up.contiguous())
+
+
+class GGUFCheck:
+    """gguf_matmul.h built alone for one instruction set (`march`: a -march value such as
+    "x86-64-v4" for AVX-512, "x86-64-v3" for AVX2, "x86-64" for neither), called through ctypes: the
+    tests compare the kernel's paths for each instruction set this CPU can run, whichever it is, and
+    benchmarks/cpu_kernels.py times the AVX2 path on an AVX-512 machine. Builds in ~1 s."""
+
+    def __init__(self, march: str) -> None:
+        flags = [f if f != "-march=native" else f"-march={march}" for f in FLAGS]
+        command = lambda out: [os.environ.get("CXX", "c++"), *flags, str(GGUF_CHECK), "-o", str(out)]  # noqa: E731
+        self.lib = ctypes.CDLL(str(_built(f"gguf-{march}", command, " ".join(flags))))
+        self.lib.kvserve_gguf_matmul.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+        self.vector_bits = self.lib.kvserve_gguf_vector_bits()
+
+    def linear(self, x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, out_features: int,
+               bias: torch.Tensor | None) -> torch.Tensor:
+        """As gguf_linear, without its checks: the caller passes what gguf_linear would accept."""
+        x = x.contiguous()
+        y = torch.empty(x.shape[0], out_features)
+        self.lib.kvserve_gguf_matmul(x.data_ptr(), q.data_ptr(), scales.data_ptr(),
+                                     None if bias is None else bias.data_ptr(), y.data_ptr(), x.shape[0],
+                                     out_features, x.shape[1], int(scales.shape[2] == 2))
+        return y

@@ -89,8 +89,9 @@ class Blocks:
         return w.reshape(n, k)
 
     def pack(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> the kernel's layout (engine/kernels/cpu.cpp gguf_linear): q [groups, K / 32, 512 or 1024]
-        uint8 and scales [groups, K / 32, 2 or 1, 32] float32, output rows padded to whole groups."""
+        """-> the kernel's layout (engine/kernels/gguf_matmul.h): q [groups, K / 32, 512 or 1024]
+        uint8 and scales [groups, K / 32, 2 or 1, 32] float16, output rows padded to whole groups.
+        Raises ValueError where a scale is not a float16 (Q4_0's minimum -8 d past float16's range)."""
         n, k = self.q.shape
         groups, blocks = -(-n // GROUP), k // BLOCK
         pad = groups * GROUP - n
@@ -102,7 +103,10 @@ class Blocks:
             q = q.to(torch.int8).view(torch.uint8)
         scales = torch.stack([self.d] if self.m is None else [self.d, self.m])  # [1 or 2, N, blocks]
         scales = nn.functional.pad(scales, (0, 0, 0, pad)).view(-1, groups, GROUP, blocks).permute(1, 3, 0, 2)
-        return q.reshape(groups, blocks, -1).contiguous(), scales.contiguous()
+        halves = scales.half()
+        if not torch.equal(halves.float(), scales):
+            raise ValueError("a block's scale or minimum is not a float16")
+        return q.reshape(groups, blocks, -1).contiguous(), halves.contiguous()
 
 
 class GGUFLinear(nn.Module):
@@ -211,6 +215,10 @@ def use_gguf_linears(model: nn.Module, path: Path, hf_config, shard_of=None) -> 
         if found is None:
             log.info("%s: no GGUF blocks in %s reproduce its weight; it stays float32", name, path.name)
             continue
-        model.set_submodule(name, GGUFLinear(found, linear.bias))
+        try:
+            model.set_submodule(name, GGUFLinear(found, linear.bias))
+        except ValueError as e:
+            log.info("%s: %s; it stays float32", name, e)
+            continue
         replaced += 1
     return replaced

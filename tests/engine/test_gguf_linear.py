@@ -1,6 +1,8 @@
 """Linear layers on a GGUF file's own blocks (engine/layers/gguf_linear.py, the C++ gguf_linear
 kernel): parsing against the gguf package, the kernel against float64, and the swap in a model,
 which must happen only where the blocks reproduce the float32 weight bit for bit."""
+import platform as platform_module
+
 import numpy as np
 import pytest
 import torch
@@ -67,6 +69,68 @@ def test_gguf_linear_rejects_mismatched_inputs():
         cpu.gguf_linear(x.double(), q, scales, 64, None)
     with pytest.raises(RuntimeError, match="bad bias"):
         cpu.gguf_linear(x, q, scales, 64, torch.randn(63))
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        return set(next(ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")).split(":")[1].split())
+    except (OSError, StopIteration):
+        return set()
+
+
+# -march values for each instruction set of the kernel: AVX-512, AVX2 (with FMA and F16C), neither;
+# each tested where this CPU can run it, so an AVX-512 machine checks the AVX2 path too
+ISAS = {"x86-64-v4": {"avx512f", "avx512bw", "avx512vl"}, "x86-64-v3": {"avx2", "fma", "f16c"}, "x86-64": set()}
+
+
+@needs_kernel
+@pytest.mark.skipif(platform_module.machine() not in ("x86_64", "AMD64"), reason="x86-64 instruction sets")
+@pytest.mark.parametrize("march", list(ISAS))
+def test_every_instruction_set_computes_what_the_engine_does(march):
+    """The kernel built for AVX-512, AVX2 and plain x86-64 against the engine's build (-march=native),
+    on every path (few rows, many rows in tiles, a partial group, 4- and 8-bit blocks): the FMA builds
+    sum each output in one order, so they agree bit for bit; the plain build multiplies and adds apart,
+    so it is held to the float64 bound."""
+    if not ISAS[march] <= _cpu_flags():
+        pytest.skip(f"this CPU cannot run {march}")
+    check = cpu.GGUFCheck(march)
+    assert check.vector_bits == {"x86-64-v4": 512, "x86-64-v3": 256, "x86-64": 128}[march]
+    for kind in KINDS:
+        raw, _ = _quantized(kind, 70, 160)
+        blocks = Blocks.from_gguf(kind, raw, 70, 160)
+        layer = GGUFLinear(blocks, torch.randn(70))
+        for rows in (1, 2, 3, 4, 7, 8, 9, 13, 25, 64):
+            x = torch.randn(rows, 160)
+            got, engine = check.linear(x, layer.q, layer.scales, 70, layer.bias), layer(x)
+            if march == "x86-64":
+                want, scale = _reference(x, blocks, layer.bias)
+                assert ((got.double() - want).abs() <= 1e-6 * scale).all()
+            else:
+                assert torch.equal(got, engine), (kind, rows)
+
+
+@needs_kernel
+def test_a_rows_result_does_not_depend_on_its_batch():
+    """Few rows and many take different paths through the kernel (weights dequantised in registers, or
+    once per block for tiles of rows); each sums a row's products in the same order."""
+    raw, _ = _quantized("Q4_1", 96, 128)
+    layer = GGUFLinear(Blocks.from_gguf("Q4_1", raw, 96, 128), None)
+    x = torch.randn(64, 128)
+    alone = layer(x[:1])
+    for rows in (2, 3, 5, 9, 13, 17, 64):
+        assert torch.equal(layer(x[:rows])[:1], alone), rows
+
+
+def test_scales_past_float16_keep_the_layer_float32():
+    """The kernel reads scales as float16, as the file holds them; Q4_0's minimum -8 d outgrows float16
+    for d past 8192, and such blocks must not be packed (use_gguf_linears then keeps float32)."""
+    raw, _ = _quantized("Q4_0", 32, 64)
+    blocks = Blocks.from_gguf("Q4_0", raw, 32, 64)
+    blocks.pack()  # ordinary scales pack
+    blocks.d[3, 1] = 16384.0
+    blocks.m[3, 1] = -8 * 16384.0
+    with pytest.raises(ValueError, match="float16"):
+        blocks.pack()
 
 
 def _float32_model(model_dir):
