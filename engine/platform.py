@@ -32,6 +32,7 @@ class Backends:
     attention: str  # decode attention: "torch" (the reference) | "cpp" | "triton"
     cuda_graphs: bool  # decode steps replayed from captured CUDA graphs
     grouped_mm: bool  # MoE experts in one torch grouped matmul (else a matmul per expert)
+    fused_decode: bool = False  # CPU decode steps of all layers in one C++ call, where the model allows
 
 
 def choose(config, device: torch.device, dtype: torch.dtype, attn_shape: tuple[int, int, int],
@@ -53,7 +54,8 @@ def choose(config, device: torch.device, dtype: torch.dtype, attn_shape: tuple[i
         elementwise="cpp" if cpu_kernels else "compiled" if compiled else "eager",
         attention=attention,
         cuda_graphs=compiled and attention == "triton",
-        grouped_mm=grouped_mm_available(device.type, dtype))
+        grouped_mm=grouped_mm_available(device.type, dtype),
+        fused_decode=cpu_kernels and attention == "cpp")
 
 
 def _decode_attention(config, device: torch.device, dtype: torch.dtype, attn_shape: tuple[int, int, int]) -> str:

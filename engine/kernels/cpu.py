@@ -153,6 +153,19 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return torch.ops.kvserve.silu_mul(gate_up.contiguous())
 
 
+def decode_layers(hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
+                  block_tables: torch.Tensor, context_lens: torch.Tensor, kv_caches: list[torch.Tensor],
+                  weights: list[torch.Tensor], heads: int, kv_heads: int, scale: float, eps: float) -> torch.Tensor:
+    """One decode step of a stack of Llama layers on GGUF-block linears in one call (cpu.cpp
+    decode_layers: the per-op path's kernels, without Python between them). hidden [T, H] float32;
+    cos, sin [T, D]; slots [T]; block_tables [T, width] and context_lens [T] int64; kv_caches: each
+    layer's pool; weights: 14 a layer (engine/models/llama.py fused_decode_weights) -> [T, H] after
+    the last layer, before the final norm."""
+    return torch.ops.kvserve.decode_layers(hidden.contiguous(), cos.contiguous(), sin.contiguous(), slots,
+                                           block_tables, context_lens, kv_caches, weights, heads, kv_heads, scale,
+                                           eps)
+
+
 class GGUFCheck:
     """gguf_matmul.h built alone for one instruction set (`march`: a -march value such as
     "x86-64-v4" for AVX-512, "x86-64-v3" for AVX2, "x86-64" for neither), called through ctypes: the

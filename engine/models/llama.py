@@ -12,7 +12,9 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from engine.kernels import cpu
 from engine.layers.attention import AttentionMetadata, paged_attention
+from engine.layers.gguf_linear import GGUFLinear
 from engine.layers.moe import MoE
 from engine.layers.ops import EAGER_OPS, Ops
 from engine.layers.parallel import SINGLE, Shard, TensorParallel, VocabParallelEmbedding
@@ -194,6 +196,7 @@ class LlamaForCausalLM(nn.Module):
         if self.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.register_rope(cfg, max_len)
+        self.fused_weights: list[torch.Tensor] | None = None  # see use_fused_decode
 
     def make_layer(self, cfg, index: int, window: int | None) -> nn.Module:
         qkv_bias = bool(getattr(cfg, "attention_bias", False)) or cfg.model_type == "qwen2"
@@ -226,9 +229,43 @@ class LlamaForCausalLM(nn.Module):
         h = self.embed_tokens(input_ids)
         cos = self.rope_cos[positions].to(h.dtype).unsqueeze(1)  # [T, 1, D]
         sin = self.rope_sin[positions].to(h.dtype).unsqueeze(1)
+        decode = meta.decode
+        if self.fused_weights is not None and not meta.prefills and decode is not None \
+                and decode.backend.name == "cpp" and decode.skip is None:
+            attn, weights = self.layers[0].self_attn, self.fused_weights
+            if len(kv_caches) < len(self.layers):  # the first layers only (a self-draft's early exit)
+                weights = weights[:len(weights) // len(self.layers) * len(kv_caches)]
+            h = cpu.decode_layers(h, cos.squeeze(1), sin.squeeze(1), meta.slot_mapping, decode.block_tables,
+                                  decode.context_lens, kv_caches, weights, attn.num_heads, attn.num_kv_heads,
+                                  attn.scale, self.config.rms_norm_eps)
+            return self.norm(h)
         for layer, kv_cache in zip(self.layers, kv_caches):
             h = layer(h, cos, sin, meta, kv_cache)
         return self.norm(h)
+
+    def use_fused_decode(self) -> bool:
+        """Run decode-only steps through one C++ call for all layers (cpu.decode_layers), where it
+        computes exactly what the layers do: every layer a plain Llama one (no sliding window, soft
+        cap, q/k norm or experts, one rank) whose linears all multiply with GGUF blocks and whose
+        element-wise pieces are the C++ ones. -> whether it will."""
+        self.fused_weights = None
+        weights: list[torch.Tensor] = []
+        for layer in self.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            linears = [attn.qkv_proj, attn.o_proj, getattr(mlp, "gate_up_proj", None), getattr(mlp, "down_proj", None)]
+            norms = [layer.input_layernorm, layer.post_attention_layernorm]
+            if not (type(layer) is DecoderLayer and type(mlp) is MLP and self.tp.size == 1 and attn.ops.kind == "cpp"
+                    and not attn.qk_norm and attn.window is None and attn.softcap is None
+                    and attn.scale == self.layers[0].self_attn.scale
+                    and all(isinstance(m, GGUFLinear) for m in linears)
+                    and all(type(n) is RMSNorm and n.eps == self.config.rms_norm_eps for n in norms)):
+                return False
+            none = torch.empty(0)
+            qkv, o, gate_up, down = (
+                [m.q, m.scales, none if m.bias is None else m.bias] for m in linears)  # type: ignore[union-attr]
+            weights += [norms[0].weight, *qkv, *o, norms[1].weight, *gate_up, *down]
+        self.fused_weights = weights
+        return True
 
     def use_ops(self, kind: str) -> None:
         """Switch every layer's element-wise pieces to `kind` (see Ops)."""

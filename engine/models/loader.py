@@ -239,6 +239,8 @@ def build_model(src: ModelSource, hf_config, max_len: int, dtype: torch.dtype, d
         pack_linears(model, skinny=backends.skinny_linears)  # the rest
     if backends.elementwise != "eager":
         model.use_ops(backends.elementwise)
+    if backends.fused_decode and isinstance(model, LlamaForCausalLM) and model.use_fused_decode():
+        logger.info("decode steps run all %d layers in one C++ call", len(model.layers))
     for module in model.modules():
         if isinstance(module, MoE):
             module.grouped_mm = backends.grouped_mm

@@ -148,8 +148,9 @@ class Executor:
         blocks, bs = self.num_kv_blocks, self.config.block_size
         model = (f"model={self.model_name} device={self.device} dtype={str(self.dtype).removeprefix('torch.')} "
                  f"kv_blocks={blocks} x {bs} tokens = {blocks * bs} tokens max_model_len={self.max_model_len}")
+        fused = getattr(self.runner.model, "fused_weights", None) is not None
         kernels = (f"linears={platform.linear_kinds(self.runner.model)} decode_attention={self.backends.attention} "
-                   f"elementwise={self.backends.elementwise}")
+                   f"elementwise={self.backends.elementwise} decode_layers={'fused' if fused else 'per-op'}")
         return model, kernels
 
 

@@ -40,6 +40,30 @@ def test_one_batch_matches_hf(llm, reference_prompts, hf_reference):
     assert llm.engine.kv.pool.num_free == llm.engine.num_kv_blocks
 
 
+def test_fused_decode_steps_are_the_layers_bit_for_bit(smollm2_dir, reference_prompts):
+    """Decode steps of the bundled model run every layer in one C++ call (cpu.decode_layers), the
+    per-op path's kernels without Python between them: the same requests through the layers one op
+    at a time give the same tokens and the same logprobs, exactly. (No prefix cache: a second run's
+    prefills would hit the first's blocks and attend through another path.)"""
+    llm = LLM(str(smollm2_dir), enable_prefix_caching=False)
+    model = llm.engine.runner.model
+    assert (model.fused_weights is not None) == platform.cpp_kernels_available()
+    if model.fused_weights is None:
+        pytest.skip("the C++ kernels cannot be built here")
+    params = SamplingParams(temperature=0.0, max_tokens=12, logprobs=3)
+    prompts = reference_prompts[:5]
+    fused = llm.generate(prompts, params)
+    weights, model.fused_weights = model.fused_weights, None
+    try:
+        per_op = llm.generate(prompts, params)
+    finally:
+        model.fused_weights = weights
+    for a, b in zip(fused, per_op):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        steps = [[(s.logprob, s.top) for s in o.outputs[0].logprobs] for o in (a, b)]
+        assert steps[0] == steps[1]
+
+
 def test_reference_linear_backend_matches_hf(smollm2_dir, reference_prompts, hf_reference):
     # the plain nn.Linear path is the oracle for the CPU fast path (oneDNN pre-packed weights)
     llm = LLM(str(smollm2_dir), linear_backend="torch")

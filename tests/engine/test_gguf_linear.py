@@ -155,6 +155,31 @@ def test_bundled_model_swaps_every_linear_and_computes_the_same(smollm2_dir):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@needs_kernel
+def test_only_a_model_the_fused_decode_computes_exactly_takes_it(smollm2_dir):
+    """cpu.decode_layers runs plain Llama layers on GGUF-block linears and C++ element-wise pieces;
+    a model short of that keeps its layers, and the op refuses a slot outside the pool."""
+    model, cfg = _float32_model(smollm2_dir)
+    model.use_ops("cpp")
+    assert not model.use_fused_decode()  # float32 linears
+    use_gguf_linears(model, bundled_gguf_path(), cfg)
+    model.use_ops("eager")
+    assert not model.use_fused_decode()  # the eager element-wise pieces
+    model.use_ops("cpp")
+    assert model.use_fused_decode() and len(model.fused_weights) == 14 * cfg.num_hidden_layers
+    d = cfg.hidden_size // cfg.num_attention_heads
+    pools = [torch.zeros(2, 4, 16, cfg.num_key_value_heads, d) for _ in model.layers]
+    args = (torch.randn(1, cfg.hidden_size), torch.ones(1, d), torch.zeros(1, d))
+    tables, lens = torch.tensor([[1]]), torch.tensor([1])
+    with pytest.raises(RuntimeError, match="slot out of range"):
+        cpu.decode_layers(*args, torch.tensor([64]), tables, lens, pools, model.fused_weights,
+                          cfg.num_attention_heads, cfg.num_key_value_heads, d ** -0.5, cfg.rms_norm_eps)
+    assert all(not p.any() for p in pools)
+    out = cpu.decode_layers(*args, torch.tensor([16]), tables, lens, pools, model.fused_weights,
+                            cfg.num_attention_heads, cfg.num_key_value_heads, d ** -0.5, cfg.rms_norm_eps)
+    assert out.shape == (1, cfg.hidden_size) and pools[0][:, 1, 0].any()  # slot 16: block 1's first
+
+
 def test_a_layer_its_blocks_do_not_reproduce_stays_float32(smollm2_dir):
     model, cfg = _float32_model(smollm2_dir)
     model.layers[3].mlp.down_proj.weight.data[5, 7] += 1e-3  # no longer what the file holds
