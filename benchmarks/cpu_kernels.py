@@ -23,6 +23,9 @@
    interleaved.
 7. gguf_steps: whole decode steps at batch 1, 16 and 32, linears on the GGUF blocks against
    oneDNN + skinny, alternated in one engine as in 5.
+7b. gguf_isa: the GGUF-block kernel built for AVX-512 and AVX2 (each where the CPU runs it) against
+   torch.mm on the same float32 weights, GFLOP/s at 1-256 rows: the AVX2 path measured on an
+   AVX-512 machine too.
 
 8. history: prefill attention of a 2048-token chunk after a cached history (a long prompt's later
    chunks), SmolLM2's 9 query / 3 key-value heads x 30 layers, float32: the masked SDPA against the
@@ -393,6 +396,38 @@ def bench_history(n: int = 2048, layers: int = 30, reps: int = 3) -> dict:
               + ", ".join(f"{name} {ms:.0f} ms" for name, ms in row.items()), flush=True)
     return results
 
+def bench_gguf_isa(reps: int = 7) -> dict:
+    """The GGUF-block kernel built for each instruction set this CPU runs (engine/kernels/
+    gguf_check.cpp: AVX-512, AVX2), all of one step's linears at 1-256 rows, against torch.mm on the
+    same float32 weights (streamed from DRAM as the kernel's blocks are), in GFLOP/s, interleaved:
+    on an AVX-512 machine this is how the AVX2 path (laptops, Zen 2/3) fares against the sgemm of
+    the machine it runs on. torch.mm runs on all of this CPU's vector width whichever build it
+    faces; pin MKL to AVX2 (MKL_ENABLE_INSTRUCTIONS=AVX2) to compare like with like."""
+    from engine.layers.gguf_linear import GGUFLinear
+
+    flags = set(next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")).split())
+    isas = {"AVX-512": ("x86-64-v4", {"avx512f", "avx512bw", "avx512vl"}),
+            "AVX2": ("x86-64-v3", {"avx2", "fma", "f16c"})}
+    builds = {name: cpu.GGUFCheck(march) for name, (march, need) in isas.items() if need <= flags}
+    step = _gguf_step_linears()
+    gguf = [GGUFLinear(b, None) for b in step]
+    dense = [b.dequantize() for b in step]  # 540 MB: read from DRAM a pass, as in a step
+    results = {}
+    for rows in (1, 4, 16, 32, 64, 256):
+        xs = {k: torch.randn(rows, k) for k in {m.in_features for m in gguf}}
+        flop = sum(2 * rows * m.in_features * m.out_features for m in gguf)
+        kinds = {name: lambda b=b: [b.linear(xs[m.in_features], m.q, m.scales, m.out_features, None) for m in gguf]
+                 for name, b in builds.items()}
+        kinds["torch.mm"] = lambda: [torch.mm(xs[w.shape[1]], w.t()) for w in dense]
+        with torch.inference_mode():
+            ms = _interleaved(kinds, reps)
+        row = results[f"{rows} rows"] = {name: round(flop / t / 1e6, 1) for name, t in ms.items()}
+        mm = row["torch.mm"]
+        print(f"GGUF-block linears of one step, {rows} rows, GFLOP/s: " + ", ".join(
+            f"{n} {g}" + ("" if n == "torch.mm" else f" ({g / mm:.2f}x torch.mm)") for n, g in row.items()), flush=True)
+    return results
+
+
 # --parts name -> (its key in the JSON, the function that measures it), in the order they run
 PARTS = {"linears": ("linears_ms_per_step", bench_linears),
          "streamed": ("streamed_linears_ms_per_step", bench_linears_streamed),
@@ -401,6 +436,7 @@ PARTS = {"linears": ("linears_ms_per_step", bench_linears),
          "steps": ("decode_step_ms_elementwise_eager_vs_cpp", bench_steps),
          "gguf": ("gguf_linears_ms_per_step", bench_gguf_linears),
          "gguf_steps": ("decode_step_ms_linears_onednn_vs_gguf", bench_gguf_steps),
+         "gguf_isa": ("gguf_linears_gflops_by_isa", bench_gguf_isa),
          "history": ("prefill_attention_ms_after_history", bench_history)}
 
 BASELINE_PARTS = ("attention", "gguf", "gguf_steps")  # those that time --baseline-rev's kernels too

@@ -21,9 +21,14 @@ build() {
         mkdir -p "$DIR/src"
         tar -xzf "$DIR"/llama_cpp_python-*.tar.gz -C "$DIR/src" --strip-components=1
     fi
+    # Native, but without AMX: the dev VMs list amx_* in /proc/cpuinfo and fault (SIGILL) on its
+    # first tile instruction; kvserve does not use AMX either, so both sides run AVX-512 (or AVX2).
+    local no_amx=""
+    if grep -q amx_tile /proc/cpuinfo 2>/dev/null; then no_amx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"; fi
     cmake -S "$DIR/src/vendor/llama.cpp" -B "$DIR/build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
         -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
-        -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
+        -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+        -DCMAKE_C_FLAGS="$no_amx" -DCMAKE_CXX_FLAGS="$no_amx"
     cmake --build "$DIR/build" --target llama-server -j "$(nproc)"
 }
 

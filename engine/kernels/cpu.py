@@ -13,10 +13,15 @@ Skinny linear: at a row or two a linear layer is a pass over its weight, and one
 weight row, the rows split between threads, streams it faster than oneDNN's packed kernels
 (engine/layers/packed_linear.py picks by row count).
 
-GGUF linear: float32 activations times a weight kept in its GGUF blocks (Q4_0, Q4_1, Q8_0),
-rebuilt in registers to exactly the float32 values and multiplied in float32: a broadcast micro-
-kernel over 12 rows x 32 outputs, each group of 32 output rows dequantised once per call, the next
-group's blocks fetched into L2 meanwhile. engine/layers/gguf_linear.py decides where it applies.
+GGUF linear (gguf_matmul.h): float32 activations times a weight kept in its GGUF blocks (Q4_0,
+Q4_1, Q8_0), rebuilt to exactly the float32 values and multiplied in float32. With few rows each
+weight is rebuilt in registers and used there; with more, each block is rebuilt once into L1 and
+multiplied by tiles of rows (12 x 32 outputs on AVX-512, 6 x 16 on AVX2), the next blocks fetched
+into L2 meanwhile. engine/layers/gguf_linear.py decides where it applies.
+
+Decode layers: a whole decode step of plain Llama layers on GGUF-block linears in one call, the
+kernels above in the order the layers call them, without Python between them (engine/models/
+llama.py use_fused_decode says where).
 
 Element-wise pieces (engine/layers/ops.py Ops "cpp"): each one pass over its rows where eager
 PyTorch runs five to ten kernels and allocates between them; they round to the model dtype where

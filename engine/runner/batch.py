@@ -132,7 +132,8 @@ class BatchBuilder:
         """reps[i] rows for seqs[i], each with its block table; ctx [R]: keys in context per row."""
         width = max(len(s.block_ids) for s in seqs)
         rows = torch.tensor([self.block_tables.row(s.request.seq_id, s.block_ids) for s in seqs])
-        rows = rows.repeat_interleave(torch.tensor(reps))  # [R]
+        if len(reps) != len(ctx):  # a sequence with drafts: a row for each (~50 us a step otherwise)
+            rows = rows.repeat_interleave(torch.tensor(reps))  # [R]
         # [R, width]; past a sequence's own blocks its row holds stale ids, which its context length masks
         tables = self.block_tables.table[rows, :width].to(self.device)
         return self.decoder.prepare(tables, self.tensor(ctx), self.block_size)
