@@ -134,13 +134,13 @@ def _probe(dtype: torch.dtype) -> bool:
 
 
 def _probe_gguf() -> None:
-    x = torch.rand(13, 64)  # 13 rows: tiles of rows on every instruction set; 1 row: the few-rows path
+    x = torch.rand(300, 64)  # every path of the kernel: 1 row (few), 13 rows (many), 300 rows (a prefill's)
     for m in (torch.rand(40, 2).half().float(), None):  # 4-bit with minimums, 8-bit (scales: float16s)
         q = torch.randint(0, 16, (40, 64), dtype=torch.uint8) if m is not None else torch.randint(
             -128, 128, (40, 64), dtype=torch.int8)
         blocks = Blocks(q, torch.rand(40, 2).half().float(), m)
         w = blocks.dequantize().double()
-        for rows in (x, x[:1]):
+        for rows in (x, x[:13], x[:1]):
             error = (cpu.gguf_linear(rows, *blocks.pack(), 40, None) - rows.double() @ w.T).abs()
             if not (error <= 1e-6 * (rows.double() @ w.abs().T)).all():  # float32 sums of positive terms
                 raise AssertionError(f"gguf_linear disagrees with float64 by up to {error.max():.3g}")

@@ -54,10 +54,13 @@ inline void prefetch(const void* p, int64_t bytes) {
 namespace {
 namespace kvserve::gguf {
 
-// A tile is kTileRows rows x 2 vectors of outputs; one register per accumulator, two for the
-// weights, one for the broadcast x: AVX-512 12 x 2 x 16 of 32 registers, AVX2 6 x 2 x 8 of 16 (the
-// shape of the classic 6 x 16 sgemm kernel). With few rows (up to kFewRows) the whole group of 32
-// outputs is one tile instead, each weight dequantised in registers and used there.
+// Three paths by the number of rows: few (up to kFewRows: the group of 32 outputs is one tile, each
+// weight dequantised in registers and used there), many (a block dequantised into L1 serves tiles of
+// rows, their sums kept in memory between blocks) and, past kBlockRows, a prefill's (the group
+// dequantised into a panel in L2, each tile's sums in registers all along K). A tile is kTileRows
+// rows x 2 vectors of outputs: one register per accumulator, two for the weights, one for the
+// broadcast x: AVX-512 12 x 2 x 16 of 32 registers, AVX2 6 x 2 x 8 of 16 (the shape of the classic
+// 6 x 16 sgemm kernel).
 #if defined(__AVX512F__)
 constexpr int kLanes = 16, kTileRows = 12, kFewRows = 8;
 #elif defined(__AVX2__)
@@ -69,6 +72,15 @@ typedef float vf __attribute__((vector_size(kLanes * sizeof(float))));
 typedef float v16f __attribute__((vector_size(16 * sizeof(float))));
 typedef int32_t v16i __attribute__((vector_size(16 * sizeof(int32_t))));
 constexpr int64_t kQBlock = 32, kQGroup = 32, kGroupVecs = kQGroup / kLanes, kTileVecs = 2;
+// Up to kBlockRows rows, a block dequantised into L1 serves every tile of rows in turn (many_rows);
+// past it, a panel in L2 (panel_rows). Where each was faster on the bundled model's linears, one
+// step's, AVX-512 and AVX2 builds on one machine (BENCHMARKS.md, issue 37): AVX2's tiles of 6 rows
+// keep L1 longer.
+#if defined(__AVX512F__)
+constexpr int64_t kBlockRows = 96;
+#else
+constexpr int64_t kBlockRows = 256;
+#endif
 
 // 16 bytes widened to 16 int32 lanes (GCC's generic conversion of a byte vector goes through scalars)
 template <bool kSigned>
@@ -268,7 +280,7 @@ __attribute__((noinline)) void block_tile(float* acc_mem, const float* x, int64_
     for (int v = 0; v < kTileVecs; ++v) store_vec(acc_mem + r * kQGroup + v * kLanes, acc[r][v]);
 }
 
-// More rows than kFewRows: each block of the group is dequantised into L1 once and multiplied by
+// More rows than kFewRows, up to kBlockRows: each block of the group is dequantised into L1 once and multiplied by
 // every tile of rows in turn, the tiles' sums kept in acc [rows][32] between blocks.
 template <bool kFour>
 void many_rows(const float* x, int64_t rows, int64_t k_in, const uint8_t* q, const uint16_t* scales,
@@ -290,6 +302,39 @@ void many_rows(const float* x, int64_t rows, int64_t k_in, const uint8_t* q, con
     for (int64_t c = 0; c < cols; ++c) y[r * ldy + c] = acc[r * kQGroup + c] + (bias ? bias[c] : 0.f);
 }
 
+// Up to kTileRows rows x kTileVecs vectors of outputs over a panel: the group dequantised whole
+// ([K][32] from column c0), the accumulators in registers all along K.
+template <int R>
+__attribute__((noinline)) void panel_tile(const float* x, int64_t rows, int64_t k_in, const float* panel,
+                                          const float* bias, float* y, int64_t ldy, int64_t cols) {
+  if constexpr (R > 1) {
+    if (rows < R) return panel_tile<R - 1>(x, rows, k_in, panel, bias, y, ldy, cols);
+  }
+  vf acc[R][kTileVecs] = {};
+  multiply<R, kTileVecs>(acc, x, k_in, 0, panel, k_in);
+  store_rows<R, kTileVecs>(acc, bias, y, ldy, cols);
+}
+
+// More than kBlockRows rows (a prefill): the group is dequantised whole into a panel (in L2), and
+// each tile of rows runs down all of K with its sums in registers. With this many rows, sums kept
+// in memory between blocks (many_rows) and the rows' slices of x outgrow L1.
+template <bool kFour>
+void panel_rows(const float* x, int64_t rows, int64_t k_in, const uint8_t* q, const uint16_t* scales,
+                const float* bias, float* y, int64_t ldy, int64_t cols, bool ahead, std::vector<float>& panel) {
+  constexpr int64_t kTileCols = kTileVecs * kLanes;
+  const int64_t tiles = (rows + kTileRows - 1) / kTileRows, blocks = k_in / kQBlock;
+  panel.resize(k_in * kQGroup);
+  for (int64_t b = 0; b < blocks; ++b)
+    dequant_block<kFour>(q, scales, panel.data() + b * kQBlock * kQGroup, b, blocks, ahead);
+  for (int64_t t = 0, r = 0; t < tiles; ++t) {
+    const int64_t h = (rows - r) / (tiles - t);
+    for (int64_t c = 0; c < kQGroup; c += kTileCols)
+      panel_tile<kTileRows>(x + r * k_in, h, k_in, panel.data() + c, bias ? bias + c : nullptr, y + r * ldy + c,
+                            ldy, std::min(kTileCols, cols - c));
+    r += h;
+  }
+}
+
 // ParallelFor(begin, end, grain, fn(begin, end)): at::parallel_for, or OpenMP's in a build without torch.
 template <bool kFour, typename ParallelFor>
 void matmul(const float* x, const uint8_t* q, const uint16_t* scales, const float* bias, float* y, int64_t rows,
@@ -297,7 +342,7 @@ void matmul(const float* x, const uint8_t* q, const uint16_t* scales, const floa
   const int64_t groups = (n_out + kQGroup - 1) / kQGroup, blocks = k_in / kQBlock;
   const int64_t group_bytes = blocks * block_bytes(kFour), group_scales = blocks * block_scales(kFour);
   parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc;
+    std::vector<float> scratch;  // many_rows' sums or panel_rows' panel
     alignas(64) float group_bias[kQGroup] = {};
     for (int64_t g = begin; g < end; ++g) {
       const int64_t n0 = g * kQGroup, cols = std::min(kQGroup, n_out - n0);
@@ -305,10 +350,13 @@ void matmul(const float* x, const uint8_t* q, const uint16_t* scales, const floa
       const uint8_t* qg = q + g * group_bytes;
       const uint16_t* sg = scales + g * group_scales;
       const bool ahead = g + 1 < end;
+      const float* b = bias ? group_bias : nullptr;
       if (rows <= kFewRows)
-        few_rows<kFour, kFewRows>(x, rows, k_in, qg, sg, bias ? group_bias : nullptr, y + n0, n_out, cols, ahead);
+        few_rows<kFour, kFewRows>(x, rows, k_in, qg, sg, b, y + n0, n_out, cols, ahead);
+      else if (rows <= kBlockRows)
+        many_rows<kFour>(x, rows, k_in, qg, sg, b, y + n0, n_out, cols, ahead, scratch);
       else
-        many_rows<kFour>(x, rows, k_in, qg, sg, bias ? group_bias : nullptr, y + n0, n_out, cols, ahead, acc);
+        panel_rows<kFour>(x, rows, k_in, qg, sg, b, y + n0, n_out, cols, ahead, scratch);
     }
   });
 }

@@ -99,7 +99,7 @@ def test_every_instruction_set_computes_what_the_engine_does(march):
         raw, _ = _quantized(kind, 70, 160)
         blocks = Blocks.from_gguf(kind, raw, 70, 160)
         layer = GGUFLinear(blocks, torch.randn(70))
-        for rows in (1, 2, 3, 4, 7, 8, 9, 13, 25, 64):
+        for rows in (1, 2, 3, 4, 7, 8, 9, 13, 25, 64, 97, 257):
             x = torch.randn(rows, 160)
             got, engine = check.linear(x, layer.q, layer.scales, 70, layer.bias), layer(x)
             if march == "x86-64":
@@ -111,13 +111,14 @@ def test_every_instruction_set_computes_what_the_engine_does(march):
 
 @needs_kernel
 def test_a_rows_result_does_not_depend_on_its_batch():
-    """Few rows and many take different paths through the kernel (weights dequantised in registers, or
-    once per block for tiles of rows); each sums a row's products in the same order."""
+    """Few rows, many and a prefill's take different paths through the kernel (weights dequantised in
+    registers, once per block for tiles of rows, or into a panel); each sums a row's products in the
+    same order."""
     raw, _ = _quantized("Q4_1", 96, 128)
     layer = GGUFLinear(Blocks.from_gguf("Q4_1", raw, 96, 128), None)
-    x = torch.randn(64, 128)
+    x = torch.randn(257, 128)
     alone = layer(x[:1])
-    for rows in (2, 3, 5, 9, 13, 17, 64):
+    for rows in (2, 3, 5, 9, 13, 17, 64, 97, 257):
         assert torch.equal(layer(x[:rows])[:1], alone), rows
 
 
