@@ -18,7 +18,7 @@ from engine.runner import beam_search, contrastive
 from engine.runner.batch import BatchBuilder, PromptRow, SampleRow
 from engine.runner.cuda_graphs import DecodeGraphs
 from engine.runner.runner_output import ModelRunnerOutput
-from engine.runner.sampler import Sampler, SamplingInputs, logprobs_of
+from engine.runner.sampler import Sampler, SamplingInputs, greedy, logprobs_of
 from engine.runner.spec_decode import TO_DRAFT, accepted_path, move_kept_kv
 
 __all__ = ["ModelRunner", "ModelRunnerOutput"]
@@ -148,7 +148,7 @@ class ModelRunner:
                                      decode=self.batches.decode_inputs(rows, [1] * len(rows), [p + 1 for p in pos]))
             hidden = self._forward(self.draft_model, self._tensor(ids), self._tensor(pos), meta,
                                    self.draft_kv_caches)  # [rows, h]
-            picks = self._logits(self.draft_model, hidden, list(range(len(rows)))).argmax(dim=-1).tolist()
+            picks = greedy(self._logits(self.draft_model, hidden, list(range(len(rows))))).tolist()
             for s, tok in zip(rows, picks):
                 s.request.draft_token_ids[i] = tok
 

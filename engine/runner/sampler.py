@@ -189,6 +189,13 @@ def _banned_ids(req: Request, offset: int) -> list[int]:
     return ids
 
 
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """[B, V] -> [B] int64, each row's first largest logit: argmax's answer. On CPU argmax is a
+    scalar loop (1.4 ms at 32 rows of SmolLM2's 49k vocabulary), max's index reduction about half
+    that; on CUDA both are one kernel."""
+    return logits.max(dim=-1).indices
+
+
 class Sampler:
     def __init__(self, generator: torch.Generator) -> None:
         self.generator = generator  # for rows without a seed of their own
@@ -206,7 +213,7 @@ class Sampler:
         if md.grammar_bitmask is not None:
             logits = logits.clone()  # (in place below; the caller's logits stay as they were)
             apply_bitmask(logits, md.grammar_bitmask)
-        tokens = logits.argmax(dim=-1)
+        tokens = greedy(logits)
         if not md.all_greedy:
             tokens = torch.where(md.temperature == 0, tokens, self._sample(logits, md))
         token_list = tokens.tolist()

@@ -150,3 +150,13 @@ def test_seeded_draws_follow_the_distribution_and_never_pick_masked_tokens():
 def test_seeded_uniforms_differ_by_seed_choice_and_position():
     values = {seeded_uniform(s, c, p) for s in (0, 1, 2**63) for c in (0, 1) for p in range(50)}
     assert len(values) == 300 and all(0.0 <= v < 1.0 for v in values)
+
+
+def test_greedy_is_argmax_ties_included():
+    """The greedy pick (max's index, faster than argmax on CPU) is argmax's: the first of tied maxima."""
+    from engine.runner.sampler import greedy
+
+    logits = torch.randn(33, 49152)
+    assert torch.equal(greedy(logits), logits.argmax(dim=-1))
+    tied = torch.tensor([[1.0, 3.0, 3.0, 0.0], [5.0, 5.0, 5.0, 5.0], [-1.0, -2.0, -1.0, float("-inf")]])
+    assert greedy(tied).tolist() == tied.argmax(dim=-1).tolist() == [1, 0, 0]
