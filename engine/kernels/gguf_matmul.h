@@ -72,6 +72,7 @@ typedef float vf __attribute__((vector_size(kLanes * sizeof(float))));
 typedef float v16f __attribute__((vector_size(16 * sizeof(float))));
 typedef int32_t v16i __attribute__((vector_size(16 * sizeof(int32_t))));
 constexpr int64_t kQBlock = 32, kQGroup = 32, kGroupVecs = kQGroup / kLanes, kTileVecs = 2;
+constexpr int64_t kTileCols = kTileVecs * kLanes;
 // Up to kBlockRows rows, a block dequantised into L1 serves every tile of rows in turn (many_rows);
 // past it, a panel in L2 (panel_rows). Where each was faster on the bundled model's linears, one
 // step's, AVX-512 and AVX2 builds on one machine (BENCHMARKS.md, issue 37): AVX2's tiles of 6 rows
@@ -150,35 +151,57 @@ inline v16f load_halves(const uint16_t* p) {
 constexpr int64_t block_bytes(bool four) { return kQBlock * kQGroup / (four ? 2 : 1); }
 constexpr int64_t block_scales(bool four) { return (four ? 2 : 1) * kQGroup; }
 
-// Block b of a group -> out [32 k][32 rows] float32. With `ahead`, block b of the next group (its
-// quants and scales lie right after this group's) is requested into L2 meanwhile: the weights of a
-// step stream from DRAM once, and the hardware prefetcher, which follows demand loads, stops
-// running ahead while the loaded block is multiplied.
+// Block b of the next group (its quants and scales lie right after this group's) requested into L2
+// while block b of this one is worked on: the weights of a step stream from DRAM once, and the
+// hardware prefetcher, which follows demand loads, stops running ahead while a block is multiplied.
+template <bool kFour>
+inline void fetch_next_group(const uint8_t* q, const uint16_t* scales, int64_t b, int64_t blocks) {
+  prefetch<2>(q + (blocks + b) * block_bytes(kFour), block_bytes(kFour));
+  prefetch<2>(scales + (blocks + b) * block_scales(kFour), block_scales(kFour) * sizeof(uint16_t));
+}
+
+// The weights a byte row of a block holds, k after k (4-bit: row j holds k = 2j and 2j + 1, 8-bit: k =
+// j), each k's 32 outputs as two halves of 16. Every path takes its float32 weights from here, so all
+// round d * q + m alike.
+constexpr int kPerRow(bool four) { return four ? 2 : 1; }  // k values a byte row holds
+
+template <bool kFour>
+struct BlockRows {
+  const uint8_t* q;  // the block's quants
+  v16f d0, d1, m0, m1;  // its scales (and minimums) for outputs 0-15 and 16-31
+
+  BlockRows(const uint8_t* group_q, const uint16_t* group_scales, int64_t b)
+      : q(group_q + b * block_bytes(kFour)) {
+    const uint16_t* s = group_scales + b * block_scales(kFour);
+    d0 = load_halves(s), d1 = load_halves(s + 16);
+    if constexpr (kFour) m0 = load_halves(s + 32), m1 = load_halves(s + 48);
+  }
+
+  // row j -> w[2 i + h]: the weights of k = kPerRow * j + i for outputs 16 h .. 16 h + 15
+  void weights(int j, v16f (&w)[2 * kPerRow(kFour)]) const {
+    if constexpr (kFour) {
+      const v16i a = widen<false>(q + j * kQGroup), c = widen<false>(q + j * kQGroup + 16);
+      w[0] = d0 * __builtin_convertvector(a & 15, v16f) + m0;
+      w[1] = d1 * __builtin_convertvector(c & 15, v16f) + m1;
+      w[2] = d0 * __builtin_convertvector(a >> 4, v16f) + m0;
+      w[3] = d1 * __builtin_convertvector(c >> 4, v16f) + m1;
+    } else {
+      w[0] = d0 * __builtin_convertvector(widen<true>(q + j * kQGroup), v16f);
+      w[1] = d1 * __builtin_convertvector(widen<true>(q + j * kQGroup + 16), v16f);
+    }
+  }
+};
+
+// Block b of a group -> out [32 k][32 rows] float32 (with `ahead`, the next group's block b fetched)
 template <bool kFour>
 inline void dequant_block(const uint8_t* q, const uint16_t* scales, float* out, int64_t b, int64_t blocks, bool ahead) {
-  if (ahead) {
-    prefetch<2>(q + (blocks + b) * block_bytes(kFour), block_bytes(kFour));
-    prefetch<2>(scales + (blocks + b) * block_scales(kFour), block_scales(kFour) * sizeof(uint16_t));
-  }
-  const uint16_t* s = scales + b * block_scales(kFour);
-  const v16f d0 = load_halves(s), d1 = load_halves(s + 16);
-  if constexpr (kFour) {
-    const v16f m0 = load_halves(s + 32), m1 = load_halves(s + 48);
-    const uint8_t* qb = q + b * block_bytes(true);
-    for (int j = 0; j < kQBlock / 2; ++j) {
-      const v16i a = widen<false>(qb + j * kQGroup), c = widen<false>(qb + j * kQGroup + 16);
-      float* even = out + 2 * j * kQGroup;
-      store_vec(even, d0 * __builtin_convertvector(a & 15, v16f) + m0);
-      store_vec(even + 16, d1 * __builtin_convertvector(c & 15, v16f) + m1);
-      store_vec(even + kQGroup, d0 * __builtin_convertvector(a >> 4, v16f) + m0);
-      store_vec(even + kQGroup + 16, d1 * __builtin_convertvector(c >> 4, v16f) + m1);
-    }
-  } else {
-    const uint8_t* qb = q + b * block_bytes(false);
-    for (int j = 0; j < kQBlock; ++j) {
-      store_vec(out + j * kQGroup, d0 * __builtin_convertvector(widen<true>(qb + j * kQGroup), v16f));
-      store_vec(out + j * kQGroup + 16, d1 * __builtin_convertvector(widen<true>(qb + j * kQGroup + 16), v16f));
-    }
+  if (ahead) fetch_next_group<kFour>(q, scales, b, blocks);
+  const BlockRows<kFour> block(q, scales, b);
+  for (int j = 0; j < kQBlock / kPerRow(kFour); ++j) {
+    v16f w[2 * kPerRow(kFour)];
+    block.weights(j, w);
+    for (int i = 0; i < 2 * kPerRow(kFour); ++i)
+      store_vec(out + (kPerRow(kFour) * j + i / 2) * kQGroup + i % 2 * 16, w[i]);
   }
 }
 
@@ -234,30 +257,13 @@ __attribute__((noinline)) void few_rows(const float* x, int64_t rows, int64_t k_
   vf acc[R][kGroupVecs] = {};
   const int64_t blocks = k_in / kQBlock;
   for (int64_t b = 0; b < blocks; ++b) {
-    if (ahead) {
-      prefetch<2>(q + (blocks + b) * block_bytes(kFour), block_bytes(kFour));
-      prefetch<2>(scales + (blocks + b) * block_scales(kFour), block_scales(kFour) * sizeof(uint16_t));
-    }
-    const uint16_t* s = scales + b * block_scales(kFour);
-    const v16f d0 = load_halves(s), d1 = load_halves(s + 16);
-    const int64_t k0 = b * kQBlock;
-    if constexpr (kFour) {
-      const v16f m0 = load_halves(s + 32), m1 = load_halves(s + 48);
-      const uint8_t* qb = q + b * block_bytes(true);
-      for (int j = 0; j < kQBlock / 2; ++j) {
-        const v16i a = widen<false>(qb + j * kQGroup), c = widen<false>(qb + j * kQGroup + 16);
-        multiply16<R>(acc, x, k_in, k0 + 2 * j, d0 * __builtin_convertvector(a & 15, v16f) + m0, true);
-        multiply16<R>(acc, x, k_in, k0 + 2 * j, d1 * __builtin_convertvector(c & 15, v16f) + m1, false);
-        multiply16<R>(acc, x, k_in, k0 + 2 * j + 1, d0 * __builtin_convertvector(a >> 4, v16f) + m0, true);
-        multiply16<R>(acc, x, k_in, k0 + 2 * j + 1, d1 * __builtin_convertvector(c >> 4, v16f) + m1, false);
-      }
-    } else {
-      const uint8_t* qb = q + b * block_bytes(false);
-      for (int j = 0; j < kQBlock; ++j) {
-        multiply16<R>(acc, x, k_in, k0 + j, d0 * __builtin_convertvector(widen<true>(qb + j * kQGroup), v16f), true);
-        multiply16<R>(acc, x, k_in, k0 + j, d1 * __builtin_convertvector(widen<true>(qb + j * kQGroup + 16), v16f),
-                      false);
-      }
+    if (ahead) fetch_next_group<kFour>(q, scales, b, blocks);
+    const BlockRows<kFour> block(q, scales, b);
+    for (int j = 0; j < kQBlock / kPerRow(kFour); ++j) {
+      v16f w[2 * kPerRow(kFour)];
+      block.weights(j, w);
+      for (int i = 0; i < 2 * kPerRow(kFour); ++i)
+        multiply16<R>(acc, x, k_in, b * kQBlock + kPerRow(kFour) * j + i / 2, w[i], i % 2 == 0);
     }
   }
   store_rows<R, kGroupVecs>(acc, bias, y, ldy, cols);
@@ -280,23 +286,31 @@ __attribute__((noinline)) void block_tile(float* acc_mem, const float* x, int64_
     for (int v = 0; v < kTileVecs; ++v) store_vec(acc_mem + r * kQGroup + v * kLanes, acc[r][v]);
 }
 
-// More rows than kFewRows, up to kBlockRows: each block of the group is dequantised into L1 once and multiplied by
-// every tile of rows in turn, the tiles' sums kept in acc [rows][32] between blocks.
+// fn(first row, rows, first column) for each tile of the rows x 32 outputs: tiles of equal height
+// (16 rows as 8 + 8, not 12 + 4), kTileCols outputs wide
+template <typename Fn>
+inline void for_each_tile(int64_t rows, const Fn& fn) {
+  const int64_t tiles = (rows + kTileRows - 1) / kTileRows;
+  for (int64_t t = 0, r = 0; t < tiles; ++t) {
+    const int64_t h = (rows - r) / (tiles - t);
+    for (int64_t c = 0; c < kQGroup; c += kTileCols) fn(r, h, c);
+    r += h;
+  }
+}
+
+// More rows than kFewRows, up to kBlockRows: each block of the group is dequantised into L1 once and
+// multiplied by every tile of rows in turn, the tiles' sums kept in acc [rows][32] between blocks.
 template <bool kFour>
 void many_rows(const float* x, int64_t rows, int64_t k_in, const uint8_t* q, const uint16_t* scales,
                const float* bias, float* y, int64_t ldy, int64_t cols, bool ahead, std::vector<float>& acc) {
-  constexpr int64_t kTileCols = kTileVecs * kLanes;
-  const int64_t tiles = (rows + kTileRows - 1) / kTileRows, blocks = k_in / kQBlock;
+  const int64_t blocks = k_in / kQBlock;
   acc.assign(rows * kQGroup, 0.f);
   alignas(64) float block[kQBlock * kQGroup];
   for (int64_t b = 0; b < blocks; ++b) {
     dequant_block<kFour>(q, scales, block, b, blocks, ahead);
-    for (int64_t t = 0, r = 0; t < tiles; ++t) {  // tiles of equal height: 16 rows as 8 + 8, not 12 + 4
-      const int64_t h = (rows - r) / (tiles - t);
-      for (int64_t c = 0; c < kQGroup; c += kTileCols)
-        block_tile<kTileRows>(acc.data() + r * kQGroup + c, x + r * k_in, h, k_in, b * kQBlock, block + c);
-      r += h;
-    }
+    for_each_tile(rows, [&](int64_t r, int64_t h, int64_t c) {
+      block_tile<kTileRows>(acc.data() + r * kQGroup + c, x + r * k_in, h, k_in, b * kQBlock, block + c);
+    });
   }
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = 0; c < cols; ++c) y[r * ldy + c] = acc[r * kQGroup + c] + (bias ? bias[c] : 0.f);
@@ -321,18 +335,14 @@ __attribute__((noinline)) void panel_tile(const float* x, int64_t rows, int64_t 
 template <bool kFour>
 void panel_rows(const float* x, int64_t rows, int64_t k_in, const uint8_t* q, const uint16_t* scales,
                 const float* bias, float* y, int64_t ldy, int64_t cols, bool ahead, std::vector<float>& panel) {
-  constexpr int64_t kTileCols = kTileVecs * kLanes;
-  const int64_t tiles = (rows + kTileRows - 1) / kTileRows, blocks = k_in / kQBlock;
+  const int64_t blocks = k_in / kQBlock;
   panel.resize(k_in * kQGroup);
   for (int64_t b = 0; b < blocks; ++b)
     dequant_block<kFour>(q, scales, panel.data() + b * kQBlock * kQGroup, b, blocks, ahead);
-  for (int64_t t = 0, r = 0; t < tiles; ++t) {
-    const int64_t h = (rows - r) / (tiles - t);
-    for (int64_t c = 0; c < kQGroup; c += kTileCols)
-      panel_tile<kTileRows>(x + r * k_in, h, k_in, panel.data() + c, bias ? bias + c : nullptr, y + r * ldy + c,
-                            ldy, std::min(kTileCols, cols - c));
-    r += h;
-  }
+  for_each_tile(rows, [&](int64_t r, int64_t h, int64_t c) {
+    panel_tile<kTileRows>(x + r * k_in, h, k_in, panel.data() + c, bias ? bias + c : nullptr, y + r * ldy + c, ldy,
+                          std::min(kTileCols, cols - c));
+  });
 }
 
 // ParallelFor(begin, end, grain, fn(begin, end)): at::parallel_for, or OpenMP's in a build without torch.
