@@ -171,6 +171,24 @@ def decode_layers(hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sl
                                            eps)
 
 
+# -march of each instruction set gguf_matmul.h has a path for, and the CPU flags a build of it needs
+ISAS = {"x86-64-v4": {"avx512f", "avx512bw", "avx512vl"},  # AVX-512
+        "x86-64-v3": {"avx2", "fma", "f16c"},  # AVX2
+        "x86-64": set()}  # neither
+
+
+def runnable_isas() -> list[str]:
+    """The ISAS this CPU can run (none off x86-64)."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return []
+    try:
+        line = next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags"))
+    except (OSError, StopIteration):
+        return ["x86-64"]
+    flags = set(line.split(":", 1)[1].split())
+    return [march for march, needs in ISAS.items() if needs <= flags]
+
+
 class GGUFCheck:
     """gguf_matmul.h built alone for one instruction set (`march`: a -march value such as
     "x86-64-v4" for AVX-512, "x86-64-v3" for AVX2, "x86-64" for neither), called through ctypes: the

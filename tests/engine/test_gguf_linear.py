@@ -1,8 +1,6 @@
 """Linear layers on a GGUF file's own blocks (engine/layers/gguf_linear.py, the C++ gguf_linear
 kernel): parsing against the gguf package, the kernel against float64, and the swap in a model,
 which must happen only where the blocks reproduce the float32 weight bit for bit."""
-import platform as platform_module
-
 import numpy as np
 import pytest
 import torch
@@ -71,27 +69,14 @@ def test_gguf_linear_rejects_mismatched_inputs():
         cpu.gguf_linear(x, q, scales, 64, torch.randn(63))
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        return set(next(ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")).split(":")[1].split())
-    except (OSError, StopIteration):
-        return set()
-
-
-# -march values for each instruction set of the kernel: AVX-512, AVX2 (with FMA and F16C), neither;
-# each tested where this CPU can run it, so an AVX-512 machine checks the AVX2 path too
-ISAS = {"x86-64-v4": {"avx512f", "avx512bw", "avx512vl"}, "x86-64-v3": {"avx2", "fma", "f16c"}, "x86-64": set()}
-
-
 @needs_kernel
-@pytest.mark.skipif(platform_module.machine() not in ("x86_64", "AMD64"), reason="x86-64 instruction sets")
-@pytest.mark.parametrize("march", list(ISAS))
+@pytest.mark.parametrize("march", list(cpu.ISAS))  # each tested where this CPU runs it: AVX-512 checks AVX2 too
 def test_every_instruction_set_computes_what_the_engine_does(march):
     """The kernel built for AVX-512, AVX2 and plain x86-64 against the engine's build (-march=native),
     on every path (few rows, many rows in tiles, a partial group, 4- and 8-bit blocks): the FMA builds
     sum each output in one order, so they agree bit for bit; the plain build multiplies and adds apart,
     so it is held to the float64 bound."""
-    if not ISAS[march] <= _cpu_flags():
+    if march not in cpu.runnable_isas():
         pytest.skip(f"this CPU cannot run {march}")
     check = cpu.GGUFCheck(march)
     assert check.vector_bits == {"x86-64-v4": 512, "x86-64-v3": 256, "x86-64": 128}[march]
